@@ -1,0 +1,72 @@
+"""Condition types and reasons of both kinds, and the one way to update a condition list.
+
+As in Kueue's ``workload_types.go``, each type and reason is a named constant documented
+with when it applies, so handlers, tests and docs use the same words.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from costwarden.api.meta import Condition, ConditionStatus
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    """The object is valid, its references resolve, and the gateway configuration includes it."""
+    SOFT_LIMIT_REACHED = "SoftLimitReached"
+    """TeamBudget only: spend in the period is at or past the soft limit."""
+    HARD_CAP_REACHED = "HardCapReached"
+    """TeamBudget only: spend (or a token cap) is at or past the hard cap; enforcement acts."""
+
+
+class Reason(StrEnum):
+    RECONCILED = "Reconciled"
+    """Ready=True: the object is in the gateway configuration as written."""
+    INVALID_SPEC = "InvalidSpec"
+    """Ready=False: a field is wrong in a way the API server schema cannot see."""
+    ROUTING_POLICY_NOT_FOUND = "RoutingPolicyNotFound"
+    """Ready=False: spec.routingPolicyRef names no RoutingPolicy."""
+    ROUTING_POLICY_NOT_READY = "RoutingPolicyNotReady"
+    """Ready=False: the referenced RoutingPolicy is itself invalid."""
+    NO_ROUTING_POLICY = "NoRoutingPolicy"
+    """Ready=True, but the team has no RoutingPolicy: every call will be refused."""
+    WITHIN_LIMIT = "WithinLimit"
+    """SoftLimitReached/HardCapReached=False: spend is below the threshold."""
+    SOFT_LIMIT_EXCEEDED = "SoftLimitExceeded"
+    HARD_CAP_EXCEEDED = "HardCapExceeded"
+    TOKEN_CAP_EXCEEDED = "TokenCapExceeded"
+
+
+def set_condition(
+    conditions: list[Condition],
+    *,
+    type: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    now: datetime,
+    observed_generation: int | None,
+) -> list[Condition]:
+    """Return the list with one condition set, keeping lastTransitionTime if status holds.
+
+    Kubernetes convention: lastTransitionTime moves only when status changes, so a reader
+    sees how long a condition has held, not when the operator last looked.
+    """
+    previous = next((c for c in conditions if c.type == type), None)
+    transition = previous.last_transition_time if previous and previous.status == status else now
+    updated = Condition(
+        type=type,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=transition,
+        observed_generation=observed_generation,
+    )
+    others = [c for c in conditions if c.type != type]
+    return sorted([*others, updated], key=lambda c: c.type)
+
+
+def find_condition(conditions: list[Condition], type: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type), None)

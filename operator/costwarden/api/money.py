@@ -1,0 +1,68 @@
+"""Exact money: US dollars as :class:`decimal.Decimal`, never binary floats.
+
+On the wire an amount is an integer or a decimal string (``500`` or ``"12.50"``), exactly
+like a Kubernetes resource quantity (``cpu: 2`` or ``cpu: "1.5"``); a YAML float such as
+``12.5`` is refused, because a float cannot carry cents exactly. At most six decimals
+(one micro-dollar) are accepted, which is the resolution costwarden accounts in.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+
+MONEY_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"
+MICRO = Decimal("0.000001")
+_MONEY_RE = re.compile(MONEY_PATTERN)
+
+# The CEL rule the API server runs on every amount. ``string(self)`` accepts both wire
+# forms (int or string) because the schema is int-or-string.
+MONEY_CEL_RULE = {
+    "rule": f"string(self).matches('{MONEY_PATTERN}')",
+    "message": 'must be a non-negative USD amount with at most 6 decimals, e.g. 500 or "12.50"',
+}
+
+
+def parse_money(value: Any) -> Decimal:
+    """Accept an int, a decimal string or a Decimal; refuse floats and anything inexact."""
+    if isinstance(value, bool):
+        raise ValueError("must be a USD amount, not a boolean")
+    if isinstance(value, Decimal):
+        text = format(value, "f")
+    elif isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise ValueError(
+            f'must be an integer or a decimal string (e.g. "12.50"), not {type(value).__name__}'
+        )
+    if not _MONEY_RE.match(text):
+        raise ValueError(MONEY_CEL_RULE["message"])
+    return Decimal(text)
+
+
+def format_money(value: Decimal) -> str:
+    """Canonical text: no exponent, no trailing zeros beyond the cents (``"12.5"`` → ``"12.50"``)."""
+    quantized = value.quantize(MICRO)
+    text = format(quantized, "f").rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+Money = Annotated[
+    Decimal,
+    BeforeValidator(parse_money),
+    PlainSerializer(format_money, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+            "x-kubernetes-validations": [MONEY_CEL_RULE],
+        }
+    ),
+]
+"""A USD amount: exact, non-negative, at most six decimals."""

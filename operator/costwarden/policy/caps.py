@@ -1,0 +1,75 @@
+"""Whether a team's budget is within its limits: the one place a cap is decided.
+
+The gateway asks before every call (with the spend it knows), the operator after every
+accounting update; both get the same answer from the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from costwarden.api.conditions import Reason
+from costwarden.api.teambudget import BudgetPhase, TokenCaps, TokenUsage
+
+
+@dataclass(frozen=True)
+class CapVerdict:
+    """The phase a budget is in, and which limit put it there (for messages and Events)."""
+
+    phase: BudgetPhase
+    reason: Reason
+    message: str
+
+    @property
+    def over_hard_cap(self) -> bool:
+        return self.phase is BudgetPhase.EXHAUSTED
+
+
+def evaluate_caps(
+    *,
+    spent_usd: Decimal,
+    tokens: TokenUsage,
+    hard_cap_usd: Decimal,
+    soft_limit_usd: Decimal,
+    token_caps: TokenCaps | None,
+) -> CapVerdict:
+    """The budget's phase for this spend. A hard cap is reached at equality: the cap is
+    the most a team may spend, and a call that lands exactly on it leaves nothing to spend."""
+    if spent_usd >= hard_cap_usd:
+        return CapVerdict(
+            BudgetPhase.EXHAUSTED,
+            Reason.HARD_CAP_EXCEEDED,
+            f"spent {spent_usd:f} USD of the {hard_cap_usd:f} USD hard cap",
+        )
+    tripped = tripped_token_cap(tokens, token_caps)
+    if tripped:
+        return CapVerdict(BudgetPhase.EXHAUSTED, Reason.TOKEN_CAP_EXCEEDED, tripped)
+    if spent_usd >= soft_limit_usd:
+        return CapVerdict(
+            BudgetPhase.SOFT_LIMITED,
+            Reason.SOFT_LIMIT_EXCEEDED,
+            f"spent {spent_usd:f} USD, past the {soft_limit_usd:f} USD soft limit",
+        )
+    return CapVerdict(
+        BudgetPhase.ACTIVE,
+        Reason.WITHIN_LIMIT,
+        f"spent {spent_usd:f} USD of {hard_cap_usd:f} USD",
+    )
+
+
+def tripped_token_cap(tokens: TokenUsage, caps: TokenCaps | None) -> str | None:
+    """A sentence naming the first token cap reached, or None."""
+    if caps is None:
+        return None
+    # Cached and cache-write tokens are input tokens too: a cap on input counts them all.
+    all_input = tokens.input + tokens.cached_input + tokens.cache_creation
+    checks = (
+        ("input", all_input, caps.input),
+        ("output", tokens.output, caps.output),
+        ("total", all_input + tokens.output, caps.total),
+    )
+    for kind, used, cap in checks:
+        if cap is not None and used >= cap:
+            return f"used {used} {kind} tokens of the {cap} {kind}-token cap"
+    return None
