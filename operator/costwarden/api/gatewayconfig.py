@@ -26,8 +26,8 @@ from costwarden.api.teambudget import (
     HardCapEnforcement,
     LoopDetection,
     ModelCap,
-    PerJobLimits,
     Period,
+    PerJobLimits,
     TokenCaps,
     TokenUsage,
 )
@@ -133,7 +133,7 @@ class GatewayConfig(WireModel):
         return next((t for t in self.teams if t.id == team_id), None)
 
     def team_for_workload(self, namespace: str, labels: dict[str, str]) -> TeamConfig | None:
-        """The team a workload belongs to; the first by id if budgets overlap (flagged by validate)."""
+        """The team a workload belongs to; the first by id if budgets overlap."""
         return next((t for t in self.teams if t.selects(namespace, labels)), None)
 
     def policy(self, policy_id: str | None) -> PolicyConfig | None:

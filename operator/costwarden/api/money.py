@@ -46,7 +46,7 @@ def parse_money(value: Any) -> Decimal:
 
 
 def format_money(value: Decimal) -> str:
-    """Canonical text: no exponent, no trailing zeros beyond the cents (``"12.5"`` → ``"12.50"``)."""
+    """Canonical text: no exponent, at least two decimals (``"12.5"`` → ``"12.50"``)."""
     quantized = value.quantize(MICRO)
     text = format(quantized, "f").rstrip("0")
     whole, _, frac = text.partition(".")

@@ -103,12 +103,12 @@ class ModelPricing(WireModel):
     cached_input_per_m_tok_usd: Money | None = Field(
         default=None,
         alias="cachedInputPerMTokUSD",
-        description="USD per 1M input tokens read from a prompt cache; defaults to the input price.",
+        description="USD per 1M input tokens read from a prompt cache; default: input price.",
     )
     cache_write_per_m_tok_usd: Money | None = Field(
         default=None,
         alias="cacheWritePerMTokUSD",
-        description="USD per 1M input tokens written to a prompt cache; defaults to the input price.",
+        description="USD per 1M input tokens written to a prompt cache; default: input price.",
     )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from costwarden.api.conditions import Reason
+from costwarden.api.money import format_money
 from costwarden.api.teambudget import BudgetPhase, TokenCaps, TokenUsage
 
 
@@ -40,7 +41,7 @@ def evaluate_caps(
         return CapVerdict(
             BudgetPhase.EXHAUSTED,
             Reason.HARD_CAP_EXCEEDED,
-            f"spent {spent_usd:f} USD of the {hard_cap_usd:f} USD hard cap",
+            f"spent {format_money(spent_usd)} USD of the {format_money(hard_cap_usd)} USD hard cap",
         )
     tripped = tripped_token_cap(tokens, token_caps)
     if tripped:
@@ -49,12 +50,13 @@ def evaluate_caps(
         return CapVerdict(
             BudgetPhase.SOFT_LIMITED,
             Reason.SOFT_LIMIT_EXCEEDED,
-            f"spent {spent_usd:f} USD, past the {soft_limit_usd:f} USD soft limit",
+            f"spent {format_money(spent_usd)} USD, past the "
+            f"{format_money(soft_limit_usd)} USD soft limit",
         )
     return CapVerdict(
         BudgetPhase.ACTIVE,
         Reason.WITHIN_LIMIT,
-        f"spent {spent_usd:f} USD of {hard_cap_usd:f} USD",
+        f"spent {format_money(spent_usd)} USD of {format_money(hard_cap_usd)} USD",
     )
 
 

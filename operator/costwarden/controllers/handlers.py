@@ -1,0 +1,58 @@
+"""Kopf handlers: they feed the observed world and wake the reconciler, nothing more.
+
+Handlers do not write status themselves: the reconciler is the single writer (see
+``reconciler``), which keeps budgets and the policies they reference consistent. Kopf runs
+these only in the active replica (peering), so standby replicas stay quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from costwarden.api import routingpolicy, teambudget
+from costwarden.api.meta import GROUP, VERSION
+from costwarden.controllers.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+RESYNC_SECONDS = 30.0
+"""Each budget ticks this often so period rollovers and drift are reconciled without edits."""
+
+
+def _reconciler(memo: Any) -> Reconciler:
+    reconciler: Reconciler = memo.reconciler
+    return reconciler
+
+
+@kopf.on.startup()
+async def start_reconciler(memo: kopf.Memo, **_: Any) -> None:
+    reconciler = _reconciler(memo)
+    await reconciler.relist()
+    memo.reconciler_task = asyncio.create_task(reconciler.run_forever(), name="reconciler")
+    log.info("reconciler started")
+
+
+@kopf.on.cleanup()
+async def stop_reconciler(memo: kopf.Memo, **_: Any) -> None:
+    task: asyncio.Task[None] | None = getattr(memo, "reconciler_task", None)
+    if task is not None:
+        task.cancel()
+
+
+@kopf.on.event(GROUP, VERSION, teambudget.PLURAL)
+def budget_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _reconciler(memo).world.apply("budget", event.get("type"), event["object"])
+
+
+@kopf.on.event(GROUP, VERSION, routingpolicy.PLURAL)
+def policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _reconciler(memo).world.apply("policy", event.get("type"), event["object"])
+
+
+@kopf.timer(GROUP, VERSION, teambudget.PLURAL, interval=RESYNC_SECONDS, idle=RESYNC_SECONDS)
+def budget_resync(memo: kopf.Memo, **_: Any) -> None:
+    _reconciler(memo).world.changed.set()

@@ -1,0 +1,110 @@
+"""`costwarden operator`: configure Kopf and run the handlers of this package."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kopf._core.engines.peering import Identity  # kopf does not re-export it
+from prometheus_client import start_http_server
+
+from costwarden.api.gatewayconfig import CONFIG_MAP_NAME
+from costwarden.controllers import handlers  # noqa: F401  (registers the Kopf handlers)
+from costwarden.controllers.kubeapi import KubeApi, load_client
+from costwarden.controllers.leadership import Leadership
+from costwarden.controllers.reconciler import Reconciler, load_settings
+from costwarden.controllers.world import ObservedWorld
+
+log = logging.getLogger("costwarden.operator")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "operator",
+        help="run the operator (reconciles TeamBudgets and RoutingPolicies)",
+        description=(
+            "Run the Kopf operator: watch TeamBudgets and RoutingPolicies in all namespaces, "
+            "write their status and conditions, and publish the gateway configuration."
+        ),
+    )
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "costwarden-system"),
+        help="namespace of the gateway ConfigMap (default: $POD_NAMESPACE or costwarden-system)",
+    )
+    parser.add_argument(
+        "--config-map", default=CONFIG_MAP_NAME, help="name of the gateway ConfigMap to write"
+    )
+    parser.add_argument(
+        "--price-catalog",
+        type=Path,
+        help="YAML price catalogue overriding the built-in one (the chart mounts one)",
+    )
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)"
+    )
+    parser.add_argument(
+        "--health-port", type=int, default=8080, help="liveness endpoint /healthz port (0: off)"
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--peering-name",
+        default="costwarden",
+        help="ClusterKopfPeering used to elect one active replica (default: costwarden)",
+    )
+    group.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no peering: for a single replica, tests and the local demo",
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.kubeconfig:
+        # Kopf's own login reads KUBECONFIG, like kubectl; keep both clients on one cluster.
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    api_client = load_client(args.kubeconfig)
+    identity = f"{socket.gethostname()}@{os.getpid()}"
+    peering = None if args.standalone else args.peering_name
+    # Distinct random priorities: Kopf pauses every replica on a tie (see leadership.py).
+    priority = random.SystemRandom().randint(1, 2**31 - 1)
+    reconciler = Reconciler(
+        KubeApi(api_client),
+        ObservedWorld(),
+        load_settings(args.namespace, args.config_map, args.price_catalog),
+        Leadership(api_client, peering_name=peering, identity=identity, priority=priority),
+    )
+    log.info(
+        "starting: config map %s/%s, %s", args.namespace, args.config_map,
+        "standalone" if peering is None else f"peering {peering!r} priority {priority}",
+    )  # fmt: skip
+    asyncio.run(
+        kopf.operator(
+            clusterwide=True,
+            standalone=peering is None,
+            peering_name=peering,
+            priority=priority,
+            identity=Identity(identity),
+            liveness_endpoint=(
+                f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+            ),
+            memo=kopf.Memo(reconciler=reconciler),
+        )
+    )
+    return 0

@@ -1,0 +1,186 @@
+"""The reconciler: one loop that turns the observed world into config, status and Events.
+
+Why one loop for everything rather than one handler per object: the gateway configuration
+is a function of *all* budgets and policies together, and a budget's readiness depends on
+the policy it references. Recomputing the whole (pure, milliseconds for thousands of
+objects) after any change, and writing only what differs, keeps every object consistent
+with the others without ordering puzzles. It is level-triggered: a missed or coalesced
+event costs nothing, because the next pass sees the current state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from costwarden.api import routingpolicy, teambudget
+from costwarden.api.catalog import PriceCatalog, load_catalog
+from costwarden.api.conditions import ConditionType, find_condition
+from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
+from costwarden.api.meta import Condition
+from costwarden.controllers import metrics
+from costwarden.controllers.kubeapi import ConflictError, KubeApi
+from costwarden.controllers.leadership import Leadership
+from costwarden.controllers.world import ObservedWorld
+from costwarden.policy.render import (
+    BudgetVerdict,
+    ObservedObject,
+    PolicyVerdict,
+    Reconciliation,
+    reconcile,
+    serialize,
+)
+from costwarden.policy.status import budget_status, changed_fields, policy_status
+from costwarden.policy.validation import parse_team_budget_spec
+
+log = logging.getLogger(__name__)
+
+DEBOUNCE_SECONDS = 0.2
+"""Coalesce bursts (a `kubectl apply -f examples/` is many events) into one pass."""
+RELIST_SECONDS = 300.0
+"""How often the world is rebuilt from a LIST, healing any missed delete event."""
+RETRY_SECONDS = 2.0
+RESYNC_SECONDS = 30.0
+"""Without events, a pass still runs this often: period rollovers and drift heal by themselves."""
+
+
+@dataclass(frozen=True)
+class ReconcilerSettings:
+    namespace: str
+    config_map: str
+    catalog: PriceCatalog
+
+
+class Reconciler:
+    def __init__(
+        self,
+        api: KubeApi,
+        world: ObservedWorld,
+        settings: ReconcilerSettings,
+        leadership: Leadership,
+    ) -> None:
+        self.api = api
+        self.world = world
+        self.settings = settings
+        self.leadership = leadership
+        self._last_list = 0.0
+
+    async def run_forever(self) -> None:
+        """Reconcile whenever the world changes (Kopf's watch events) or the resync is due."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.world.changed.wait(), RESYNC_SECONDS)
+            await asyncio.sleep(DEBOUNCE_SECONDS)
+            self.world.changed.clear()
+            if not await self.leadership.is_leader():
+                continue
+            try:
+                await self.reconcile_once()
+            except ConflictError as conflict:
+                # The watch event carrying the newer object re-triggers us; no blind overwrite.
+                log.debug("conflict, waiting for the newer object: %s", conflict)
+            except Exception:
+                metrics.RECONCILE_ERRORS.inc()
+                log.exception("reconciliation failed; retrying in %.0fs", RETRY_SECONDS)
+                await asyncio.sleep(RETRY_SECONDS)
+                self.world.changed.set()
+
+    async def relist(self) -> None:
+        budgets = await self.api.list_objects(teambudget.PLURAL)
+        policies = await self.api.list_objects(routingpolicy.PLURAL)
+        self.world.replace(budgets, policies)
+        self._last_list = time.monotonic()
+
+    def relist_due(self) -> bool:
+        return time.monotonic() - self._last_list > RELIST_SECONDS
+
+    async def reconcile_once(self) -> Reconciliation:
+        started = time.perf_counter()
+        if self.relist_due():
+            await self.relist()
+            self.world.changed.clear()
+        now = datetime.now(UTC).replace(microsecond=0)
+        budgets = list(self.world.budgets.values())
+        policies = list(self.world.policies.values())
+        result = reconcile(budgets, policies, self.settings.catalog, now)
+        await self._publish_config(result)
+        for policy in policies:
+            await self._write_policy_status(policy, result.policies[policy.id], now)
+        for budget in budgets:
+            await self._write_budget_status(budget, result.budgets[budget.id], now)
+        metrics.observe_reconciliation(result, time.perf_counter() - started)
+        return result
+
+    async def _publish_config(self, result: Reconciliation) -> None:
+        written = await self.api.write_config_map(
+            self.settings.namespace,
+            self.settings.config_map,
+            {CONFIG_MAP_KEY: serialize(result.config)},
+            {"costwarden.io/config-revision": result.config.revision},
+        )
+        if written:
+            log.info(
+                "published gateway configuration revision %s (%d teams, %d policies)",
+                result.config.revision, len(result.config.teams), len(result.config.policies),
+            )  # fmt: skip
+        metrics.CONFIG_PUBLISHES.labels(result="written" if written else "unchanged").inc()
+
+    async def _write_policy_status(
+        self, policy: ObservedObject, verdict: PolicyVerdict, now: datetime
+    ) -> None:
+        desired = policy_status(verdict, policy.status, policy.generation, now)
+        await self._write_status("RoutingPolicy", routingpolicy.PLURAL, "policy", policy, desired)
+
+    async def _write_budget_status(
+        self, budget: ObservedObject, verdict: BudgetVerdict, now: datetime
+    ) -> None:
+        parsed = parse_team_budget_spec(budget.spec)
+        hard_cap: Decimal | None = None if isinstance(parsed, list) else parsed.hard_cap_usd
+        desired = budget_status(verdict, budget.status, budget.generation, hard_cap, now)
+        await self._write_status("TeamBudget", teambudget.PLURAL, "budget", budget, desired)
+
+    async def _write_status(
+        self, kind: str, plural: str, world_kind: str, obj: ObservedObject, desired: dict[str, Any]
+    ) -> None:
+        patch = changed_fields(desired, obj.status)
+        if not patch:
+            return
+        await self.api.patch_status(
+            plural, obj.namespace, obj.name, patch, self.world.version_of(world_kind, obj.id)
+        )
+        await self._announce_transitions(kind, obj, desired)
+
+    async def _announce_transitions(
+        self, kind: str, obj: ObservedObject, desired: dict[str, Any]
+    ) -> None:
+        """An Event for every condition that changed status or reason: what `kubectl
+        describe` shows a person, and what alerting on Events picks up."""
+        before = [Condition.model_validate(c) for c in obj.status.get("conditions") or []]
+        for raw in desired.get("conditions", []):
+            after = Condition.model_validate(raw)
+            previous = find_condition(before, after.type)
+            if previous and (previous.status, previous.reason) == (after.status, after.reason):
+                continue
+            if previous is None and after.type != ConditionType.READY and after.status == "False":
+                continue  # a new budget under its limits is not news
+            warning = (after.type == ConditionType.READY) != (after.status == "True")
+            await self.api.post_event(
+                kind=kind,
+                namespace=obj.namespace,
+                name=obj.name,
+                uid=obj.uid,
+                event_type="Warning" if warning else "Normal",
+                reason=after.reason,
+                message=f"{after.type}={after.status.value}: {after.message}",
+            )
+
+
+def load_settings(namespace: str, config_map: str, catalog_path: Path | None) -> ReconcilerSettings:
+    return ReconcilerSettings(namespace, config_map, load_catalog(catalog_path))

@@ -1,0 +1,127 @@
+"""What to write into an object's status for a verdict: pure, so it is tested without a cluster.
+
+Each function returns the status fragment to merge-patch, or None when the object's status
+already says all of it, so a steady cluster costs no writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import ValidationError
+
+from costwarden.api.conditions import ConditionType, Reason, set_condition
+from costwarden.api.meta import Condition, ConditionStatus
+from costwarden.api.money import format_money
+from costwarden.api.teambudget import BudgetPhase
+from costwarden.policy.render import BudgetVerdict, PolicyVerdict, observed_spend
+
+
+def _conditions(status: Mapping[str, Any]) -> list[Condition]:
+    try:
+        return [Condition.model_validate(c) for c in status.get("conditions") or []]
+    except ValidationError:
+        return []  # a hand-edited, broken list is replaced rather than kept
+
+
+def budget_status(
+    verdict: BudgetVerdict,
+    observed: Mapping[str, Any],
+    generation: int,
+    hard_cap_usd: Decimal | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The full status fields the reconciler owns for a TeamBudget."""
+    conditions = set_condition(
+        _conditions(observed),
+        type=ConditionType.READY,
+        status=ConditionStatus.TRUE if verdict.ready else ConditionStatus.FALSE,
+        reason=verdict.reason,
+        message=verdict.message,
+        now=now,
+        observed_generation=generation,
+    )
+    fragment: dict[str, Any] = {"observedGeneration": generation}
+    if not verdict.ready or verdict.caps is None or hard_cap_usd is None:
+        fragment["phase"] = BudgetPhase.INVALID.value
+        fragment["conditions"] = _dump(conditions)
+        return fragment
+    caps = verdict.caps
+    assert verdict.period_start is not None and verdict.period_end is not None
+    for ctype, reached in (
+        (ConditionType.SOFT_LIMIT_REACHED, caps.phase is not BudgetPhase.ACTIVE),
+        (ConditionType.HARD_CAP_REACHED, caps.phase is BudgetPhase.EXHAUSTED),
+    ):
+        conditions = set_condition(
+            conditions,
+            type=ctype,
+            status=ConditionStatus.TRUE if reached else ConditionStatus.FALSE,
+            reason=caps.reason if reached else Reason.WITHIN_LIMIT,
+            message=caps.message,
+            now=now,
+            observed_generation=generation,
+        )
+    spent, tokens = observed_spend(observed, verdict.period_start)
+    fragment.update(
+        {
+            "phase": caps.phase.value,
+            "conditions": _dump(conditions),
+            "currentPeriod": {
+                "start": _timestamp(verdict.period_start),
+                "end": _timestamp(verdict.period_end),
+            },
+            "spentUSD": format_money(spent),
+            "remainingUSD": format_money(max(hard_cap_usd - spent, Decimal(0))),
+            "usedPercent": _percent(spent, hard_cap_usd),
+            "tokens": tokens.to_wire(),
+        }
+    )
+    return fragment
+
+
+def policy_status(
+    verdict: PolicyVerdict, observed: Mapping[str, Any], generation: int, now: datetime
+) -> dict[str, Any]:
+    conditions = set_condition(
+        _conditions(observed),
+        type=ConditionType.READY,
+        status=ConditionStatus.TRUE if verdict.ready else ConditionStatus.FALSE,
+        reason=verdict.reason,
+        message=verdict.message,
+        now=now,
+        observed_generation=generation,
+    )
+    return {
+        "observedGeneration": generation,
+        "models": verdict.models,
+        "teams": verdict.teams,
+        "conditions": _dump(conditions),
+    }
+
+
+def changed_fields(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``desired`` that differs from ``observed`` (empty: nothing to write)."""
+    return {k: v for k, v in desired.items() if observed.get(k) != v}
+
+
+def _percent(spent: Decimal, cap: Decimal) -> int:
+    if cap <= 0:
+        return 100
+    return int(spent * 100 // cap)
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dump(conditions: list[Condition]) -> list[dict[str, Any]]:
+    return [
+        {
+            **c.to_wire(),
+            "lastTransitionTime": _timestamp(c.last_transition_time),
+        }
+        for c in conditions
+    ]
