@@ -34,10 +34,37 @@ class WireModel(BaseModel):
 
     @model_validator(mode="after")
     def _check_cel_rules(self) -> Self:
+        self._check_list_keys()
         for rule in type(self).cel_rules:
             if not rule.holds(self):
-                raise PydanticCustomError("cel_rule", rule.message)
+                raise PydanticCustomError(
+                    "cel_rule", rule.message, {"field_path": rule.field_path or ""}
+                )
         return self
+
+    def _check_list_keys(self) -> None:
+        """Enforce ``x-kubernetes-list-type`` map/set uniqueness, as the API server does."""
+        for name, info in type(self).model_fields.items():
+            extra = info.json_schema_extra
+            if not isinstance(extra, dict) or extra.get("x-kubernetes-list-type") not in (
+                "map",
+                "set",
+            ):
+                continue
+            keys = extra.get("x-kubernetes-list-map-keys")
+            seen: set[Any] = set()
+            for index, item in enumerate(getattr(self, name) or []):
+                key = tuple(getattr(item, _attr(item, k)) for k in keys) if keys else item  # type: ignore[union-attr]
+                if key in seen:
+                    raise PydanticCustomError(
+                        "duplicate",
+                        "duplicate value {key}",
+                        {
+                            "key": str(key[0] if isinstance(key, tuple) else key),
+                            "field_path": f".{info.alias or name}[{index}]",
+                        },
+                    )
+                seen.add(key)
 
     @classmethod
     def __get_pydantic_json_schema__(
@@ -56,3 +83,11 @@ class WireModel(BaseModel):
     @classmethod
     def from_wire(cls, data: Any) -> Self:
         return cls.model_validate(data)
+
+
+def _attr(model: BaseModel, alias: str) -> str:
+    """The attribute name of a field given its wire name."""
+    for name, info in type(model).model_fields.items():
+        if info.alias == alias or name == alias:
+            return name
+    raise KeyError(alias)

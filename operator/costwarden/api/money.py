@@ -13,8 +13,9 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
-MONEY_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"
+MONEY_PATTERN = r"^[0-9]{1,12}([.][0-9]{1,6})?$"  # [.] not \. : CEL string literals reject \.
 MICRO = Decimal("0.000001")
 _MONEY_RE = re.compile(MONEY_PATTERN)
 
@@ -29,7 +30,7 @@ MONEY_CEL_RULE = {
 def parse_money(value: Any) -> Decimal:
     """Accept an int, a decimal string or a Decimal; refuse floats and anything inexact."""
     if isinstance(value, bool):
-        raise ValueError("must be a USD amount, not a boolean")
+        raise PydanticCustomError("money", "must be a USD amount, not a boolean")
     if isinstance(value, Decimal):
         text = format(value, "f")
     elif isinstance(value, int):
@@ -37,11 +38,13 @@ def parse_money(value: Any) -> Decimal:
     elif isinstance(value, str):
         text = value.strip()
     else:
-        raise ValueError(
-            f'must be an integer or a decimal string (e.g. "12.50"), not {type(value).__name__}'
+        raise PydanticCustomError(
+            "money",
+            'must be an integer or a decimal string (e.g. "12.50"), not {kind}',
+            {"kind": type(value).__name__},
         )
     if not _MONEY_RE.match(text):
-        raise ValueError(MONEY_CEL_RULE["message"])
+        raise PydanticCustomError("money", MONEY_CEL_RULE["message"])
     return Decimal(text)
 
 
@@ -61,6 +64,8 @@ Money = Annotated[
         {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "x-kubernetes-int-or-string": True,
+            # Bounds the CEL cost estimate; 12 digits, a point and 6 decimals fit.
+            "maxLength": 19,
             "x-kubernetes-validations": [MONEY_CEL_RULE],
         }
     ),

@@ -36,7 +36,13 @@ class Problem:
 
 def schema_problems(error: ValidationError, prefix: str = "spec") -> list[Problem]:
     """Pydantic's errors as Problems with Kubernetes-style field paths (spec.rules[0].model)."""
-    return [Problem(_field_path(prefix, err["loc"]), err["msg"]) for err in error.errors()]
+    problems = []
+    for err in error.errors():
+        path = _field_path(prefix, err["loc"])
+        # A cross-field rule names its field the way the API server does (fieldPath).
+        path += str(err.get("ctx", {}).get("field_path", ""))
+        problems.append(Problem(path, err["msg"]))
+    return problems
 
 
 def _field_path(prefix: str, loc: tuple[Any, ...]) -> str:

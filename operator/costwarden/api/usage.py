@@ -1,0 +1,156 @@
+"""What the data plane reports: one usage record per call, and loop signals.
+
+A gateway or sidecar writes one :class:`UsageRecord` for every call it answers, refused
+calls included (they cost nothing and say why), and a :class:`LoopSignal` when a job trips
+the retry-loop heuristic. Both travel through a :class:`UsageSink`: a JSON Lines ledger
+(docs/ledger.md), an in-memory list in tests, and the operator's accounting (issue 4).
+
+Records carry a time-ordered unique id so that delivery can be at-least-once and
+aggregation idempotent: the same record seen twice is counted once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from pydantic import Field
+
+from costwarden.api.base import WireModel
+from costwarden.api.money import Money
+from costwarden.api.routingpolicy import Provider
+from costwarden.api.teambudget import JobAction, TokenUsage
+
+RECORD_API_VERSION = "costwarden.io/v1alpha1"
+
+
+def new_record_id() -> str:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds then random bits, so ids sort by time.
+
+    Python 3.11 has no ``uuid.uuid7``; this is the layout of the RFC, built by hand.
+    """
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis & ((1 << 48) - 1)) << 80 | rand & ((1 << 80) - 1)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
+class Outcome(StrEnum):
+    """How a call ended, from the gateway's point of view."""
+
+    OK = "OK"
+    """The upstream answered and reported usage; the client got the answer."""
+    CLIENT_DISCONNECTED = "ClientDisconnected"
+    """The client went away mid-stream; usage is what the upstream reported at the end."""
+    UPSTREAM_ERROR = "UpstreamError"
+    """Every candidate backend failed (connect error, 429, 5xx) or answered a 4xx."""
+    UPSTREAM_MALFORMED = "UpstreamMalformed"
+    """The upstream answered 2xx without parsable usage: passed on as a 502, never as free."""
+    REFUSED = "Refused"
+    """The gateway refused the call before any upstream saw it (see ``reason``)."""
+
+
+class Endpoint(StrEnum):
+    CHAT_COMPLETIONS = "chat.completions"
+    EMBEDDINGS = "embeddings"
+    MESSAGES = "messages"
+
+
+class RefusalReason(StrEnum):
+    """Machine-readable reasons a call is refused; they are also the API error ``code``."""
+
+    UNATTRIBUTED = "unattributed_caller"
+    NO_TEAM = "no_team_budget"
+    NO_ROUTING_POLICY = "no_routing_policy"
+    HARD_CAP = "hard_cap_reached"
+    JOB_COST_CAP = "job_cost_cap_reached"
+    JOB_TOKEN_CAP = "job_token_cap_reached"
+    RATE_LIMITED = "job_rate_limited"
+    RETRY_LOOP = "retry_loop_detected"
+    CONFIDENTIAL = "confidential_requires_in_cluster"
+    INCOMPATIBLE_ROUTE = "incompatible_route"
+    BAD_REQUEST = "invalid_request"
+
+
+class UsageRecord(WireModel):
+    """One call as metered by the data plane (one line of the JSON Lines ledger)."""
+
+    api_version: str = Field(default=RECORD_API_VERSION, alias="apiVersion")
+    kind: str = "UsageRecord"
+    id: str = Field(default_factory=new_record_id, description="UUIDv7; dedup key.")
+    time: datetime = Field(description="When the call arrived at the gateway (UTC).")
+    team: str = Field(default="", description="TeamBudget id (namespace/name); empty if unknown.")
+    namespace: str = ""
+    job: str = Field(default="", description="Job name, from the pod's job-name label.")
+    pod: str = ""
+    caller: str = Field(default="", description="How the caller was identified: sidecar|token|key.")
+    endpoint: Endpoint
+    requested_model: str = ""
+    served_model: str = Field(default="", description="Model name (RoutingPolicy) that served.")
+    upstream_model: str = ""
+    rule: str = Field(default="", description="Routing rule that decided; 'default' if none.")
+    policy: str = ""
+    provider: Provider | None = None
+    tokens: TokenUsage = Field(default_factory=TokenUsage)
+    usage_reported: bool = Field(
+        default=False,
+        description="True if tokens come from the upstream's usage fields; False means unknown.",
+    )
+    cost_usd: Money = Field(default=Decimal(0), alias="costUSD")
+    outcome: Outcome
+    reason: str = Field(default="", description="Refusal reason or error class.")
+    http_status: int = 0
+    latency_ms: float = 0.0
+    attempts: int = Field(default=0, description="Upstream calls made (fallbacks included).")
+    streaming: bool = False
+    config_revision: str = ""
+    gateway_replica: str = ""
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Reserved: project/repo tags from pod labels."
+    )
+
+
+class LoopKind(StrEnum):
+    IDENTICAL_REQUESTS = "IdenticalRequests"
+    CONSECUTIVE_ERRORS = "ConsecutiveErrors"
+
+
+class LoopSignal(WireModel):
+    """A job tripped the retry-loop heuristic; the operator applies ``action`` to it."""
+
+    api_version: str = Field(default=RECORD_API_VERSION, alias="apiVersion")
+    kind: str = "LoopSignal"
+    id: str = Field(default_factory=new_record_id)
+    time: datetime
+    team: str
+    namespace: str
+    job: str = ""
+    pod: str = ""
+    loop: LoopKind
+    count: int = Field(description="Identical requests in the window, or errors in a row.")
+    window_seconds: int = 0
+    fingerprint: str = Field(default="", description="sha256 prefix of the normalized request.")
+    action: JobAction
+    config_revision: str = ""
+    gateway_replica: str = ""
+
+
+@runtime_checkable
+class UsageSink(Protocol):
+    """Where records go. ``emit`` is called on the request path: it must not block.
+
+    Implementations buffer and ship in the background; ``close`` flushes what is left.
+    """
+
+    def emit(self, record: UsageRecord) -> None: ...
+
+    def emit_loop_signal(self, signal: LoopSignal) -> None: ...
+
+    async def close(self) -> None: ...
