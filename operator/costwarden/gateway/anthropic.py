@@ -1,0 +1,129 @@
+"""The Anthropic wire format: messages (plain and the streaming SSE event sequence), errors.
+
+Usage: ``input_tokens`` (uncached), ``cache_read_input_tokens``,
+``cache_creation_input_tokens`` and ``output_tokens``. In a stream, ``message_start``
+carries the input side and a provisional output count, and ``message_delta`` the final
+(cumulative) output count; a field repeated in ``message_delta`` replaces the earlier one.
+The error body adds a ``code`` (costwarden's machine-readable reason) next to Anthropic's
+``type`` and ``message``; the SDKs ignore fields they do not know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from costwarden.api.routingpolicy import Provider
+from costwarden.api.teambudget import TokenUsage
+from costwarden.api.usage import Endpoint
+from costwarden.gateway.wire import (
+    MalformedUsageError,
+    SseSplitter,
+    error_type,
+    sse_data,
+    usage_int,
+)
+
+DEFAULT_VERSION = "2023-06-01"
+_FIELDS = {
+    "input": "input_tokens",
+    "cached_input": "cache_read_input_tokens",
+    "cache_creation": "cache_creation_input_tokens",
+    "output": "output_tokens",
+}
+_INSPECT = (b"message_start", b"message_delta", b"message_stop", b'"error"')
+
+
+def parse_usage(usage: Any, *, required: tuple[str, ...] = ("input", "output")) -> dict[str, int]:
+    if not isinstance(usage, dict):
+        raise MalformedUsageError("the answer has no usage object")
+    return {
+        kind: usage_int(usage, key, required=kind in required)
+        for kind, key in _FIELDS.items()
+        if key in usage or kind in required
+    }
+
+
+class AnthropicStreamMeter:
+    """Collects usage from ``message_start`` and ``message_delta``; forwards every event."""
+
+    __slots__ = ("_delta_seen", "_parts", "_splitter", "error", "finished", "usage")
+
+    def __init__(self) -> None:
+        self._splitter = SseSplitter()
+        self._parts: dict[str, int] = {}
+        self._delta_seen = False
+        self.usage: TokenUsage | None = None
+        self.finished = False
+        self.error = ""
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._splitter.events(chunk)
+        for event in events:
+            if any(marker in event for marker in _INSPECT):
+                self._inspect(event)
+        return b"\n\n".join(events) + b"\n\n" if events else b""
+
+    def _inspect(self, event: bytes) -> None:
+        try:
+            data = orjson.loads(sse_data(event))
+        except orjson.JSONDecodeError:
+            self.error = "the stream carried an event that is not JSON"
+            return
+        kind = data.get("type") if isinstance(data, dict) else None
+        try:
+            if kind == "message_start":
+                self._parts = parse_usage((data.get("message") or {}).get("usage"))
+            elif kind == "message_delta":
+                self._parts.update(parse_usage(data.get("usage"), required=("output",)))
+                self._delta_seen = True
+            elif kind == "message_stop":
+                self.finished = True
+            elif kind == "error":
+                self.error = "the upstream reported an error mid-stream"
+        except MalformedUsageError as exc:
+            self.error = str(exc)
+
+    def end(self) -> bytes:
+        rest = self._splitter.rest()
+        if self._delta_seen and "input" in self._parts and not self.error:
+            self.usage = TokenUsage(**self._parts)
+        elif not self.error:
+            self.error = "the stream ended without usage in message_start and message_delta"
+        return rest
+
+
+class AnthropicFormat:
+    provider = Provider.ANTHROPIC
+
+    def error_body(self, status: int, code: str, message: str) -> bytes:
+        error = {"type": error_type(status), "message": message, "code": code}
+        return orjson.dumps({"type": "error", "error": error})
+
+    def usage(self, answer: dict[str, Any], endpoint: Endpoint) -> TokenUsage:
+        return TokenUsage(**parse_usage(answer.get("usage")))
+
+    def prepare(self, body: dict[str, Any], endpoint: Endpoint) -> bool:
+        return True  # Anthropic streams always carry usage; nothing to add or hide.
+
+    def stream_meter(self, client_wants_usage: bool) -> AnthropicStreamMeter:
+        return AnthropicStreamMeter()
+
+    def upstream_headers(self, api_key: str, client: Mapping[str, str]) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "anthropic-version": client.get("anthropic-version", DEFAULT_VERSION),
+        }
+        if beta := client.get("anthropic-beta"):
+            headers["anthropic-beta"] = beta
+        if api_key:
+            headers["x-api-key"] = api_key
+        return headers
+
+    def stream_error_event(self, code: str, message: str) -> bytes:
+        return b"event: error\ndata: " + self.error_body(502, code, message) + b"\n\n"
+
+
+ANTHROPIC = AnthropicFormat()

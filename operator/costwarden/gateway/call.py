@@ -1,0 +1,114 @@
+"""One call as it goes through the gateway, and what it leaves behind: record, log, metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import orjson
+
+from costwarden.api.gatewayconfig import ModelRoute, TeamConfig
+from costwarden.api.money import format_money
+from costwarden.api.teambudget import TokenUsage
+from costwarden.api.usage import Endpoint, Outcome, UsageRecord, new_record_id
+from costwarden.gateway.identity import Caller
+from costwarden.gateway.wire import WireFormat
+
+decision_log = logging.getLogger("costwarden.gateway.decision")
+
+
+@dataclass(slots=True)
+class Call:
+    """Everything known about one call, filled in as it progresses."""
+
+    endpoint: Endpoint
+    fmt: WireFormat
+    started: float = field(default_factory=time.perf_counter)
+    arrived: datetime = field(default_factory=lambda: datetime.now(UTC))
+    id: str = field(default_factory=new_record_id)
+    revision: str = ""
+    caller: Caller | None = None
+    team: TeamConfig | None = None
+    policy_id: str = ""
+    requested_model: str = ""
+    served: ModelRoute | None = None
+    rule: str = ""
+    reason: str = ""
+    downgraded_from: str = ""
+    admitted: bool = False
+    streaming: bool = False
+    attempts: int = 0
+    upstream_seconds: float = 0.0
+    tokens: TokenUsage | None = None
+    cost: Decimal = Decimal(0)
+    outcome: Outcome = Outcome.UPSTREAM_ERROR
+    refusal: str = ""
+    status: int = 500
+    error: str = ""
+
+    def to_record(self, replica: str) -> UsageRecord:
+        caller = self.caller or Caller("")
+        served = self.served
+        # Built from values the gateway itself typed: skip re-validation on the hot path.
+        return UsageRecord.model_construct(
+            id=self.id,
+            time=self.arrived,
+            team=self.team.id if self.team else "",
+            namespace=caller.namespace,
+            job=caller.job,
+            pod=caller.pod,
+            caller=caller.via,
+            endpoint=self.endpoint,
+            requested_model=self.requested_model,
+            served_model=served.name if served else "",
+            upstream_model=served.upstream_model if served else "",
+            rule=self.rule,
+            policy=self.policy_id,
+            provider=served.provider if served else self.fmt.provider,
+            tokens=self.tokens or TokenUsage(),
+            usage_reported=self.tokens is not None,
+            cost_usd=self.cost,
+            outcome=self.outcome,
+            reason=self.refusal or self.error,
+            http_status=self.status,
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            attempts=self.attempts,
+            streaming=self.streaming,
+            config_revision=self.revision,
+            gateway_replica=replica,
+            labels={},
+        )
+
+
+def log_decision(call: Call, record: UsageRecord) -> None:
+    """One JSON line per call: what was decided and why. No prompt text, no credentials."""
+    if not decision_log.isEnabledFor(logging.INFO):
+        return
+    tokens = record.tokens
+    line = {
+        "msg": "decision",
+        "id": record.id,
+        "team": record.team,
+        "namespace": record.namespace,
+        "job": record.job,
+        "pod": record.pod,
+        "endpoint": record.endpoint.value,
+        "requestedModel": record.requested_model,
+        "model": record.served_model,
+        "rule": record.rule,
+        "reason": call.reason,
+        "downgradedFrom": call.downgraded_from,
+        "outcome": record.outcome.value,
+        "refusal": call.refusal,
+        "error": call.error,
+        "status": record.http_status,
+        "tokens": [tokens.input, tokens.cached_input, tokens.cache_creation, tokens.output],
+        "costUSD": format_money(record.cost_usd),
+        "latencyMs": record.latency_ms,
+        "attempts": record.attempts,
+        "revision": record.config_revision,
+    }
+    decision_log.info(orjson.dumps(line).decode())

@@ -1,0 +1,195 @@
+"""``costwarden gateway``: run the data plane, shared or as a sidecar; and the dev upstream.
+
+Plug into the main CLI with :func:`register` and :func:`register_upstream`; run it
+standalone with ``python -m costwarden.gateway``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from costwarden.api.usage import UsageSink
+from costwarden.gateway.config import ConfigStore
+from costwarden.gateway.credentials import Credentials
+from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
+from costwarden.gateway.proxy import Gateway
+from costwarden.gateway.server import build_app
+from costwarden.gateway.sinks import FanoutSink, FsyncPolicy, JsonlLedgerSink
+from costwarden.gateway.upstream import CLIENTS, make_upstream
+
+Subparsers = argparse._SubParsersAction
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add the ``gateway`` subcommand."""
+    parser = subparsers.add_parser(
+        "gateway",
+        help="run the LLM gateway (shared Deployment or per-pod sidecar)",
+        description="Meter, route and limit OpenAI- and Anthropic-format LLM calls.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="the rendered GatewayConfig JSON (ConfigMap key gateway-config.json)",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")  # noqa: S104
+    parser.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
+    parser.add_argument(
+        "--mode",
+        choices=("shared", "sidecar"),
+        default="shared",
+        help="shared: callers prove identity by token; sidecar: the pod is the caller",
+    )
+    parser.add_argument(
+        "--pod-labels-file",
+        type=Path,
+        default=Path(env("COSTWARDEN_POD_LABELS_FILE", "/etc/podinfo/labels")),
+        help='sidecar: downward-API labels file (key="value" lines)',
+    )
+    parser.add_argument(
+        "--api-keys-file",
+        type=Path,
+        help="shared: YAML/JSON mapping sha256(key) hex to a team id or {team, namespace, job}",
+    )
+    parser.add_argument("--kubeconfig", help="shared: kubeconfig for TokenReview and pod lookups")
+    parser.add_argument(
+        "--in-cluster",
+        action="store_true",
+        help="shared: use the pod's service account for TokenReview",
+    )
+    parser.add_argument(
+        "--token-audience",
+        action="append",
+        default=None,
+        help="shared: audiences to review tokens for (repeatable)",
+    )
+    parser.add_argument(
+        "--credentials-dir",
+        type=Path,
+        help="provider keys as <dir>/<namespace>/<secret>/<key> (Secret mounts); "
+        "else env COSTWARDEN_CREDENTIAL_<NS>_<NAME>_<KEY>",
+    )
+    parser.add_argument("--ledger", type=Path, help="append usage records to this JSON Lines file")
+    parser.add_argument(
+        "--ledger-fsync",
+        choices=[p.value for p in FsyncPolicy],
+        default=FsyncPolicy.BATCH.value,
+        help="ledger durability (docs/ledger.md)",
+    )
+    parser.add_argument(
+        "--replica-id",
+        default=env("POD_NAME") or socket.gethostname(),
+        help="this replica's name in usage records (default: POD_NAME or host)",
+    )
+    parser.add_argument(
+        "--upstream-client",
+        choices=CLIENTS,
+        default="aiohttp",
+        help="HTTP client for upstream calls (default aiohttp: see benchmarks)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="INFO logs one JSON decision line per call; WARNING silences them",
+    )
+
+
+def register_upstream(subparsers: Subparsers) -> None:
+    """Add the hidden dev subcommand ``upstream``: the local fake OpenAI/Anthropic upstream."""
+    parser = subparsers.add_parser("upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.set_defaults(func=_run_upstream)
+
+
+def _run_upstream(args: argparse.Namespace) -> int:
+    from costwarden.testing.upstream import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
+def _identifier(args: argparse.Namespace) -> Identifier:
+    if args.mode == "sidecar":
+        return SidecarIdentifier.from_env(args.pod_labels_file)
+    verifier = None
+    if args.kubeconfig or args.in_cluster:
+        from costwarden.gateway.tokenreview import TokenReviewVerifier, api_client
+
+        verifier = TokenReviewVerifier(api_client(args.kubeconfig), args.token_audience)
+    return SharedIdentifier(args.api_keys_file, verifier)
+
+
+def _sink(args: argparse.Namespace) -> UsageSink:
+    if args.ledger is None:
+        return FanoutSink([])  # records still reach metrics and the decision log
+    return JsonlLedgerSink(args.ledger, FsyncPolicy(args.ledger_fsync))
+
+
+def build_gateway(args: argparse.Namespace) -> Gateway:
+    store = ConfigStore(args.config)
+    store.poll()
+    return Gateway(
+        config=store,
+        identifier=_identifier(args),
+        upstream=make_upstream(args.upstream_client),
+        sink=_sink(args),
+        credentials=Credentials(args.credentials_dir),
+        replica_id=args.replica_id,
+    )
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    decisions = logging.getLogger("costwarden.gateway.decision")
+    decisions.addHandler(handler)
+    decisions.propagate = False
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - a declared dependency; stdlib asyncio still works
+        pass
+    try:
+        gateway = build_gateway(args)
+    except ValueError as exc:
+        print(f"costwarden gateway: {exc}", file=sys.stderr)
+        return 2
+    web.run_app(build_app(gateway), host=args.host, port=args.port, access_log=None, print=None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m costwarden.gateway [gateway|upstream] ...`` (``gateway`` if omitted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("gateway", "upstream"):
+        argv.insert(0, "gateway")
+    parser = argparse.ArgumentParser(prog="python -m costwarden.gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    register_upstream(sub)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,140 @@
+"""The counters behind the limits in the request path, per team and per job.
+
+Team spend = the operator's spend snapshot in the configuration + what this replica has
+metered since that configuration arrived. A new configuration revision resets the local
+part (its snapshot already includes what the operator has aggregated), so a call metered
+just before a reload but not yet aggregated is briefly not counted: the cap can be
+overshot by what one replica meters in one aggregation round trip.
+
+Per-job totals (cost, tokens, rate, loop state) are what *this* gateway has seen of the
+job over its life: exact for a sidecar (one pod), per replica for the shared gateway, where
+a job spread over N replicas may spend up to N times its per-job cap (documented
+limitation; the operator's aggregation still applies the team cap).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from costwarden.api.gatewayconfig import TeamConfig
+from costwarden.api.teambudget import BudgetPhase, TokenUsage
+from costwarden.api.usage import RefusalReason
+from costwarden.policy import limits as decide
+from costwarden.policy.caps import CapVerdict
+from costwarden.policy.limits import LimitRefusal
+from costwarden.policy.loops import LoopState, LoopTrip, check_request, record_outcome
+
+MAX_JOBS = 50_000  # least recently seen jobs are forgotten beyond this
+
+
+@dataclass
+class TeamSeen:
+    revision: str
+    cost: Decimal = Decimal(0)
+    tokens: TokenUsage = field(default_factory=TokenUsage)
+    verdict: CapVerdict | None = None
+
+
+@dataclass
+class JobState:
+    cost: Decimal = Decimal(0)
+    tokens: int = 0
+    times: deque[float] = field(default_factory=deque)
+    loop: LoopState = field(default_factory=LoopState)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    refusal: LimitRefusal | None
+    phase: BudgetPhase
+    loop: LoopTrip | None = None
+
+
+class Limits:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._teams: dict[str, TeamSeen] = {}
+        self._jobs: OrderedDict[tuple[str, str], JobState] = OrderedDict()
+
+    def _team(self, team: TeamConfig, revision: str) -> TeamSeen:
+        seen = self._teams.get(team.id)
+        if seen is None or seen.revision != revision:
+            seen = self._teams[team.id] = TeamSeen(revision)
+        return seen
+
+    def job(self, team_id: str, unit: str) -> JobState:
+        key = (team_id, unit)
+        state = self._jobs.get(key)
+        if state is None:
+            state = self._jobs[key] = JobState()
+            if len(self._jobs) > MAX_JOBS:
+                self._jobs.popitem(last=False)
+        else:
+            self._jobs.move_to_end(key)
+        return state
+
+    def admit(self, team: TeamConfig, revision: str, unit: str, fingerprint: str) -> Admission:
+        """Hard cap, per-job caps, retry loop, then rate (a refused call is not counted)."""
+        seen = self._team(team, revision)
+        if seen.verdict is None:
+            seen.verdict = decide.team_verdict(team, seen.cost, seen.tokens)
+        phase = seen.verdict.phase
+        refusal = decide.hard_cap_refusal(team, seen.verdict)
+        job = self.job(team.id, unit)
+        if refusal is None:
+            refusal = decide.job_cap_refusal(team, unit, team.per_job, job.cost, job.tokens)
+        if refusal is not None:
+            return Admission(refusal, phase)
+        now = self._clock()
+        trip = check_request(job.loop, team.loop_detection, fingerprint, now)
+        if trip is not None:
+            return Admission(_loop_refusal(team, unit, trip), phase, trip)
+        rpm = team.per_job.max_requests_per_minute if team.per_job else None
+        return Admission(decide.rate_refusal(team, unit, job.times, rpm, now), phase)
+
+    def record(
+        self,
+        team: TeamConfig,
+        revision: str,
+        unit: str,
+        tokens: TokenUsage | None,
+        cost: Decimal,
+        *,
+        upstream_error: bool,
+    ) -> None:
+        job = self.job(team.id, unit)
+        record_outcome(job.loop, upstream_error=upstream_error)
+        if tokens is None:
+            return
+        job.cost += cost
+        job.tokens += tokens.input + tokens.cached_input + tokens.cache_creation + tokens.output
+        seen = self._team(team, revision)
+        seen.cost += cost
+        seen.tokens = TokenUsage(
+            input=seen.tokens.input + tokens.input,
+            output=seen.tokens.output + tokens.output,
+            cached_input=seen.tokens.cached_input + tokens.cached_input,
+            cache_creation=seen.tokens.cache_creation + tokens.cache_creation,
+        )
+        seen.verdict = None
+
+
+def _loop_refusal(team: TeamConfig, unit: str, trip: LoopTrip) -> LimitRefusal:
+    settings = team.loop_detection
+    if trip.kind.value == "ConsecutiveErrors":
+        what = f"{trip.count} upstream errors in a row (loopDetection.consecutiveErrors)"
+    else:
+        what = (
+            f"{trip.count} identical requests within {settings.window_seconds} s "
+            "(loopDetection.identicalRequests)"
+        )
+    return LimitRefusal(
+        RefusalReason.RETRY_LOOP,
+        f"job {unit} of TeamBudget {team.id} looks stuck in a retry loop: {what}; its calls "
+        f"are refused for {settings.window_seconds} s and the operator applies "
+        f"loopDetection.action={settings.action.value}",
+    )

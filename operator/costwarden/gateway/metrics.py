@@ -1,0 +1,117 @@
+"""Prometheus metrics of the gateway (``/metrics``), with bounded labels only.
+
+Label values come from the configuration (team ids, model and rule names) or from fixed
+enums (outcome, provider, refusal reason, token kind); nothing a client sends becomes a
+label. Money is exported as a float here only: the exposition format has no decimals,
+while accounting (records, ledger) stays exact.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from costwarden.api.usage import UsageRecord
+
+# Gateway overhead lives well under a millisecond; upstream calls take seconds.
+_ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_KINDS = ("input", "output", "cached_input", "cache_creation")
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "costwarden_gateway_requests_total",
+            "Calls answered, by team, served model, rule, outcome and provider.",
+            ["team", "model", "rule", "outcome", "provider"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "costwarden_gateway_tokens_total",
+            "Tokens metered from the providers' usage fields, by kind.",
+            ["team", "model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "costwarden_gateway_cost_usd_total",
+            "Metered cost in USD (float here; exact in usage records).",
+            ["team", "model"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "costwarden_gateway_refused_total",
+            "Calls refused before reaching an upstream, by reason.",
+            ["team", "reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "costwarden_gateway_upstream_errors_total",
+            "Upstream failures (unreachable, 429, 5xx, malformed), per attempt.",
+            ["model", "provider", "kind"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "costwarden_gateway_request_duration_seconds",
+            "Time from request arrival to the last byte sent.",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.added = Histogram(
+            "costwarden_gateway_added_latency_seconds",
+            "Gateway overhead: request duration minus time spent waiting on upstreams.",
+            ["provider"],
+            buckets=_ADDED_BUCKETS,
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "costwarden_gateway_config_reloads_total",
+            "Configuration documents loaded (result=ok) or rejected (result=error).",
+            ["result"],
+            registry=r,
+        )
+        self.loop_signals = Counter(
+            "costwarden_gateway_loop_signals_total",
+            "Jobs that tripped the retry-loop heuristic.",
+            ["team", "loop"],
+            registry=r,
+        )
+        self.config_info = Gauge(
+            "costwarden_gateway_config_info",
+            "1 for the configuration revision in force.",
+            ["revision"],
+            registry=r,
+        )
+
+    def observe(self, record: UsageRecord, *, added_seconds: float) -> None:
+        provider = record.provider.value if record.provider else ""
+        self.requests.labels(
+            record.team, record.served_model, record.rule, record.outcome.value, provider
+        ).inc()
+        if record.outcome.value == "Refused":
+            self.refused.labels(record.team, record.reason).inc()
+        if record.usage_reported:
+            self._count_tokens(record)
+        self.latency.labels(provider).observe(record.latency_ms / 1000)
+        self.added.labels(provider).observe(max(added_seconds, 0.0))
+
+    def _count_tokens(self, record: UsageRecord) -> None:
+        tokens = record.tokens
+        for kind, value in zip(
+            TOKEN_KINDS,
+            (tokens.input, tokens.output, tokens.cached_input, tokens.cache_creation),
+            strict=True,
+        ):
+            if value:
+                self.tokens.labels(record.team, record.served_model, kind).inc(value)
+        if record.cost_usd:
+            self.cost.labels(record.team, record.served_model).inc(float(record.cost_usd))
+
+    def set_revision(self, revision: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(revision).set(1)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,261 @@
+"""The request pipeline: identify, attribute, admit, route, forward, account.
+
+Each step is a call into the module that decides it (identity, policy.limits via
+gateway.limits, policy.routing) and every refusal leaves through :meth:`Gateway.refuse`,
+so a refused call always gets the API's own error shape, costs nothing and is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from costwarden.api.usage import (
+    Endpoint,
+    LoopSignal,
+    Outcome,
+    RefusalReason,
+    UsageSink,
+)
+from costwarden.gateway.call import Call, log_decision
+from costwarden.gateway.config import CompiledConfig, ConfigStore
+from costwarden.gateway.credentials import Credentials
+from costwarden.gateway.forward import forward
+from costwarden.gateway.identity import Identifier, UnattributedError, resolve_team
+from costwarden.gateway.limits import Admission, Limits
+from costwarden.gateway.metrics import GatewayMetrics
+from costwarden.gateway.upstream import UpstreamClient
+from costwarden.gateway.wire import (
+    BadRequestError,
+    WireFormat,
+    estimate_prompt_tokens,
+    take_hints,
+)
+from costwarden.policy.loops import fingerprint
+from costwarden.policy.routing import RequestTraits, RouteRefusal, decide
+
+log = logging.getLogger("costwarden.gateway")
+
+MAX_SESSIONS = 100_000
+# Refusals a client must not retry blindly: both SDKs honour x-should-retry.
+_FINAL = {
+    RefusalReason.HARD_CAP,
+    RefusalReason.JOB_COST_CAP,
+    RefusalReason.JOB_TOKEN_CAP,
+    RefusalReason.RETRY_LOOP,
+}
+_ROUTE_STATUS = {"incompatible_route": 400, "confidential_requires_in_cluster": 403}
+
+
+class SessionAffinity:
+    """Which model served a conversation (team, session key) last; bounded LRU."""
+
+    def __init__(self, size: int = MAX_SESSIONS) -> None:
+        self._size = size
+        self._models: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def get(self, team: str, session: str) -> str:
+        return self._models.get((team, session), "") if session else ""
+
+    def remember(self, team: str, session: str, model: str) -> None:
+        key = (team, session)
+        self._models[key] = model
+        self._models.move_to_end(key)
+        if len(self._models) > self._size:
+            self._models.popitem(last=False)
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        config: ConfigStore,
+        identifier: Identifier,
+        upstream: UpstreamClient,
+        sink: UsageSink,
+        credentials: Credentials | None = None,
+        metrics: GatewayMetrics | None = None,
+        limits: Limits | None = None,
+        replica_id: str = "",
+    ) -> None:
+        self.config = config
+        self.identifier = identifier
+        self.upstream = upstream
+        self.sink = sink
+        self.credentials = credentials or Credentials()
+        self.metrics = metrics or GatewayMetrics()
+        self.limits = limits or Limits()
+        self.affinity = SessionAffinity()
+        self.replica_id = replica_id
+
+    async def handle(
+        self, request: web.Request, fmt: WireFormat, endpoint: Endpoint
+    ) -> web.StreamResponse:
+        call = Call(endpoint, fmt)
+        try:
+            return await self._serve(request, call)
+        except Exception:
+            call.error = "internal_error"
+            log.exception("call %s failed inside the gateway", call.id)
+            return self.refuse(call, 500, "internal_error", "costwarden gateway internal error")
+        finally:
+            self._account(call)
+
+    async def _serve(self, request: web.Request, call: Call) -> web.StreamResponse:
+        compiled = self.config.current
+        if compiled is None:
+            return self.refuse(call, 503, "not_ready", "the gateway has no configuration yet")
+        call.revision = compiled.revision
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return self.refuse(
+                call, 400, RefusalReason.BAD_REQUEST, "the body is not a JSON object"
+            )
+        call.requested_model = str(body.get("model") or "")[:128]
+        call.streaming = bool(body.get("stream"))
+        refused = await self._attribute(request, call, compiled)
+        if refused is not None:
+            return refused
+        return await self._route(request, call, compiled, body, len(raw))
+
+    async def _attribute(
+        self, request: web.Request, call: Call, compiled: CompiledConfig
+    ) -> web.StreamResponse | None:
+        try:
+            call.caller = await self.identifier.identify(request.headers)
+        except UnattributedError as exc:
+            return self.refuse(call, 401, RefusalReason.UNATTRIBUTED, str(exc))
+        call.team = resolve_team(call.caller, compiled)
+        if call.team is None:
+            caller = call.caller
+            where = (
+                f"team key for {caller.team_id}"
+                if caller.team_id
+                else (f"namespace {caller.namespace} (pod {caller.pod or '-'})")
+            )
+            return self.refuse(call, 403, RefusalReason.NO_TEAM, f"no TeamBudget covers {where}")
+        call.policy_id = call.team.routing_policy or ""
+        if call.policy_id not in compiled.policies:
+            return self.refuse(
+                call,
+                403,
+                RefusalReason.NO_ROUTING_POLICY,
+                f"TeamBudget {call.team.id} has no usable RoutingPolicy: there is no model to "
+                "route to",
+            )
+        return None
+
+    async def _route(
+        self,
+        request: web.Request,
+        call: Call,
+        compiled: CompiledConfig,
+        body: dict[str, Any],
+        size: int,
+    ) -> web.StreamResponse:
+        assert call.team is not None
+        assert call.caller is not None
+        try:
+            hints = take_hints(request.headers, body)
+        except BadRequestError as exc:
+            return self.refuse(call, 400, RefusalReason.BAD_REQUEST, str(exc))
+        fp = fingerprint(body) if call.team.loop_detection.enabled else ""
+        admission = self.limits.admit(call.team, compiled.revision, call.caller.unit, fp)
+        if admission.refusal is not None:
+            self._signal_loop(call, admission)
+            return self.refuse(call, 429, admission.refusal.code, admission.refusal.message)
+        call.admitted = True
+        traits = RequestTraits(
+            provider=call.fmt.provider,
+            requested_model=call.requested_model,
+            task=hints.task,
+            prompt_tokens=estimate_prompt_tokens(size),
+            has_tools=bool(body.get("tools") or body.get("functions")),
+            sensitivity=hints.sensitivity,
+        )
+        policy = compiled.policies[call.policy_id]
+        decision = decide(
+            policy,
+            traits,
+            soft_limited=admission.phase.value == "SoftLimited",
+            pinned_model=self.affinity.get(call.team.id, hints.session),
+            prefer_requested=call.endpoint is Endpoint.EMBEDDINGS,
+        )
+        if isinstance(decision, RouteRefusal):
+            call.rule = decision.rule
+            status = _ROUTE_STATUS.get(decision.code, 403)
+            return self.refuse(call, status, decision.code, decision.message)
+        call.rule, call.reason, call.downgraded_from = (
+            decision.rule,
+            decision.reason,
+            decision.downgraded_from,
+        )
+        wants_usage = call.fmt.prepare(body, call.endpoint)
+        response = await forward(self, request, call, compiled, body, decision, wants_usage)
+        if hints.session and policy.affinity and call.outcome is Outcome.OK and call.served:
+            self.affinity.remember(call.team.id, hints.session, call.served.name)
+        return response
+
+    def _signal_loop(self, call: Call, admission: Admission) -> None:
+        trip = admission.loop
+        if trip is None or not trip.new or call.team is None or call.caller is None:
+            return
+        settings = call.team.loop_detection
+        signal = LoopSignal(
+            time=datetime.now(UTC),
+            team=call.team.id,
+            namespace=call.caller.namespace,
+            job=call.caller.job,
+            pod=call.caller.pod,
+            loop=trip.kind,
+            count=trip.count,
+            window_seconds=settings.window_seconds,
+            fingerprint=trip.fingerprint[:16],
+            action=settings.action,
+            config_revision=call.revision,
+            gateway_replica=self.replica_id,
+        )
+        self.sink.emit_loop_signal(signal)
+        self.metrics.loop_signals.labels(call.team.id, trip.kind.value).inc()
+        log.warning("retry loop: team %s job %s (%s)", signal.team, call.caller.unit, trip.kind)
+
+    def refuse(self, call: Call, status: int, code: str, message: str) -> web.Response:
+        call.outcome, call.status, call.refusal = Outcome.REFUSED, status, str(code)
+        headers = {
+            "Content-Type": "application/json",
+            "x-costwarden-refusal": str(code),
+            "x-costwarden-request-id": call.id,
+            "x-costwarden-config-revision": call.revision,
+        }
+        if code in _FINAL or status in (400, 401, 403):
+            headers["x-should-retry"] = "false"
+        if call.rule:
+            headers["x-costwarden-rule"] = call.rule
+        body = call.fmt.error_body(status, str(code), message)
+        return web.Response(status=status, body=body, headers=headers)
+
+    def _account(self, call: Call) -> None:
+        record = call.to_record(self.replica_id)
+        if call.admitted and call.team is not None and call.caller is not None:
+            self.limits.record(
+                call.team,
+                call.revision,
+                call.caller.unit,
+                call.tokens,
+                call.cost,
+                upstream_error=call.outcome in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_MALFORMED),
+            )
+        self.sink.emit(record)
+        added = time.perf_counter() - call.started - call.upstream_seconds
+        self.metrics.observe(record, added_seconds=added)
+        log_decision(call, record)

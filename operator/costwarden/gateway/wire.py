@@ -1,0 +1,154 @@
+"""What both provider wire formats share: the format interface, SSE framing, usage errors.
+
+Each format (``openai.py``, ``anthropic.py``) knows its error shape, where its usage
+fields are, how to rewrite a request for a backend, and how to meter a stream. The proxy
+speaks to them through :class:`WireFormat` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from costwarden.api.routingpolicy import Provider, Sensitivity
+from costwarden.api.teambudget import TokenUsage
+from costwarden.api.usage import Endpoint
+
+TASK_HEADER = "X-Costwarden-Task"
+SENSITIVITY_HEADER = "X-Costwarden-Sensitivity"
+SESSION_HEADER = "X-Costwarden-Session"
+# Routing hints a client may put in the body's ``metadata`` instead of headers. The gateway
+# consumes them and strips them before the body goes upstream: OpenAI only accepts
+# ``metadata`` with ``store: true`` and Anthropic only accepts ``metadata.user_id``.
+HINT_KEYS = ("task", "sensitivity")
+_SENSITIVITIES = {s.value.lower(): s for s in Sensitivity}
+BYTES_PER_TOKEN = 4
+
+
+class MalformedUsageError(ValueError):
+    """The upstream's answer has no usable usage fields."""
+
+
+class BadRequestError(ValueError):
+    """The client's request cannot be routed as sent (HTTP 400)."""
+
+
+@dataclass(slots=True)
+class Hints:
+    task: str
+    sensitivity: Sensitivity
+    session: str
+
+
+def take_hints(headers: Mapping[str, str], body: dict[str, Any]) -> Hints:
+    """Routing hints from headers (preferred) or ``metadata``; hints are removed from the body."""
+    metadata = body.get("metadata")
+    from_body: dict[str, Any] = {}
+    if isinstance(metadata, dict) and any(k in metadata for k in HINT_KEYS):
+        from_body = {k: metadata.pop(k) for k in HINT_KEYS if k in metadata}
+        if not metadata:
+            del body["metadata"]
+    task = headers.get(TASK_HEADER) or str(from_body.get("task") or "")
+    raw = headers.get(SENSITIVITY_HEADER) or str(from_body.get("sensitivity") or "Internal")
+    sensitivity = _SENSITIVITIES.get(raw.strip().lower())
+    if sensitivity is None:
+        raise BadRequestError(
+            f"{SENSITIVITY_HEADER} must be Public, Internal or Confidential, not {raw[:40]!r}"
+        )
+    return Hints(task.strip(), sensitivity, headers.get(SESSION_HEADER, ""))
+
+
+def estimate_prompt_tokens(body_size: int) -> int:
+    """A coarse estimate (about 4 bytes a token) for rules with prompt-size bounds."""
+    return body_size // BYTES_PER_TOKEN
+
+
+def usage_int(usage: Mapping[str, Any], key: str, *, required: bool = False) -> int:
+    value = usage.get(key)
+    if value is None and not required:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MalformedUsageError(f"usage.{key} is {value!r}, not a token count")
+    return value
+
+
+class StreamMeter(Protocol):
+    """Reads a server-sent event stream as it passes, and keeps what it reports."""
+
+    usage: TokenUsage | None
+    finished: bool
+    error: str
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to send on to the client for this chunk (whole events only)."""
+        ...
+
+    def end(self) -> bytes:
+        """What is left when the upstream closes; sets ``error`` if usage never came."""
+        ...
+
+
+class SseSplitter:
+    """Cuts a byte stream into whole SSE events (separated by a blank line)."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def events(self, chunk: bytes) -> list[bytes]:
+        data = self._buffer + chunk
+        if b"\r\n" in data:  # the spec allows CRLF; normalize once so one separator is enough
+            data = data.replace(b"\r\n", b"\n")
+        parts = data.split(b"\n\n")
+        self._buffer = parts.pop()
+        return [p for p in parts if p]
+
+    def rest(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+
+def sse_data(event: bytes) -> bytes:
+    """The ``data:`` payload of one event (joined if split over several lines)."""
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+class WireFormat(Protocol):
+    """One provider's wire format as the proxy uses it."""
+
+    provider: Provider
+
+    def error_body(self, status: int, code: str, message: str) -> bytes: ...
+
+    def usage(self, answer: dict[str, Any], endpoint: Endpoint) -> TokenUsage:
+        """Tokens of a complete answer; raises MalformedUsageError if missing or invalid."""
+        ...
+
+    def prepare(self, body: dict[str, Any], endpoint: Endpoint) -> bool:
+        """Adjust the body for metering (once per call); return whether the client asked
+        to see usage in a stream."""
+        ...
+
+    def stream_meter(self, client_wants_usage: bool) -> StreamMeter: ...
+
+    def upstream_headers(self, api_key: str, client: Mapping[str, str]) -> dict[str, str]: ...
+
+    def stream_error_event(self, code: str, message: str) -> bytes: ...
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    502: "api_error",
+    503: "api_error",
+}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "api_error")

@@ -1,0 +1,234 @@
+"""Every refusal in the request path: the documented status and error body, no upstream
+call, a record that costs nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from costwarden.api.gatewayconfig import SpendState
+from costwarden.api.teambudget import (
+    HardCapEnforcement,
+    LoopDetection,
+    PerJobLimits,
+    RequestAction,
+)
+from costwarden.api.usage import LoopKind, Outcome
+from costwarden.gateway.identity import SharedIdentifier, SidecarIdentifier
+from costwarden.testing.gateway import TEAM_ID, sample_config
+from costwarden.testing.upstream import FakeUpstream, ServerThread
+
+from .conftest import CHAT, MESSAGE, StartGateway, records
+
+
+def spend(spent: str) -> SpendState:
+    now = datetime.now(UTC)
+    return SpendState(
+        spent_usd=Decimal(spent),
+        period_start=now - timedelta(days=1),
+        period_end=now + timedelta(1),
+    )
+
+
+def post(
+    url: str, body: dict[str, Any], path: str = "/v1/chat/completions", **kw: Any
+) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=10, **kw)
+
+
+def assert_openai_refusal(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "code", "param"}
+    assert error["code"] == code
+    assert response.headers["x-costwarden-refusal"] == code
+    return error
+
+
+def assert_costs_nothing(gateway: Any, fake: FakeUpstream, code: str) -> None:
+    last = records(gateway).records[-1]
+    assert last.outcome is Outcome.REFUSED
+    assert last.reason == code
+    assert last.cost_usd == 0
+    assert not last.usage_reported
+    assert last.tokens.input == last.tokens.output == 0
+
+
+def test_hard_cap_refuses_with_429_naming_the_budget(
+    start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    gateway = start_gateway(team={"spend": spend("100")})
+
+    error = assert_openai_refusal(post(gateway.url, CHAT), 429, "hard_cap_reached")
+
+    assert TEAM_ID in error["message"]
+    assert "100" in error["message"]
+    assert fake.calls == []
+    assert_costs_nothing(gateway, fake, "hard_cap_reached")
+
+
+def test_hard_cap_with_allow_lets_calls_through(
+    start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    gateway = start_gateway(
+        team={
+            "spend": spend("100"),
+            "on_hard_cap": HardCapEnforcement(requests=RequestAction.ALLOW),
+        }
+    )
+
+    assert post(gateway.url, CHAT).status_code == 200
+    assert records(gateway).records[-1].outcome is Outcome.OK
+
+
+def test_hard_cap_counts_usage_metered_since_the_snapshot(start_gateway: StartGateway) -> None:
+    # Snapshot just under the cap; one call's cost pushes the team over it.
+    gateway = start_gateway(team={"spend": spend("99.999995"), "soft_limit_usd": Decimal(50)})
+
+    assert post(gateway.url, CHAT).status_code == 200
+    assert_openai_refusal(post(gateway.url, CHAT), 429, "hard_cap_reached")
+
+
+def test_anthropic_refusal_uses_anthropic_error_shape(
+    start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    gateway = start_gateway(team={"spend": spend("100")})
+
+    response = post(gateway.url, MESSAGE, "/v1/messages")
+
+    assert response.status_code == 429
+    body = response.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "rate_limit_error"
+    assert body["error"]["code"] == "hard_cap_reached"
+    assert TEAM_ID in body["error"]["message"]
+    assert fake.calls == []
+
+
+def test_per_job_cost_cap(start_gateway: StartGateway, fake: FakeUpstream) -> None:
+    gateway = start_gateway(team={"per_job": PerJobLimits(max_cost_usd=Decimal("0.000001"))})
+
+    assert post(gateway.url, CHAT).status_code == 200
+    error = assert_openai_refusal(post(gateway.url, CHAT), 429, "job_cost_cap_reached")
+
+    assert "agent-1" in error["message"]
+    assert "maxCostUSD" in error["message"]
+    assert len(fake.calls) == 1
+    assert_costs_nothing(gateway, fake, "job_cost_cap_reached")
+
+
+def test_per_job_token_cap(start_gateway: StartGateway, fake: FakeUpstream) -> None:
+    gateway = start_gateway(team={"per_job": PerJobLimits(max_tokens=10)})
+
+    assert post(gateway.url, CHAT).status_code == 200
+    error = assert_openai_refusal(post(gateway.url, CHAT), 429, "job_token_cap_reached")
+
+    assert "maxTokens" in error["message"]
+    assert len(fake.calls) == 1
+
+
+def test_per_job_rate_limit(start_gateway: StartGateway, fake: FakeUpstream) -> None:
+    gateway = start_gateway(team={"per_job": PerJobLimits(max_requests_per_minute=2)})
+    bodies = [{**CHAT, "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
+
+    assert [post(gateway.url, b).status_code for b in bodies[:2]] == [200, 200]
+    error = assert_openai_refusal(post(gateway.url, bodies[2]), 429, "job_rate_limited")
+
+    assert "maxRequestsPerMinute=2" in error["message"]
+    assert len(fake.calls) == 2
+    assert_costs_nothing(gateway, fake, "job_rate_limited")
+
+
+def test_identical_requests_trip_the_loop_detector(
+    start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    gateway = start_gateway(team={"loop_detection": LoopDetection(identical_requests=3)})
+
+    assert [post(gateway.url, CHAT).status_code for _ in range(2)] == [200, 200]
+    error = assert_openai_refusal(post(gateway.url, CHAT), 429, "retry_loop_detected")
+    other = {**CHAT, "messages": [{"role": "user", "content": "something else"}]}
+    assert_openai_refusal(post(gateway.url, other), 429, "retry_loop_detected")
+
+    assert "identical requests" in error["message"]
+    assert len(fake.calls) == 2
+    signals = records(gateway).loop_signals
+    assert len(signals) == 1  # one signal per trip, not one per refused call
+    assert (signals[0].team, signals[0].job, signals[0].loop) == (
+        TEAM_ID,
+        "agent-1",
+        LoopKind.IDENTICAL_REQUESTS,
+    )
+    assert_costs_nothing(gateway, fake, "retry_loop_detected")
+
+
+def test_consecutive_upstream_errors_trip_the_loop_detector(
+    start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    gateway = start_gateway(team={"loop_detection": LoopDetection(consecutive_errors=2)})
+    fake.script("gpt-4o-mini", "500", "500")
+    bodies = [{**CHAT, "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
+
+    assert [post(gateway.url, b).status_code for b in bodies[:2]] == [500, 500]
+    assert_openai_refusal(post(gateway.url, bodies[2]), 429, "retry_loop_detected")
+
+    assert records(gateway).loop_signals[0].loop is LoopKind.CONSECUTIVE_ERRORS
+    assert len(fake.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("headers", "path", "body"),
+    [
+        ({}, "/v1/chat/completions", CHAT),
+        ({"Authorization": "Bearer not-a-known-key"}, "/v1/chat/completions", CHAT),
+        ({"x-api-key": "not-a-known-key"}, "/v1/messages", MESSAGE),
+    ],
+)
+def test_unattributed_caller_gets_401(
+    start_gateway: StartGateway, fake: FakeUpstream, headers: dict[str, str], path: str, body: Any
+) -> None:
+    gateway = start_gateway(identifier=SharedIdentifier(None, None))
+    # A team header chosen by the caller never identifies it.
+    response = post(gateway.url, body, path, headers={**headers, "X-Costwarden-Team": TEAM_ID})
+
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "unattributed_caller"
+    assert error["type"] == "authentication_error"
+    assert fake.calls == []
+    assert_costs_nothing(gateway, fake, "unattributed_caller")
+
+
+def test_confidential_with_no_in_cluster_route_is_refused(
+    upstream: ServerThread, start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    config = sample_config(upstream.url)
+    config.policies[0].rules = [r for r in config.policies[0].rules if r.name != "confidential"]
+    gateway = start_gateway(config)
+
+    response = post(gateway.url, CHAT, headers={"X-Costwarden-Sensitivity": "Confidential"})
+
+    error = assert_openai_refusal(response, 403, "confidential_requires_in_cluster")
+    assert "InCluster" in error["message"]
+    assert fake.calls == []
+    assert_costs_nothing(gateway, fake, "confidential_requires_in_cluster")
+
+
+def test_caller_outside_every_team_is_refused(
+    start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    gateway = start_gateway(identifier=SidecarIdentifier("other-ns", "pod-1", None))
+
+    error = assert_openai_refusal(post(gateway.url, CHAT), 403, "no_team_budget")
+
+    assert "other-ns" in error["message"]
+    assert fake.calls == []
+
+
+def test_invalid_sensitivity_is_a_400(gateway: Any, fake: FakeUpstream) -> None:
+    response = post(gateway.url, CHAT, headers={"X-Costwarden-Sensitivity": "secret"})
+
+    assert_openai_refusal(response, 400, "invalid_request")
