@@ -12,6 +12,8 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from costwarden.cluster import LocalControlPlane, ensure_control_plane_binaries
+from tests.support.operator_process import OperatorProcess
+from tests.support.polling import wait_for
 
 _HERE = Path(__file__).parent
 
@@ -75,10 +77,44 @@ REPO = _HERE.parents[1]
 @pytest.fixture(scope="session")
 def crds(control_plane: LocalControlPlane) -> list[str]:
     """costwarden's CRDs applied from crds/ and Established (names returned)."""
-    control_plane.kubectl("apply", "-f", str(REPO / "crds"))
+    control_plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
     names = ["teambudgets.costwarden.io", "routingpolicies.costwarden.io"]
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s",
-        *[f"crd/{name}" for name in names],
+    for name in names:
+        wait_for(
+            lambda name=name: control_plane.kubectl(
+                "get", f"crd/{name}", "-o",
+                "jsonpath={.status.conditions[?(@.type=='Established')].status}", check=False,
+            ).stdout == "True",
+            timeout=60, what=f"CRD {name} Established",
+        )  # fmt: skip
+    # kubectl (apply's strict field validation, explain) reads the published OpenAPI, which
+    # the API server refreshes asynchronously after a CRD is established.
+    wait_for(
+        lambda: "hardCapUSD" in control_plane.kubectl(
+            "explain", "teambudget.spec", check=False
+        ).stdout,
+        timeout=60, what="TeamBudget in the published OpenAPI",
     )  # fmt: skip
     return names
+
+
+OPERATOR_NAMESPACE = "costwarden-system"
+
+
+@pytest.fixture(scope="session")
+def operator(
+    control_plane: LocalControlPlane, crds: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """One `costwarden operator` process (standalone) for the session, writing its gateway
+    ConfigMap into costwarden-system; tests use their own namespaces."""
+    control_plane.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
+    log_path = tmp_path_factory.mktemp("operator") / "operator.log"
+    process = OperatorProcess(
+        str(control_plane.kubeconfig_path), OPERATOR_NAMESPACE, log_path, "--standalone"
+    ).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        if process.process and process.process.returncode not in (0, -15):
+            print(process.logs())

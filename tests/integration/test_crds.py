@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from tests.support.manifests import EXAMPLES_DIR, BrokenManifest, broken_manifests
 
 from costwarden.api.teambudget import TeamBudgetSpec
 from costwarden.cluster import LocalControlPlane
+from tests.support.manifests import EXAMPLES_DIR, BrokenManifest, broken_manifests
 
 CASES = broken_manifests()
 

@@ -157,17 +157,9 @@ def test_dockerignore_sends_only_what_the_build_needs() -> None:
 
 
 # The test extra: present in the developer's environment, absent from the image.
-_TEST_ONLY_MODULES = ("cryptography", "openai", "anthropic", "pytest", "aws_cdk", "mypy", "ruff")
+_TEST_ONLY_MODULES = ("openai", "anthropic", "pytest", "aws_cdk", "mypy", "ruff")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "costwarden.cli imports costwarden.cluster.cli, whose control plane imports "
-        "`cryptography` (test extra only): the image's `costwarden` would crash at start. "
-        "Python side: make cryptography a runtime dependency or import it lazily."
-    ),
-)
 def test_cli_starts_without_the_test_extra() -> None:
     """What the image installs (`pip install .`, no extras) must be enough for the CLI."""
     script = textwrap.dedent(

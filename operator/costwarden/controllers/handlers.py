@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -26,6 +27,15 @@ RESYNC_SECONDS = 30.0
 def _reconciler(memo: Any) -> Reconciler:
     reconciler: Reconciler = memo.reconciler
     return reconciler
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod, the service account; elsewhere the kubeconfig (``--kubeconfig`` sets
+    KUBECONFIG at start, after the client library has already read its default)."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return kopf.login_with_service_account(**kwargs)
+    return kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tests.support.manifests import BrokenManifest, broken_manifests, example_documents
 
 from costwarden.api.catalog import default_catalog
 from costwarden.api.routingpolicy import RoutingPolicySpec
@@ -13,6 +12,7 @@ from costwarden.policy.validation import (
     routing_policy_problems,
     team_budget_problems,
 )
+from tests.support.manifests import BrokenManifest, broken_manifests, example_documents
 
 CASES = broken_manifests()
 
