@@ -17,16 +17,39 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, PlainSerializer
 
 from costwarden.api.base import WireModel
-from costwarden.api.money import Money
 from costwarden.api.routingpolicy import Provider
 from costwarden.api.teambudget import JobAction, TokenUsage
 
 RECORD_API_VERSION = "costwarden.io/v1alpha1"
+
+
+def parse_exact_usd(value: Any) -> Decimal:
+    """A non-negative exact amount: Decimal, int or decimal string; never a float."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | int | str):
+        raise ValueError("must be a decimal string, an integer or a Decimal, never a float")
+    amount = Decimal(value)
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("must be a finite, non-negative amount")
+    return amount
+
+
+def format_exact_usd(value: Decimal) -> str:
+    """Every digit, no exponent: one call's cost is often below a micro-dollar."""
+    return format(value.normalize(), "f") if value else "0"
+
+
+ExactUSD = Annotated[
+    Decimal,
+    BeforeValidator(parse_exact_usd),
+    PlainSerializer(format_exact_usd, return_type=str, when_used="json"),
+]
+"""USD with no rounding (unlike ``Money``, which budgets use at micro-dollar resolution):
+the sum of exact per-call costs is exactly the period's spend."""
 
 
 def new_record_id() -> str:
@@ -103,7 +126,9 @@ class UsageRecord(WireModel):
         default=False,
         description="True if tokens come from the upstream's usage fields; False means unknown.",
     )
-    cost_usd: Money = Field(default=Decimal(0), alias="costUSD")
+    cost_usd: ExactUSD = Field(
+        default=Decimal(0), alias="costUSD", description="Exact; a decimal string on the wire."
+    )
     outcome: Outcome
     reason: str = Field(default="", description="Refusal reason or error class.")
     http_status: int = 0

@@ -11,9 +11,8 @@ from decimal import Decimal
 import orjson
 
 from costwarden.api.gatewayconfig import ModelRoute, TeamConfig
-from costwarden.api.money import format_money
 from costwarden.api.teambudget import TokenUsage
-from costwarden.api.usage import Endpoint, Outcome, UsageRecord, new_record_id
+from costwarden.api.usage import Endpoint, Outcome, UsageRecord, format_exact_usd, new_record_id
 from costwarden.gateway.identity import Caller
 from costwarden.gateway.wire import WireFormat
 
@@ -106,7 +105,7 @@ def log_decision(call: Call, record: UsageRecord) -> None:
         "error": call.error,
         "status": record.http_status,
         "tokens": [tokens.input, tokens.cached_input, tokens.cache_creation, tokens.output],
-        "costUSD": format_money(record.cost_usd),
+        "costUSD": format_exact_usd(record.cost_usd),
         "latencyMs": record.latency_ms,
         "attempts": record.attempts,
         "revision": record.config_revision,
