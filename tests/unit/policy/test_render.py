@@ -1,0 +1,109 @@
+"""The operator's whole decision, without a cluster."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from costwarden.api.catalog import default_catalog
+from costwarden.api.teambudget import BudgetPhase
+from costwarden.policy.render import ObservedObject, reconcile, serialize
+from tests.support.manifests import example_documents
+
+NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
+
+
+def observed(doc: dict[str, Any], status: dict[str, Any] | None = None) -> ObservedObject:
+    meta = doc["metadata"]
+    return ObservedObject(meta.get("namespace", "ns"), meta["name"], 1, doc["spec"], status or {})
+
+
+def world() -> tuple[list[ObservedObject], list[ObservedObject]]:
+    docs = example_documents()
+    budgets = [observed(d) for d in docs if d["kind"] == "TeamBudget"]
+    policies = [observed(d) for d in docs if d["kind"] == "RoutingPolicy"]
+    return budgets, policies
+
+
+def test_examples_render_both_teams_and_the_policy():
+    budgets, policies = world()
+    result = reconcile(budgets, policies, default_catalog(), NOW)
+    assert [t.id for t in result.config.teams] == ["team-payments/payments", "team-support/support"]
+    assert [p.id for p in result.config.policies] == ["ai-platform/standard"]
+    assert all(v.ready for v in result.budgets.values())
+    assert result.policies["ai-platform/standard"].teams == 2
+    payments = result.config.team("team-payments/payments")
+    assert payments is not None
+    assert str(payments.soft_limit_usd) == "400"
+    assert payments.spend.phase is BudgetPhase.ACTIVE
+    in_cluster = result.config.policy("ai-platform/standard").model("llama-in-cluster")
+    assert str(in_cluster.pricing.cached_input_per_m_tok_usd) == "0.10"
+
+
+def test_rendering_is_deterministic_whatever_the_order():
+    budgets, policies = world()
+    one = reconcile(budgets, policies, default_catalog(), NOW).config
+    two = reconcile(budgets[::-1], policies[::-1], default_catalog(), NOW).config
+    assert serialize(one) == serialize(two)
+    assert one.revision == two.revision != ""
+
+
+def test_revision_changes_with_content():
+    budgets, policies = world()
+    before = reconcile(budgets, policies, default_catalog(), NOW).config
+    changed = ObservedObject(
+        budgets[0].namespace, budgets[0].name, 2, {**budgets[0].spec, "hardCapUSD": 501}
+    )
+    after = reconcile([changed, *budgets[1:]], policies, default_catalog(), NOW).config
+    assert after.revision != before.revision
+
+
+def test_an_invalid_policy_is_left_out_and_its_teams_are_not_ready():
+    budgets, policies = world()
+    broken = ObservedObject(
+        policies[0].namespace, policies[0].name, 3, {**policies[0].spec, "defaultModel": "nope"}
+    )
+    result = reconcile(budgets, [broken], default_catalog(), NOW)
+    assert result.config.policies == []
+    assert result.config.teams == []  # never half-applied
+    assert not result.policies[broken.id].ready
+    assert "spec.defaultModel" in result.policies[broken.id].message
+    assert {v.reason for v in result.budgets.values()} == {"RoutingPolicyNotReady"}
+
+
+def test_spend_of_the_current_period_drives_the_phase():
+    budgets, policies = world()
+    payments = budgets[0]
+    status = {
+        "spentUSD": "450.00",
+        "currentPeriod": {"start": "2026-10-31T23:00:00Z", "end": "2026-11-30T23:00:00Z"},
+    }
+    spending = ObservedObject(payments.namespace, payments.name, 1, payments.spec, status)
+    result = reconcile([spending, *budgets[1:]], policies, default_catalog(), NOW)
+    team = result.config.team(payments.id)
+    assert team.spend.phase is BudgetPhase.SOFT_LIMITED
+    assert str(team.spend.spent_usd) == "450.00"
+
+
+def test_spend_of_a_closed_period_does_not_count():
+    budgets, policies = world()
+    payments = budgets[0]
+    status = {
+        "spentUSD": "499.00",
+        "currentPeriod": {"start": "2026-09-30T22:00:00Z", "end": "2026-10-31T23:00:00Z"},
+    }
+    stale = ObservedObject(payments.namespace, payments.name, 1, payments.spec, status)
+    result = reconcile([stale], policies, default_catalog(), NOW)
+    team = result.config.team(payments.id)
+    assert team.spend.spent_usd == 0
+    assert team.spend.phase is BudgetPhase.ACTIVE
+
+
+def test_a_budget_without_policy_is_ready_but_says_calls_are_refused():
+    result = reconcile(
+        [ObservedObject("ns", "solo", 1, {"hardCapUSD": 5})], [], default_catalog(), NOW
+    )
+    verdict = result.budgets["ns/solo"]
+    assert verdict.ready
+    assert verdict.reason == "NoRoutingPolicy"
+    assert result.config.team("ns/solo").routing_policy is None
