@@ -51,10 +51,10 @@ class WireModel(BaseModel):
                 "set",
             ):
                 continue
-            keys = extra.get("x-kubernetes-list-map-keys")
+            keys = [str(k) for k in extra.get("x-kubernetes-list-map-keys") or []]  # type: ignore[union-attr]
             seen: set[Any] = set()
             for index, item in enumerate(getattr(self, name) or []):
-                key = tuple(getattr(item, _attr(item, k)) for k in keys) if keys else item  # type: ignore[union-attr]
+                key = _list_key(item, keys)
                 if key in seen:
                     raise PydanticCustomError(
                         "duplicate",
@@ -83,6 +83,13 @@ class WireModel(BaseModel):
     @classmethod
     def from_wire(cls, data: Any) -> Self:
         return cls.model_validate(data)
+
+
+def _list_key(item: Any, keys: list[str]) -> Any:
+    """The identity of a list item: its map keys (list-type map), or itself (set)."""
+    if not keys:
+        return item
+    return tuple(getattr(item, _attr(item, k)) for k in keys)
 
 
 def _attr(model: BaseModel, alias: str) -> str:

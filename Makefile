@@ -1,0 +1,53 @@
+# One entry point per job. Everything installs into a virtualenv cached outside the repo
+# (~/.cache/costwarden/venv); the control-plane binaries are built once into
+# ~/.cache/costwarden/k8s-v1.34.4 by the test fixture or the demo.
+
+CACHE ?= $(HOME)/.cache/costwarden
+VENV ?= $(CACHE)/venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+.PHONY: install test lint unit integration demo bench crds clean-cache
+
+$(STAMP): pyproject.toml
+	@mkdir -p $(CACHE)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+install: $(STAMP)
+	@# The editable install points at this checkout; re-link it when run from another clone.
+	@$(PY) -c 'import costwarden, pathlib, sys; sys.exit(0 if pathlib.Path(costwarden.__file__).resolve().is_relative_to(pathlib.Path("operator").resolve()) else 1)' \
+		|| $(PY) -m pip install --quiet --no-deps -e .
+
+## make test: everything CI runs (lint, unit, integration on a real control plane, e2e).
+test: install lint
+	$(PY) -m pytest tests
+
+lint: install
+	$(PY) -m ruff check operator tests benchmarks
+	$(PY) -m ruff format --check operator tests benchmarks
+	$(PY) -m mypy
+
+unit: install
+	$(PY) -m pytest tests/unit
+
+integration: install
+	$(PY) -m pytest tests/integration tests/e2e
+
+## make demo: the local demo (control plane, operator, gateway, a budget, an agent stopped).
+demo: install
+	$(VENV)/bin/costwarden demo
+
+bench: install
+	$(PY) -m benchmarks.gateway
+	$(PY) -m benchmarks.operator_scale
+
+## make crds: regenerate crds/ and the chart's copies from the pydantic models.
+crds: install
+	$(PY) -m costwarden.api.crd --write
+
+clean-cache:
+	rm -rf $(CACHE)
