@@ -16,6 +16,7 @@ _SUBCOMMANDS = (
     "costwarden.gateway.cli",
     "costwarden.cluster.cli",
     "costwarden.gitops.cli",
+    "costwarden.demo.cli",
 )
 
 
