@@ -13,14 +13,19 @@ from typing import Any
 
 import kopf
 from kopf._core.engines.peering import Identity  # kopf does not re-export it
+from kubernetes.client import CoreV1Api
 from prometheus_client import start_http_server
 
+from costwarden import __version__
 from costwarden.api.gatewayconfig import CONFIG_MAP_NAME
 from costwarden.controllers import handlers  # noqa: F401  (registers the Kopf handlers)
+from costwarden.controllers import injection as webhook
+from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.kubeapi import KubeApi, load_client
 from costwarden.controllers.leadership import Leadership
 from costwarden.controllers.reconciler import Reconciler, load_settings
 from costwarden.controllers.world import ObservedWorld
+from costwarden.policy.injection import ALWAYS_EXCLUDED, InjectionSettings
 
 log = logging.getLogger("costwarden.operator")
 
@@ -66,7 +71,67 @@ def register(subparsers: Any) -> None:
         help="no peering: for a single replica, tests and the local demo",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    webhook_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def webhook_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "sidecar injection", "the mutating admission webhook (docs/sidecar-injection.md)"
+    )
+    group.add_argument(
+        "--webhook-port", type=int, default=0, help="HTTPS port of the admission server (0: off)"
+    )
+    group.add_argument(
+        "--webhook-listen-address", default="0.0.0.0",  # noqa: S104
+        help="address the admission server listens on (default 0.0.0.0)",
+    )  # fmt: skip
+    group.add_argument(
+        "--webhook-host",
+        help="name the API server calls: <service>.<namespace>.svc in a cluster (a Service "
+        "reference is configured), else a host or IP (a URL); default: the listen address",
+    )
+    group.add_argument(
+        "--webhook-service-port", type=int, default=443,
+        help="port of the webhook Service when --webhook-host is <svc>.<ns>.svc (default 443)",
+    )  # fmt: skip
+    group.add_argument(
+        "--webhook-configuration",
+        default="sidecar-injector.costwarden.io",
+        help="name of the MutatingWebhookConfiguration the operator writes",
+    )
+    group.add_argument(
+        "--webhook-failure-policy",
+        choices=("Ignore", "Fail"),
+        default="Ignore",
+        help="Ignore (default): pods are admitted without a sidecar while the operator is "
+        "down; Fail: opted-in pods cannot be created then",
+    )
+    group.add_argument(
+        "--webhook-cert-dir",
+        type=Path,
+        help="tls.crt, tls.key and ca.crt to serve (e.g. from cert-manager); generated there "
+        "when absent (default: a private temporary directory)",
+    )
+    group.add_argument(
+        "--sidecar-image",
+        default=os.environ.get("COSTWARDEN_SIDECAR_IMAGE", f"costwarden/costwarden:{__version__}"),
+        help="image of the injected gateway sidecar (default: $COSTWARDEN_SIDECAR_IMAGE)",
+    )
+
+
+def webhook_options(args: argparse.Namespace) -> webhook.WebhookOptions:
+    excluded = ALWAYS_EXCLUDED | {args.namespace}
+    return webhook.WebhookOptions(
+        listen_address=args.webhook_listen_address,
+        port=args.webhook_port,
+        host=args.webhook_host or args.webhook_listen_address,
+        service_port=args.webhook_service_port,
+        configuration=args.webhook_configuration,
+        failure_policy=args.webhook_failure_policy,
+        cert_dir=args.webhook_cert_dir,
+        injection=InjectionSettings(image=args.sidecar_image, excluded_namespaces=excluded),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,11 +149,21 @@ def run(args: argparse.Namespace) -> int:
     peering = None if args.standalone else args.peering_name
     # Distinct random priorities: Kopf pauses every replica on a tie (see leadership.py).
     priority = random.SystemRandom().randint(1, 2**31 - 1)
+    settings = kopf.OperatorSettings()
+    copies = None
+    if args.webhook_port:
+        options = webhook_options(args)
+        copies = ConfigCopies(
+            CoreV1Api(api_client), args.namespace, args.config_map,
+            options.injection.excluded_namespaces,
+        )  # fmt: skip
+        webhook.configure(settings, options, api_client, copies)
     reconciler = Reconciler(
         KubeApi(api_client),
         ObservedWorld(),
         load_settings(args.namespace, args.config_map, args.price_catalog),
         Leadership(api_client, peering_name=peering, identity=identity, priority=priority),
+        copies=copies,
     )
     log.info(
         "starting: config map %s/%s, %s", args.namespace, args.config_map,
@@ -105,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
             ),
             memo=kopf.Memo(reconciler=reconciler),
+            settings=settings,
         )
     )
     return 0

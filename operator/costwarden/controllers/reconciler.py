@@ -26,6 +26,7 @@ from costwarden.api.conditions import ConditionType, find_condition
 from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
 from costwarden.api.meta import Condition
 from costwarden.controllers import metrics
+from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.kubeapi import ConflictError, KubeApi
 from costwarden.controllers.leadership import Leadership
 from costwarden.controllers.world import ObservedWorld
@@ -65,11 +66,13 @@ class Reconciler:
         world: ObservedWorld,
         settings: ReconcilerSettings,
         leadership: Leadership,
+        copies: ConfigCopies | None = None,
     ) -> None:
         self.api = api
         self.world = world
         self.settings = settings
         self.leadership = leadership
+        self.copies = copies  # sidecar injection on: config copies in opted-in namespaces
         self._last_list = 0.0
 
     async def run_forever(self) -> None:
@@ -115,6 +118,9 @@ class Reconciler:
             await self._write_policy_status(policy, result.policies[policy.id], now)
         for budget in budgets:
             await self._write_budget_status(budget, result.budgets[budget.id], now)
+        if self.copies is not None:  # after status: a copy that fails must not delay it
+            await self.copies.sync({CONFIG_MAP_KEY: serialize(result.config)},
+                                   result.config.revision)  # fmt: skip
         metrics.observe_reconciliation(result, time.perf_counter() - started)
         return result
 

@@ -1,0 +1,290 @@
+"""Sidecar injection, decided and applied to a pod as plain data (no I/O, no Kubernetes client).
+
+The admission webhook (``controllers/injection.py``) asks :func:`inject` what a pod should
+look like; the same function serves the unit tests. See docs/sidecar-injection.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+INJECT_LABEL = "costwarden.io/inject"
+"""On a pod: "true" opts in, "false" opts out. On a namespace: "enabled" opts its pods in."""
+NAMESPACE_OPT_IN = "enabled"
+INJECTED_LABEL = "costwarden.io/injected"
+"""Set on injected pods: a selectable marker (the operator keeps the namespace's config copy
+while such pods exist) and visible to `kubectl get pods -l`."""
+SIDECAR_NAME = "costwarden-gateway"
+SIDECAR_PORT = 15080
+CONFIG_COPY_NAME = "costwarden-sidecar-config"
+"""The gateway configuration copied into each namespace that runs sidecars (a ConfigMap
+volume can only reference a ConfigMap in the pod's own namespace)."""
+CONFIG_VOLUME = "costwarden-gateway-config"
+CONFIG_DIR = "/etc/costwarden/gateway"
+PODINFO_VOLUME = "costwarden-podinfo"
+PODINFO_DIR = "/etc/podinfo"
+ALWAYS_EXCLUDED = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+
+Pod = dict[str, Any]
+
+DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
+    "requests": {"cpu": "50m", "memory": "64Mi"},
+    "limits": {"cpu": "1", "memory": "256Mi"},
+}
+
+
+@dataclass(frozen=True)
+class InjectionSettings:
+    image: str
+    port: int = SIDECAR_PORT
+    config_map: str = CONFIG_COPY_NAME
+    excluded_namespaces: frozenset[str] = ALWAYS_EXCLUDED
+    image_pull_policy: str = "IfNotPresent"
+    resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: DEFAULT_RESOURCES)
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What to do with a pod: ``pod`` is the mutated copy, or None to leave it as it is."""
+
+    pod: Pod | None
+    reason: str
+
+
+def base_url_env(port: int = SIDECAR_PORT) -> dict[str, str]:
+    """The variables that point the common SDKs at the sidecar.
+
+    - OPENAI_BASE_URL: the official openai SDKs (Python, Node, Go, .NET) and most tools
+      built on them; OpenAI-format paths live under /v1.
+    - OPENAI_API_BASE: openai-python < 1.0 and LangChain's older integrations.
+    - ANTHROPIC_BASE_URL: the official anthropic SDKs and Claude Code (they add /v1 paths).
+    - ANTHROPIC_API_BASE: LiteLLM's name for the Anthropic endpoint.
+    """
+    root = f"http://127.0.0.1:{port}"
+    return {
+        "OPENAI_BASE_URL": f"{root}/v1",
+        "OPENAI_API_BASE": f"{root}/v1",
+        "ANTHROPIC_BASE_URL": root,
+        "ANTHROPIC_API_BASE": root,
+    }
+
+
+def wants_injection(
+    pod: Mapping[str, Any], namespace: str, namespace_opted_in: bool, settings: InjectionSettings
+) -> tuple[bool, str]:
+    """Whether the pod is opted in, and why (for logs)."""
+    if namespace in settings.excluded_namespaces:
+        return False, f"namespace {namespace} is never injected"
+    if (pod.get("spec") or {}).get("hostNetwork"):
+        return False, "hostNetwork pods would share the sidecar port with the node"
+    label = ((pod.get("metadata") or {}).get("labels") or {}).get(INJECT_LABEL)
+    if label == "false":
+        return False, "pod opted out"
+    if label == "true":
+        return True, "pod opted in"
+    if namespace_opted_in:
+        return True, "namespace opted in"
+    return False, "not opted in"
+
+
+def inject(
+    pod: Mapping[str, Any],
+    settings: InjectionSettings,
+    *,
+    namespace: str,
+    namespace_opted_in: bool = False,
+) -> Injection:
+    """The pod with the sidecar and base-URL environment, or None if nothing changes.
+
+    Idempotent: a pod that already has the sidecar gets no second one, and a pod already in
+    the desired state is returned as None. Reinvocation (``reinvocationPolicy: IfNeeded``)
+    relies on this: containers another webhook added after us still get the environment.
+    """
+    wanted, reason = wants_injection(pod, namespace, namespace_opted_in, settings)
+    if not wanted:
+        return Injection(None, reason)
+    result: Pod = copy.deepcopy(dict(pod))
+    spec = result.setdefault("spec", {})
+    labels = result.setdefault("metadata", {}).setdefault("labels", {})
+    labels[INJECTED_LABEL] = "true"
+    init = spec.setdefault("initContainers", [])
+    if not any(c.get("name") == SIDECAR_NAME for c in init + spec.get("containers", [])):
+        # First, so that init containers after it can call models through it, too.
+        init.insert(0, sidecar_container(settings))
+        volumes = spec.setdefault("volumes", [])
+        volumes.extend(v for v in sidecar_volumes(settings) if v["name"] not in _names(volumes))
+    env = base_url_env(settings.port)
+    for container in [*init, *spec.get("containers", [])]:
+        if container.get("name") != SIDECAR_NAME:
+            container["env"] = with_env(container.get("env") or [], env)
+    if not init:
+        del spec["initContainers"]
+    if result == pod:
+        return Injection(None, "already injected")
+    return Injection(result, reason)
+
+
+def with_env(current: list[dict[str, Any]], wanted: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``current`` with each wanted variable set, replacing a value the pod set itself.
+
+    costwarden wins: a base URL the pod chooses would bypass metering and the caps. (What
+    really stops a pod reaching a provider directly is a NetworkPolicy; see the docs.) The
+    position of a replaced variable is kept, so `$(VAR)` references elsewhere still resolve.
+    """
+    out: list[dict[str, Any]] = []
+    for entry in current:
+        name = str(entry.get("name"))
+        if name in wanted:
+            out.append({"name": name, "value": wanted[name]})
+        else:
+            out.append(entry)
+    present = _names(current)
+    out.extend({"name": k, "value": v} for k, v in wanted.items() if k not in present)
+    return out
+
+
+def sidecar_container(settings: InjectionSettings) -> dict[str, Any]:
+    """The gateway as a native sidecar: an init container with ``restartPolicy: Always``
+    (Kubernetes >= 1.29). Why native: a regular second container would keep a Job's pod
+    running after the agent exits, so the Job would never complete; a native sidecar is
+    started before the agent containers and stopped after they finish."""
+    args = [
+        "gateway", "--mode", "sidecar",
+        "--config", f"{CONFIG_DIR}/gateway-config.json",
+        # Loopback only: in sidecar mode every caller is this pod, so a listener other pods
+        # could reach would let them spend this pod's team budget.
+        "--host", "127.0.0.1",
+        "--port", str(settings.port),
+        "--pod-labels-file", f"{PODINFO_DIR}/labels",
+    ]  # fmt: skip
+    # The agent containers start once this passes, so their first call finds the gateway
+    # listening. An exec probe because the listener is loopback-only, which the kubelet's
+    # httpGet/tcpSocket probes (they dial the pod IP) cannot reach.
+    probe = [
+        "python",
+        "-c",
+        f"import socket; socket.create_connection(('127.0.0.1', {settings.port}), 1)",
+    ]
+    return {
+        "name": SIDECAR_NAME,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "restartPolicy": "Always",
+        "args": args,
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {
+                "name": "POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
+        ],
+        # The agent containers start once this passes, so their first call finds the
+        # gateway listening. An exec probe because the listener is loopback-only, where
+        # the kubelet's httpGet/tcpSocket probes (which dial the pod IP) cannot reach it.
+        "startupProbe": {"exec": {"command": probe}, "periodSeconds": 1, "failureThreshold": 60},
+        "resources": copy.deepcopy(dict(settings.resources)),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True},
+        ],
+    }
+
+
+def sidecar_volumes(settings: InjectionSettings) -> list[dict[str, Any]]:
+    return [
+        # Not optional: a sidecar without configuration could only refuse calls; the pod
+        # waits for the operator's copy instead (the kubelet retries the mount).
+        {"name": CONFIG_VOLUME, "configMap": {"name": settings.config_map}},
+        {
+            "name": PODINFO_VOLUME,
+            "downwardAPI": {
+                "items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
+            },
+        },
+    ]
+
+
+def _names(items: list[dict[str, Any]]) -> set[str]:
+    return {str(item.get("name")) for item in items}
+
+
+def webhook_entries(
+    *,
+    configuration: str,
+    client_config: Mapping[str, Any],
+    handler_paths: Mapping[str, str],
+    excluded_namespaces: frozenset[str],
+    failure_policy: str,
+) -> list[dict[str, Any]]:
+    """The two webhooks of the MutatingWebhookConfiguration, one per way of opting in.
+
+    The API server only calls them for opted-in pods (selectors are evaluated before any
+    call), so the rest of the cluster pays nothing and is unaffected by an outage. Two
+    entries because a selector cannot say "pod label OR namespace label"; a pod matching
+    both is called twice and the second call finds it injected already.
+    """
+    never = {
+        "key": "kubernetes.io/metadata.name",
+        "operator": "NotIn",
+        "values": sorted(excluded_namespaces),
+    }
+    selectors = {
+        "pod": (
+            {"matchExpressions": [never]},
+            {"matchLabels": {INJECT_LABEL: "true"}},
+        ),
+        "namespace": (
+            {"matchExpressions": [never], "matchLabels": {INJECT_LABEL: NAMESPACE_OPT_IN}},
+            {"matchExpressions": [{"key": INJECT_LABEL, "operator": "NotIn", "values": ["false"]}]},
+        ),
+    }
+    entries = []
+    for opt_in, (namespace_selector, object_selector) in selectors.items():
+        path = handler_paths[opt_in]
+        entries.append(
+            {
+                "name": f"{opt_in}.{configuration}",
+                "admissionReviewVersions": ["v1"],
+                "clientConfig": _with_path(client_config, path),
+                "failurePolicy": failure_policy,
+                "matchPolicy": "Equivalent",
+                "namespaceSelector": namespace_selector,
+                "objectSelector": object_selector,
+                "reinvocationPolicy": "IfNeeded",
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE"],
+                        "resources": ["pods"],
+                        "scope": "Namespaced",
+                    }
+                ],
+                # Creating the namespace's config copy is skipped on dry runs.
+                "sideEffects": "NoneOnDryRun",
+                "timeoutSeconds": 10,
+            }
+        )
+    return entries
+
+
+def _with_path(client_config: Mapping[str, Any], path: str) -> dict[str, Any]:
+    result = copy.deepcopy(dict(client_config))
+    if "service" in result:
+        result["service"]["path"] = path
+    else:
+        result["url"] = result["url"].rstrip("/") + path
+    return result

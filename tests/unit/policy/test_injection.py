@@ -1,0 +1,201 @@
+"""Sidecar injection as pure data: who is injected, what is added, and idempotency."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from costwarden.policy.injection import (
+    CONFIG_COPY_NAME,
+    INJECT_LABEL,
+    INJECTED_LABEL,
+    SIDECAR_NAME,
+    InjectionSettings,
+    base_url_env,
+    inject,
+    webhook_entries,
+)
+
+SETTINGS = InjectionSettings(image="costwarden/costwarden:test")
+
+
+def pod(labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "agent", "namespace": "team-a", "labels": dict(labels or {})},
+        "spec": {"containers": [{"name": "agent", "image": "agent:1"}], **spec},
+    }
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def injected(p: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    result = inject(p, SETTINGS, namespace=p["metadata"]["namespace"], **kwargs).pod
+    assert result is not None
+    return result
+
+
+def test_a_labelled_pod_gets_a_native_sidecar_and_the_base_urls() -> None:
+    result = injected(pod({INJECT_LABEL: "true"}))
+    sidecar = result["spec"]["initContainers"][0]
+    assert sidecar["name"] == SIDECAR_NAME
+    assert sidecar["restartPolicy"] == "Always", "native sidecar: Jobs complete"
+    assert sidecar["image"] == "costwarden/costwarden:test"
+    args = sidecar["args"]
+    assert args[:3] == ["gateway", "--mode", "sidecar"]
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    assert args[args.index("--port") + 1] == "15080"
+    assert args[args.index("--config") + 1] == "/etc/costwarden/gateway/gateway-config.json"
+    assert args[args.index("--pod-labels-file") + 1] == "/etc/podinfo/labels"
+    assert env_of(sidecar) == {
+        "POD_NAME": {"fieldRef": {"fieldPath": "metadata.name"}},
+        "POD_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    }
+    agent_env = env_of(result["spec"]["containers"][0])
+    assert agent_env["OPENAI_BASE_URL"] == "http://127.0.0.1:15080/v1"
+    assert agent_env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:15080"
+    assert agent_env["OPENAI_API_BASE"] == "http://127.0.0.1:15080/v1"
+    assert result["metadata"]["labels"][INJECTED_LABEL] == "true"
+
+
+def test_the_sidecar_is_hardened_and_bounded() -> None:
+    sidecar = injected(pod({INJECT_LABEL: "true"}))["spec"]["initContainers"][0]
+    ctx = sidecar["securityContext"]
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert sidecar["resources"]["limits"]["memory"]
+    assert sidecar["resources"]["requests"]["cpu"]
+    assert "exec" in sidecar["startupProbe"], "the listener is loopback-only"
+
+
+def test_volumes_mount_the_namespace_copy_and_the_downward_api_labels() -> None:
+    result = injected(pod({INJECT_LABEL: "true"}, volumes=[{"name": "work", "emptyDir": {}}]))
+    volumes = {v["name"]: v for v in result["spec"]["volumes"]}
+    assert "work" in volumes
+    assert volumes["costwarden-gateway-config"]["configMap"] == {"name": CONFIG_COPY_NAME}
+    items = volumes["costwarden-podinfo"]["downwardAPI"]["items"]
+    assert items == [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
+    mounts = {m["name"]: m for m in result["spec"]["initContainers"][0]["volumeMounts"]}
+    assert mounts["costwarden-podinfo"]["mountPath"] == "/etc/podinfo"
+    assert all(m["readOnly"] for m in mounts.values())
+
+
+def test_injection_is_idempotent() -> None:
+    once = injected(pod({INJECT_LABEL: "true"}))
+    again = inject(once, SETTINGS, namespace="team-a")
+    assert again.pod is None
+    assert again.reason == "already injected"
+
+
+def test_a_container_added_after_injection_gets_the_environment() -> None:
+    # Reinvocation: another webhook added a container after ours ran.
+    once = injected(pod({INJECT_LABEL: "true"}))
+    once["spec"]["containers"].append({"name": "late", "image": "x"})
+    again = injected(once)
+    assert len(again["spec"]["initContainers"]) == 1
+    assert env_of(again["spec"]["containers"][1])["OPENAI_BASE_URL"].startswith("http://127.")
+
+
+@pytest.mark.parametrize(
+    ("labels", "namespace_opted_in", "expected"),
+    [
+        ({}, False, False),
+        ({INJECT_LABEL: "true"}, False, True),
+        ({}, True, True),
+        ({INJECT_LABEL: "false"}, True, False),
+        ({INJECT_LABEL: "yes-please"}, False, False),
+    ],
+)
+def test_who_is_injected(labels: dict[str, str], namespace_opted_in: bool, expected: bool) -> None:
+    decision = inject(
+        pod(labels), SETTINGS, namespace="team-a", namespace_opted_in=namespace_opted_in
+    )
+    assert (decision.pod is not None) is expected, decision.reason
+
+
+@pytest.mark.parametrize("namespace", ["kube-system", "costwarden-system"])
+def test_excluded_namespaces_are_never_injected(namespace: str) -> None:
+    settings = InjectionSettings(
+        image="x", excluded_namespaces=frozenset({"kube-system", "costwarden-system"})
+    )
+    p = pod({INJECT_LABEL: "true"})
+    assert inject(p, settings, namespace=namespace, namespace_opted_in=True).pod is None
+
+
+def test_host_network_pods_are_not_injected() -> None:
+    assert (
+        inject(pod({INJECT_LABEL: "true"}, hostNetwork=True), SETTINGS, namespace="a").pod is None
+    )
+
+
+def test_costwarden_wins_over_a_base_url_the_pod_sets() -> None:
+    p = pod({INJECT_LABEL: "true"})
+    p["spec"]["containers"][0]["env"] = [
+        {"name": "FIRST", "value": "1"},
+        {"name": "OPENAI_BASE_URL", "value": "https://api.openai.com/v1"},
+        {"name": "ANTHROPIC_BASE_URL", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+        {"name": "LAST", "value": "$(OPENAI_BASE_URL)"},
+    ]
+    env = injected(p)["spec"]["containers"][0]["env"]
+    names = [e["name"] for e in env]
+    assert names[:4] == ["FIRST", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "LAST"], "order kept"
+    values = {e["name"]: e for e in env}
+    assert values["OPENAI_BASE_URL"] == {
+        "name": "OPENAI_BASE_URL",
+        "value": base_url_env()["OPENAI_BASE_URL"],
+    }
+    assert "valueFrom" not in values["ANTHROPIC_BASE_URL"]
+    assert names.count("OPENAI_BASE_URL") == 1
+
+
+def test_existing_init_containers_run_after_the_sidecar_and_get_the_environment() -> None:
+    p = pod({INJECT_LABEL: "true"}, initContainers=[{"name": "fetch", "image": "git"}])
+    init = injected(p)["spec"]["initContainers"]
+    assert [c["name"] for c in init] == [SIDECAR_NAME, "fetch"]
+    assert "OPENAI_BASE_URL" in env_of(init[1])
+
+
+def test_the_input_is_not_modified() -> None:
+    p = pod({INJECT_LABEL: "true"})
+    before = copy.deepcopy(p)
+    injected(p)
+    assert p == before
+
+
+def test_webhook_entries_only_match_opted_in_pods_outside_excluded_namespaces() -> None:
+    entries = webhook_entries(
+        configuration="sidecar-injector.costwarden.io",
+        client_config={
+            "caBundle": "Q0E=",
+            "service": {"name": "w", "namespace": "cw", "port": 443},
+        },
+        handler_paths={"pod": "/inject-labelled-pod", "namespace": "/inject-opted-in-namespace"},
+        excluded_namespaces=frozenset({"kube-system", "cw"}),
+        failure_policy="Ignore",
+    )
+    by_name = {e["name"].split(".")[0]: e for e in entries}
+    never = {
+        "key": "kubernetes.io/metadata.name",
+        "operator": "NotIn",
+        "values": ["cw", "kube-system"],
+    }
+    pod_entry, ns_entry = by_name["pod"], by_name["namespace"]
+    assert pod_entry["objectSelector"] == {"matchLabels": {INJECT_LABEL: "true"}}
+    assert pod_entry["namespaceSelector"] == {"matchExpressions": [never]}
+    assert ns_entry["namespaceSelector"]["matchLabels"] == {INJECT_LABEL: "enabled"}
+    assert ns_entry["namespaceSelector"]["matchExpressions"] == [never]
+    assert ns_entry["objectSelector"]["matchExpressions"][0]["operator"] == "NotIn"
+    assert pod_entry["clientConfig"]["service"]["path"] == "/inject-labelled-pod"
+    assert ns_entry["clientConfig"]["service"]["path"] == "/inject-opted-in-namespace"
+    for entry in entries:
+        assert entry["failurePolicy"] == "Ignore"
+        assert entry["reinvocationPolicy"] == "IfNeeded"
+        assert entry["sideEffects"] == "NoneOnDryRun"
+        assert entry["rules"][0]["operations"] == ["CREATE"]
