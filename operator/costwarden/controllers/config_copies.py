@@ -56,6 +56,9 @@ class ConfigCopies:
         self._core = core
         self.source = (source_namespace, source_name)
         self.excluded = excluded_namespaces | {source_namespace}
+        self.pending: set[str] = set()
+        """Namespaces the webhook could not create a copy in (e.g. before the operator first
+        published the source): this replica's next pass creates them."""
 
     async def sync(self, data: Mapping[str, str], revision: str) -> None:
         """Bring every copy to ``data``; create missing ones, remove unneeded ones. Never
@@ -68,7 +71,8 @@ class ConfigCopies:
     async def _sync(self, data: dict[str, str], revision: str) -> None:
         opted_in = await self._opted_in_namespaces()
         existing = await self._existing_copies()
-        for namespace in sorted(opted_in | existing.keys()):
+        pending, self.pending = self.pending, set()
+        for namespace in sorted(opted_in | existing.keys() | pending):
             current = existing.get(namespace)
             if current is not None and (current.data or {}) == data:
                 continue
@@ -100,12 +104,16 @@ class ConfigCopies:
             source = await asyncio.to_thread(
                 self._core.read_namespaced_config_map, self.source[1], self.source[0]
             )
+            if not source.data:
+                self.pending.add(namespace)
+                return
             annotations = (source.metadata.annotations or {}) if source.metadata else {}
             await self._write(
                 namespace, dict(source.data or {}), annotations.get(REVISION_ANNOTATION, ""), None
             )
         except ApiException as error:
             if error.status != 409:  # 409: created meanwhile (another replica, a reconcile)
+                self.pending.add(namespace)
                 log.warning("could not create %s/%s: %s", namespace, CONFIG_COPY_NAME,
                             error.reason)  # fmt: skip
 
