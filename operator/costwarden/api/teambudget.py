@@ -14,6 +14,17 @@ from typing import Annotated
 
 from pydantic import Field
 
+from costwarden.api.accounting import (
+    MAX_HISTORY,
+    MAX_MODELS,
+    ClosedPeriod,
+    ExactAmount,
+    Ingestion,
+    JobBreakdown,
+    ModelSpend,
+    Results,
+    TokenUsage,
+)
 from costwarden.api.base import WireModel
 from costwarden.api.meta import (
     Condition,
@@ -347,17 +358,6 @@ class TeamBudgetSpec(WireModel):
         return self.soft_limit.amount(self.hard_cap_usd)
 
 
-class TokenUsage(WireModel):
-    """Tokens counted in a period, by kind."""
-
-    input: int = Field(default=0, ge=0, description="Input tokens not served from a cache.")
-    output: int = Field(default=0, ge=0, description="Output tokens.")
-    cached_input: int = Field(default=0, ge=0, description="Input tokens read from a prompt cache.")
-    cache_creation: int = Field(
-        default=0, ge=0, description="Input tokens written to a prompt cache."
-    )
-
-
 class PeriodWindow(WireModel):
     start: datetime = Field(description="When the current period started.")
     end: datetime = Field(description="When the current period ends and spend resets.")
@@ -411,6 +411,35 @@ class TeamBudgetStatus(WireModel):
         default_factory=list,
         max_length=MAX_RECENT_ACTIONS,
         description=f"The last {MAX_RECENT_ACTIONS} enforcement actions, newest last.",
+    )
+    spent_exact_usd: ExactAmount | None = Field(
+        default=None,
+        alias="spentExactUSD",
+        description="Spend in the current period with every digit (spentUSD is rounded down).",
+    )
+    by_model: list[ModelSpend] = Field(
+        default_factory=list,
+        max_length=MAX_MODELS,
+        description="Spend in the current period per served model.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["model"],
+        },
+    )
+    by_job: JobBreakdown | None = Field(
+        default=None, description="Spend in the current period per agent Job (bounded)."
+    )
+    results: Results | None = Field(
+        default=None,
+        description="Finished agent Jobs of the period by outcome: cost per result, waste.",
+    )
+    history: list[ClosedPeriod] = Field(
+        default_factory=list,
+        max_length=MAX_HISTORY,
+        description=f"The last {MAX_HISTORY} closed periods, newest last.",
+    )
+    ingestion: Ingestion | None = Field(
+        default=None, description="Usage ingestion cursors (exactly-once de-duplication)."
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from costwarden.accounting.periods import rollover_fragment
 from costwarden.api.conditions import ConditionType, Reason, set_condition
 from costwarden.api.meta import Condition, ConditionStatus
 from costwarden.api.money import format_money
@@ -64,21 +65,19 @@ def budget_status(
             now=now,
             observed_generation=generation,
         )
-    spent, tokens = observed_spend(observed, verdict.period_start)
+    spent, _ = observed_spend(observed, verdict.period_start)
     fragment.update(
         {
             "phase": caps.phase.value,
             "conditions": _dump(conditions),
-            "currentPeriod": {
-                "start": _timestamp(verdict.period_start),
-                "end": _timestamp(verdict.period_end),
-            },
-            "spentUSD": format_money(spent),
             "remainingUSD": format_money(max(hard_cap_usd - spent, Decimal(0))),
             "usedPercent": _percent(spent, hard_cap_usd),
-            "tokens": tokens.to_wire(),
         }
     )
+    # spentUSD, tokens, currentPeriod and the rest of the books belong to the accounting;
+    # the reconciler only opens a new period (or the first one) when it is due, with the
+    # accounting's own idempotent rollover, so a budget without traffic rolls over too.
+    fragment.update(rollover_fragment(observed, verdict.period_start, verdict.period_end))
     return fragment
 
 

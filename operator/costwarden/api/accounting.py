@@ -1,0 +1,198 @@
+"""The accounting part of TeamBudget.status: spend by model and job, results, history, cursors.
+
+These fields are written by the operator's accounting (``costwarden.accounting``), one
+resourceVersion-guarded status patch per applied usage batch; the reconciler writes phase,
+conditions, remainingUSD, usedPercent and observedGeneration. docs/accounting.md tells
+the whole design.
+
+Amounts here are exact (``ExactAmount``): a call often costs less than a micro-dollar, and
+a sum of rounded amounts drifts. ``spentUSD`` (``Money``, six decimals, rounded down) is
+for display and for the CRD's printer column; ``spentExactUSD`` carries every digit.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema
+
+from costwarden.api.base import WireModel
+from costwarden.api.money import Money
+
+MAX_MODELS = 32
+MAX_JOBS = 50
+MAX_HISTORY = 6
+MAX_CURSORS = 128
+
+EXACT_PATTERN = r"^[0-9]{1,15}([.][0-9]{1,18})?$"
+
+
+def parse_exact(value: Any) -> Decimal:
+    """An exact, non-negative amount: int, Decimal or decimal string; never a float."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | int | str):
+        raise ValueError("must be a decimal string or an integer, never a float")
+    amount = Decimal(value)
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("must be a finite, non-negative amount")
+    return amount
+
+
+def format_exact(value: Decimal) -> str:
+    """Every digit, no exponent, no trailing zeros (``"0.000008925"``, ``"12"``)."""
+    if not value:
+        return "0"
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+ExactAmount = Annotated[
+    Decimal,
+    BeforeValidator(parse_exact),
+    PlainSerializer(format_exact, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {"type": "string", "maxLength": 40, "pattern": EXACT_PATTERN},
+    ),
+]
+"""USD with every digit (up to 18 decimals) as a decimal string."""
+
+
+class JobOutcome(StrEnum):
+    """How an agent Job ended, for cost per result."""
+
+    SUCCEEDED = "Succeeded"
+    """The Job completed (condition Complete)."""
+    FAILED = "Failed"
+    """The Job failed (condition Failed) without costwarden stopping it."""
+    STOPPED_BY_COSTWARDEN = "StoppedByCostwarden"
+    """costwarden deleted the Job, or it was still suspended by costwarden when it was
+    deleted or when the period closed."""
+
+
+class TokenUsage(WireModel):
+    """Tokens counted in a period, by kind."""
+
+    input: int = Field(default=0, ge=0, description="Input tokens not served from a cache.")
+    output: int = Field(default=0, ge=0, description="Output tokens.")
+    cached_input: int = Field(default=0, ge=0, description="Input tokens read from a prompt cache.")
+    cache_creation: int = Field(
+        default=0, ge=0, description="Input tokens written to a prompt cache."
+    )
+
+    def total(self) -> int:
+        return self.input + self.output + self.cached_input + self.cache_creation
+
+    def plus(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            input=self.input + other.input,
+            output=self.output + other.output,
+            cached_input=self.cached_input + other.cached_input,
+            cache_creation=self.cache_creation + other.cache_creation,
+        )
+
+
+class ModelSpend(WireModel):
+    """Spend on one served model in the current period."""
+
+    model: Annotated[str, Field(max_length=128)] = Field(description="Served model name.")
+    spent_usd: ExactAmount = Field(alias="spentUSD", description="Exact spend.")
+    tokens: int = Field(default=0, ge=0, description="Input plus output tokens.")
+    requests: int = Field(default=0, ge=0, description="Calls that reported usage.")
+
+
+class JobSpend(WireModel):
+    """Spend of one agent Job in the current period."""
+
+    namespace: Annotated[str, Field(max_length=63)]
+    name: Annotated[str, Field(max_length=253)]
+    spent_usd: ExactAmount = Field(alias="spentUSD", description="Exact spend.")
+    tokens: int = Field(default=0, ge=0, description="Input plus output tokens.")
+    requests: int = Field(default=0, ge=0)
+    outcome: JobOutcome | None = Field(
+        default=None, description="Set once the Job finished; absent while it runs."
+    )
+
+
+class JobBreakdown(WireModel):
+    """Spend by Job, bounded: the largest jobs by name, the rest summed."""
+
+    jobs: list[JobSpend] = Field(
+        default_factory=list,
+        max_length=MAX_JOBS,
+        description=f"At most {MAX_JOBS} jobs: running ones first, then by spend.",
+    )
+    other_usd: ExactAmount = Field(
+        default=Decimal(0),
+        alias="otherUSD",
+        description="Spend of jobs not listed (and of calls outside any Job).",
+    )
+
+
+class OutcomeTally(WireModel):
+    jobs: int = Field(default=0, ge=0, description="Finished Jobs with this outcome.")
+    spent_usd: ExactAmount = Field(
+        default=Decimal(0), alias="spentUSD", description="Their spend in this period."
+    )
+
+
+class Results(WireModel):
+    """Finished agent Jobs by outcome, so cost per result and wasted spend can be read."""
+
+    succeeded: OutcomeTally = Field(default_factory=OutcomeTally)
+    failed: OutcomeTally = Field(default_factory=OutcomeTally)
+    stopped_by_costwarden: OutcomeTally = Field(default_factory=OutcomeTally)
+    cost_per_succeeded_job_usd: ExactAmount | None = Field(
+        default=None,
+        alias="costPerSucceededJobUSD",
+        description="Spend of succeeded Jobs divided by their number (6 decimals).",
+    )
+    wasted_usd: ExactAmount = Field(
+        default=Decimal(0),
+        alias="wastedUSD",
+        description="Spend of failed Jobs plus Jobs stopped by costwarden.",
+    )
+    last_finish: datetime | None = Field(
+        default=None,
+        description="Finish time of the last Job counted (a re-listed Job is not counted twice).",
+    )
+
+
+class ClosedPeriod(WireModel):
+    """A finished period, kept in a short history."""
+
+    start: datetime
+    end: datetime
+    spent_usd: Money = Field(alias="spentUSD", description="Spend, rounded down to 6 decimals.")
+    spent_exact_usd: ExactAmount = Field(alias="spentExactUSD")
+    tokens: TokenUsage = Field(default_factory=TokenUsage)
+    results: Results = Field(default_factory=Results)
+
+
+class SourceCursor(WireModel):
+    """The highest sequence number applied from one usage source (a gateway's ledger)."""
+
+    source: Annotated[str, Field(max_length=253)]
+    seq: int = Field(ge=0)
+    last_seen: datetime
+
+
+class Ingestion(WireModel):
+    """De-duplication state, as durable as the totals it guards."""
+
+    cursors: list[SourceCursor] = Field(
+        default_factory=list,
+        max_length=MAX_CURSORS,
+        description="Per usage source: records with seq at or below are already counted.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["source"],
+        },
+    )
+    records: int = Field(default=0, ge=0, description="Records applied in this period.")
+    duplicates: int = Field(default=0, ge=0, description="Records seen again and ignored.")
+    late_records: int = Field(
+        default=0, ge=0, description="Records of an earlier, no longer kept period (ignored)."
+    )
+    last_applied: datetime | None = Field(default=None, description="Last batch applied.")
