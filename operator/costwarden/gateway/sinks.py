@@ -83,12 +83,24 @@ class JsonlLedgerSink:
         return b"".join(batch)
 
     def _write(self, data: bytes) -> None:
+        self._write_all(data)
+        if self._fsync is FsyncPolicy.BATCH:
+            os.fsync(self._fd)
+
+    def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        if self._fsync is FsyncPolicy.BATCH:
-            os.fsync(self._fd)
+
+    def append_now(self, line: bytes) -> None:
+        """Write one ``\n``-terminated line at once, no fsync (``sync`` does that): for a
+        consumer that numbers ledger lines and must never get ahead of the file
+        (gateway/reporting.py). Do not mix with ``emit`` on the same ledger."""
+        self._write_all(line)
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
 
     def flush(self) -> None:
         """Write what is pending now (synchronously)."""
