@@ -20,7 +20,7 @@ from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import Credentials
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
 from costwarden.gateway.proxy import Gateway
-from costwarden.gateway.server import build_app
+from costwarden.gateway.server import GATEWAY_KEY, build_app
 from costwarden.gateway.sinks import FanoutSink, FsyncPolicy, JsonlLedgerSink
 from costwarden.gateway.upstream import CLIENTS, make_upstream
 
@@ -85,6 +85,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ledger", type=Path, help="append usage records to this JSON Lines file")
     parser.add_argument(
+        "--report-to",
+        default=env("COSTWARDEN_REPORT_TO"),
+        help="operator ingestion URL (e.g. http://costwarden-operator.costwarden-system:8081):"
+        " usage is delivered there, re-sent from --ledger until acknowledged "
+        "(docs/accounting.md)",
+    )
+    parser.add_argument(
+        "--report-token-file",
+        type=Path,
+        default=env("COSTWARDEN_REPORT_TOKEN_FILE"),
+        help="bearer token presented to the operator: the pod's projected service-account "
+        "token, or a shared token (re-read on every send)",
+    )
+    parser.add_argument(
         "--ledger-fsync",
         choices=[p.value for p in FsyncPolicy],
         default=FsyncPolicy.BATCH.value,
@@ -135,6 +149,16 @@ def _identifier(args: argparse.Namespace) -> Identifier:
 
 
 def _sink(args: argparse.Namespace) -> UsageSink:
+    if args.report_to:
+        from costwarden.gateway.reporting import OperatorReportingSink
+
+        return OperatorReportingSink(
+            args.report_to,
+            replica_id=args.replica_id,
+            ledger=args.ledger,
+            fsync=FsyncPolicy(args.ledger_fsync),
+            token_file=args.report_token_file,
+        )
     if args.ledger is None:
         return FanoutSink([])  # records still reach metrics and the decision log
     return JsonlLedgerSink(args.ledger, FsyncPolicy(args.ledger_fsync))
@@ -177,8 +201,17 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"costwarden gateway: {exc}", file=sys.stderr)
         return 2
-    web.run_app(build_app(gateway), host=args.host, port=args.port, access_log=None, print=None)
+    app = build_app(gateway)
+    app.on_startup.append(_start_reporting)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
     return 0
+
+
+async def _start_reporting(app: web.Application) -> None:
+    """Re-send what a previous run left unacknowledged, without waiting for a call."""
+    start = getattr(app[GATEWAY_KEY].sink, "start", None)
+    if start is not None:
+        start()
 
 
 def main(argv: list[str] | None = None) -> int:
