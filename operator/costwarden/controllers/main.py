@@ -18,7 +18,10 @@ from prometheus_client import start_http_server
 
 from costwarden import __version__
 from costwarden.api.gatewayconfig import CONFIG_MAP_NAME
-from costwarden.controllers import handlers  # noqa: F401  (registers the Kopf handlers)
+from costwarden.controllers import (
+    accounting_main,
+    handlers,  # noqa: F401  (registers the Kopf handlers)
+)
 from costwarden.controllers import injection as webhook
 from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.kubeapi import KubeApi, load_client
@@ -72,6 +75,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     webhook_arguments(parser)
+    accounting_main.accounting_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -179,7 +183,10 @@ def run(args: argparse.Namespace) -> int:
             liveness_endpoint=(
                 f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
             ),
-            memo=kopf.Memo(reconciler=reconciler),
+            memo=kopf.Memo(
+                reconciler=reconciler,
+                accounting=accounting_main.build(args, api_client, reconciler),
+            ),
             settings=settings,
         )
     )

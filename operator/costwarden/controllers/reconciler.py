@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from costwarden.api.catalog import PriceCatalog, load_catalog
 from costwarden.api.conditions import ConditionType, find_condition
 from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
 from costwarden.api.meta import Condition
-from costwarden.controllers import metrics
+from costwarden.controllers import clock, metrics
 from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.kubeapi import ConflictError, KubeApi
 from costwarden.controllers.leadership import Leadership
@@ -109,7 +109,7 @@ class Reconciler:
         if self.relist_due():
             await self.relist()
             self.world.changed.clear()
-        now = datetime.now(UTC).replace(microsecond=0)
+        now = clock.now().replace(microsecond=0)  # shiftable in tests (clock.py)
         budgets = list(self.world.budgets.values())
         policies = list(self.world.policies.values())
         result = reconcile(budgets, policies, self.settings.catalog, now)

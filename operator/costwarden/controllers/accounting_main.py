@@ -1,0 +1,141 @@
+"""The accounting and enforcement side of `costwarden operator`: flags, wiring, start-up.
+
+Kept apart from ``main`` (which owns Kopf's configuration) so each concern has one file:
+``main`` adds these flags and puts :func:`build`'s result in Kopf's memo; the start-up
+handler below starts the ingestion server, the Job watch and the enforcement checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes import client
+
+from costwarden.controllers import clock
+from costwarden.controllers.accountant import Accountant
+from costwarden.controllers.budgets import BudgetIndex
+from costwarden.controllers.enforcer import Enforcer
+from costwarden.controllers.ingest import Ingestion, serve
+from costwarden.controllers.ingest_auth import IngestAuth
+from costwarden.controllers.jobwatch import watch_jobs
+from costwarden.controllers.reconciler import Reconciler
+from costwarden.controllers.rest import Rest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INGEST_PORT = 8081
+
+
+def accounting_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "usage accounting and enforcement", "gateways report usage here (docs/accounting.md)"
+    )
+    group.add_argument(
+        "--ingest-port",
+        type=int,
+        default=DEFAULT_INGEST_PORT,
+        help=f"port of POST /v1/usage, where gateways report usage (default "
+        f"{DEFAULT_INGEST_PORT}; 0: off)",
+    )
+    group.add_argument(
+        "--ingest-listen-address", default="0.0.0.0",  # noqa: S104
+        help="address the ingestion server listens on (default 0.0.0.0)",
+    )  # fmt: skip
+    group.add_argument(
+        "--ingest-token-file",
+        type=Path,
+        help="file of shared bearer tokens (one a line) a gateway may present (a Secret mount)",
+    )
+    group.add_argument(
+        "--ingest-allowed-sa",
+        action="append",
+        default=None,
+        metavar="NAMESPACE:NAME",
+        help="service account whose tokens (checked by TokenReview) may report usage "
+        "(repeatable; default: $COSTWARDEN_INGEST_ALLOWED_SA, comma-separated)",
+    )
+    group.add_argument(
+        "--clock-offset",
+        type=float,
+        default=float(os.environ.get(clock.ENV_OFFSET) or 0),
+        help="TESTING ONLY: shift the operator's clock by this many seconds (periods, "
+        "rollover); default $COSTWARDEN_CLOCK_OFFSET_SECONDS or 0",
+    )
+
+
+@dataclass
+class AccountingRuntime:
+    rest: Rest
+    budgets: BudgetIndex
+    accountant: Accountant
+    enforcer: Enforcer
+    ingestion: Ingestion | None
+    host: str
+    port: int
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    runner: Any = None
+
+
+def build(
+    args: argparse.Namespace, api_client: client.ApiClient, reconciler: Reconciler
+) -> AccountingRuntime:
+    clock.set_offset(args.clock_offset)
+    rest = Rest.from_api_client(api_client)
+    budgets = BudgetIndex(reconciler.world)
+    accountant = Accountant(rest, budgets)
+    enforcer = Enforcer(rest, budgets, accountant, reconciler.leadership)
+    allowed = args.ingest_allowed_sa or [
+        sa for sa in os.environ.get("COSTWARDEN_INGEST_ALLOWED_SA", "").split(",") if sa
+    ]
+    ingestion = None
+    if args.ingest_port:
+        auth = IngestAuth(
+            token_file=args.ingest_token_file, allowed_service_accounts=allowed, rest=rest
+        )
+        ingestion = Ingestion(accountant, auth, reconciler.leadership)
+    return AccountingRuntime(
+        rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
+        args.ingest_port,
+    )  # fmt: skip
+
+
+@kopf.on.startup()
+async def start_accounting(memo: kopf.Memo, **_: Any) -> None:
+    runtime: AccountingRuntime | None = getattr(memo, "accounting", None)
+    if runtime is None:
+        return
+    if runtime.ingestion is not None:
+        try:
+            runtime.runner = await serve(runtime.ingestion, runtime.host, runtime.port)
+        except OSError:
+            # Reconciliation still works without ingestion; gateways keep their records
+            # (ledger) and re-send once an operator listens. Loud, not fatal.
+            log.exception("usage ingestion cannot listen on %s:%d", runtime.host, runtime.port)
+    runtime.tasks = [
+        asyncio.create_task(watch_jobs(runtime.rest, runtime.enforcer.on_job_event), name="jobs"),
+        asyncio.create_task(runtime.enforcer.run(), name="enforcement"),
+    ]
+    log.info("accounting started (ingestion port %s)", runtime.port or "off")
+
+
+@kopf.on.cleanup()
+async def stop_accounting(memo: kopf.Memo, **_: Any) -> None:
+    runtime: AccountingRuntime | None = getattr(memo, "accounting", None)
+    if runtime is None:
+        return
+    for task in runtime.tasks:
+        task.cancel()
+    for task in runtime.tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    if runtime.runner is not None:
+        await runtime.runner.cleanup()
+    await runtime.rest.close()

@@ -1,0 +1,65 @@
+"""Metrics of usage ingestion, enforcement and results. Labels are bounded: per team (one
+per TeamBudget), per outcome, kind and reason (small enums); never per Job or record."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BATCHES = Counter(
+    "costwarden_ingest_batches_total",
+    "Usage batches received, by result (applied, failed, invalid, unauthorized, not_leader).",
+    ["result"],
+)
+RECORDS_APPLIED = Counter(
+    "costwarden_ingest_records_applied_total", "Usage records counted (each exactly once)."
+)
+RECORDS_DEDUPLICATED = Counter(
+    "costwarden_ingest_records_deduplicated_total",
+    "Records and loop signals received again and ignored (at-least-once delivery).",
+)
+RECORDS_LATE = Counter(
+    "costwarden_ingest_records_late_total",
+    "Records of a period no longer kept in history (ignored).",
+)
+RECORDS_UNATTRIBUTED = Counter(
+    "costwarden_ingest_records_unattributed_total",
+    "Records without a (valid, existing) TeamBudget: nobody to charge.",
+)
+INGESTION_LAG = Histogram(
+    "costwarden_ingest_lag_seconds",
+    "From a call's arrival at the gateway to its record applied in TeamBudget status.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
+)
+ENFORCEMENT_ACTIONS = Counter(
+    "costwarden_enforcement_actions_total",
+    "Actions on workloads, by kind (Suspended, Deleted, Resumed) and reason.",
+    ["kind", "reason"],
+)
+ENFORCEMENT_ERRORS = Counter(
+    "costwarden_enforcement_errors_total", "Enforcement actions that failed (retried)."
+)
+CAP_TO_ACTION = Histogram(
+    "costwarden_enforcement_latency_seconds",
+    "From the status write that crossed a cap (or a loop signal) to the Job acted on.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+)
+RESULT_JOBS = Gauge(
+    "costwarden_budget_result_jobs",
+    "Finished agent Jobs in the current period, by outcome.",
+    ["team", "outcome"],
+)
+RESULT_SPENT = Gauge(
+    "costwarden_budget_result_spent_usd",
+    "Spend of finished agent Jobs in the current period, by outcome.",
+    ["team", "outcome"],
+)
+COST_PER_SUCCEEDED_JOB = Gauge(
+    "costwarden_budget_cost_per_succeeded_job_usd",
+    "Spend of succeeded Jobs divided by their number, in the current period.",
+    ["team"],
+)
+WASTED = Gauge(
+    "costwarden_budget_wasted_usd",
+    "Spend of failed Jobs and Jobs stopped by costwarden in the current period.",
+    ["team"],
+)

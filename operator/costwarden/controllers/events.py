@@ -1,0 +1,51 @@
+"""core/v1 Events through the lean REST client: what ``kubectl describe`` shows a person."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from costwarden.controllers.rest import ApiError, Rest
+
+log = logging.getLogger(__name__)
+
+
+async def post_event(
+    rest: Rest,
+    *,
+    api_version: str,
+    kind: str,
+    namespace: str,
+    name: str,
+    uid: str,
+    event_type: str,
+    reason: str,
+    message: str,
+) -> None:
+    """Never raises: a lost Event must not undo or block an enforcement action."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": api_version,
+            "kind": kind,
+            "name": name,
+            "namespace": namespace,
+            "uid": uid,
+        },
+        "type": event_type,
+        "reason": reason,
+        "message": message[:1024],
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "source": {"component": "costwarden-operator"},
+        "reportingComponent": "costwarden.io/operator",
+        "reportingInstance": "costwarden-operator",
+    }
+    try:
+        await rest.post(f"/api/v1/namespaces/{namespace}/events", body)
+    except (ApiError, OSError) as error:
+        log.warning("could not post Event %s on %s %s/%s: %s", reason, kind, namespace, name, error)
