@@ -23,6 +23,7 @@ from costwarden.controllers import (
     handlers,  # noqa: F401  (registers the Kopf handlers)
 )
 from costwarden.controllers import injection as webhook
+from costwarden.controllers.apikeys import ApiKeyIssuer
 from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.kubeapi import KubeApi, load_client
 from costwarden.controllers.leadership import Leadership
@@ -72,6 +73,20 @@ def register(subparsers: Any) -> None:
         "--standalone",
         action="store_true",
         help="no peering: for a single replica, tests and the local demo",
+    )
+    parser.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=60,
+        help="seconds a replica's keep-alive lasts: how soon a standby takes over (default 60)",
+    )
+    parser.add_argument(
+        "--api-keys",
+        action="store_true",
+        help=(
+            "issue each Ready team a gateway API key (a Secret in --namespace) and publish "
+            "their sha256 digests in the ConfigMap costwarden-api-keys (docs/gateway.md)"
+        ),
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     webhook_arguments(parser)
@@ -154,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     # Distinct random priorities: Kopf pauses every replica on a tie (see leadership.py).
     priority = random.SystemRandom().randint(1, 2**31 - 1)
     settings = kopf.OperatorSettings()
+    settings.peering.lifetime = args.peering_lifetime
     copies = None
     if args.webhook_port:
         options = webhook_options(args)
@@ -168,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         load_settings(args.namespace, args.config_map, args.price_catalog),
         Leadership(api_client, peering_name=peering, identity=identity, priority=priority),
         copies=copies,
+        api_keys=ApiKeyIssuer(CoreV1Api(api_client), args.namespace) if args.api_keys else None,
     )
     log.info(
         "starting: config map %s/%s, %s", args.namespace, args.config_map,

@@ -26,6 +26,7 @@ from costwarden.api.conditions import ConditionType, find_condition
 from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
 from costwarden.api.meta import Condition
 from costwarden.controllers import clock, metrics
+from costwarden.controllers.apikeys import ApiKeyIssuer
 from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.kubeapi import ConflictError, KubeApi
 from costwarden.controllers.leadership import Leadership
@@ -67,12 +68,14 @@ class Reconciler:
         settings: ReconcilerSettings,
         leadership: Leadership,
         copies: ConfigCopies | None = None,
+        api_keys: ApiKeyIssuer | None = None,
     ) -> None:
         self.api = api
         self.world = world
         self.settings = settings
         self.leadership = leadership
         self.copies = copies  # sidecar injection on: config copies in opted-in namespaces
+        self.api_keys = api_keys  # --api-keys: a key per Ready team, digests for gateways
         self._last_list = 0.0
 
     async def run_forever(self) -> None:
@@ -121,6 +124,8 @@ class Reconciler:
         if self.copies is not None:  # after status: a copy that fails must not delay it
             await self.copies.sync({CONFIG_MAP_KEY: serialize(result.config)},
                                    result.config.revision)  # fmt: skip
+        if self.api_keys is not None:
+            await self.api_keys.sync(team.id for team in result.config.teams)
         metrics.observe_reconciliation(result, time.perf_counter() - started)
         return result
 
