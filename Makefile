@@ -26,9 +26,11 @@ install: $(STAMP)
 test: install lint
 	$(PY) -m pytest tests
 
+LINTED := $(wildcard operator tests benchmarks)
+
 lint: install
-	$(PY) -m ruff check operator tests benchmarks
-	$(PY) -m ruff format --check operator tests benchmarks
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy
 
 unit: install

@@ -51,7 +51,8 @@ def budget_status(
         fragment["conditions"] = _dump(conditions)
         return fragment
     caps = verdict.caps
-    assert verdict.period_start is not None and verdict.period_end is not None
+    assert verdict.period_start is not None
+    assert verdict.period_end is not None
     for ctype, reached in (
         (ConditionType.SOFT_LIMIT_REACHED, caps.phase is not BudgetPhase.ACTIVE),
         (ConditionType.HARD_CAP_REACHED, caps.phase is BudgetPhase.EXHAUSTED),
