@@ -74,9 +74,9 @@ def _type(node: dict[str, Any], value: Any) -> str:
     )
 
 
-def rows(values: dict[str, Any], schema: dict[str, Any], notes: dict[str, str]) -> Iterator[
-    tuple[str, str, str, str]
-]:
+def rows(
+    values: dict[str, Any], schema: dict[str, Any], notes: dict[str, str]
+) -> Iterator[tuple[str, str, str, str]]:
     def walk(node: dict[str, Any], path: list[str]) -> Iterator[tuple[str, str, str, str]]:
         for key, value in node.items():
             dotted = ".".join([*path, key])
