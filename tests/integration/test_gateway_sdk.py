@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -116,8 +117,13 @@ def claude(gateway: GatewayThread) -> anthropic.Anthropic:
 
 
 def only_record(gateway: GatewayThread) -> UsageRecord:
+    """The call's record. A stream's record is written just after its last byte is sent,
+    so the client may finish first: poll with a deadline."""
     sink = gateway.sink
     assert isinstance(sink, MemorySink)
+    deadline = time.monotonic() + 5
+    while not sink.records and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(sink.records) == 1
     return sink.records[0]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -57,12 +56,13 @@ def new_record_id() -> str:
 
     Python 3.11 has no ``uuid.uuid7``; this is the layout of the RFC, built by hand.
     """
-    millis = time.time_ns() // 1_000_000
+    millis = time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF
     rand = int.from_bytes(os.urandom(10), "big")
-    value = (millis & ((1 << 48) - 1)) << 80 | rand & ((1 << 80) - 1)
+    value = millis << 80 | rand
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Outcome(StrEnum):

@@ -7,12 +7,21 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any, TypeVar
 
 import orjson
+from pydantic import BaseModel
 
 from costwarden.api.gatewayconfig import ModelRoute, TeamConfig
 from costwarden.api.teambudget import TokenUsage
-from costwarden.api.usage import Endpoint, Outcome, UsageRecord, format_exact_usd, new_record_id
+from costwarden.api.usage import (
+    RECORD_API_VERSION,
+    Endpoint,
+    Outcome,
+    UsageRecord,
+    format_exact_usd,
+    new_record_id,
+)
 from costwarden.gateway.identity import Caller
 from costwarden.gateway.wire import WireFormat
 
@@ -51,8 +60,10 @@ class Call:
     def to_record(self, replica: str) -> UsageRecord:
         caller = self.caller or Caller("")
         served = self.served
-        # Built from values the gateway itself typed: skip re-validation on the hot path.
-        return UsageRecord.model_construct(
+        return _trusted(
+            UsageRecord,
+            api_version=RECORD_API_VERSION,
+            kind="UsageRecord",
             id=self.id,
             time=self.arrived,
             team=self.team.id if self.team else "",
@@ -80,6 +91,24 @@ class Call:
             gateway_replica=replica,
             labels={},
         )
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _trusted(model: type[_M], **values: Any) -> _M:
+    """A model instance from values the gateway itself typed, every field given.
+
+    ``model_construct`` costs ~30 us for a 30-field record (it walks defaults); this is the
+    same object without the walk, the one hot-path shortcut here. A unit test checks the
+    result equals the validated model.
+    """
+    instance = model.__new__(model)
+    object.__setattr__(instance, "__dict__", values)
+    object.__setattr__(instance, "__pydantic_fields_set__", set(values))
+    object.__setattr__(instance, "__pydantic_extra__", None)
+    object.__setattr__(instance, "__pydantic_private__", None)
+    return instance
 
 
 def log_decision(call: Call, record: UsageRecord) -> None:

@@ -112,8 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--upstream-client",
         choices=CLIENTS,
-        default="aiohttp",
-        help="HTTP client for upstream calls (default aiohttp: see benchmarks)",
+        default="http1",
+        help="HTTP client for upstream calls (default http1: see benchmarks/README.md)",
     )
     parser.add_argument(
         "--log-level",

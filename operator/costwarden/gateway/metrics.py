@@ -8,6 +8,8 @@ while accounting (records, ledger) stays exact.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from costwarden.api.usage import UsageRecord
@@ -21,6 +23,8 @@ TOKEN_KINDS = ("input", "output", "cached_input", "cache_creation")
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # Label sets are bounded by the configuration, so this cache is too.
+        self._children: dict[tuple[str, str, str, str, str], tuple[Any, ...]] = {}
         r = self.registry
         self.requests = Counter(
             "costwarden_gateway_requests_total",
@@ -87,27 +91,35 @@ class GatewayMetrics:
 
     def observe(self, record: UsageRecord, *, added_seconds: float) -> None:
         provider = record.provider.value if record.provider else ""
-        self.requests.labels(
-            record.team, record.served_model, record.rule, record.outcome.value, provider
-        ).inc()
-        if record.outcome.value == "Refused":
+        outcome = record.outcome.value
+        key = (record.team, record.served_model, record.rule, outcome, provider)
+        children = self._children.get(key)
+        if children is None:  # .labels() takes a lock and hashes; do it once per label set
+            children = self._children[key] = self._make_children(key)
+        requests, tokens, cost, latency, added = children
+        requests.inc()
+        if outcome == "Refused":
             self.refused.labels(record.team, record.reason).inc()
         if record.usage_reported:
-            self._count_tokens(record)
-        self.latency.labels(provider).observe(record.latency_ms / 1000)
-        self.added.labels(provider).observe(max(added_seconds, 0.0))
+            usage = record.tokens
+            counts = (usage.input, usage.output, usage.cached_input, usage.cache_creation)
+            for counter, value in zip(tokens, counts, strict=True):
+                if value:
+                    counter.inc(value)
+            if record.cost_usd:
+                cost.inc(float(record.cost_usd))
+        latency.observe(record.latency_ms / 1000)
+        added.observe(max(added_seconds, 0.0))
 
-    def _count_tokens(self, record: UsageRecord) -> None:
-        tokens = record.tokens
-        for kind, value in zip(
-            TOKEN_KINDS,
-            (tokens.input, tokens.output, tokens.cached_input, tokens.cache_creation),
-            strict=True,
-        ):
-            if value:
-                self.tokens.labels(record.team, record.served_model, kind).inc(value)
-        if record.cost_usd:
-            self.cost.labels(record.team, record.served_model).inc(float(record.cost_usd))
+    def _make_children(self, key: tuple[str, str, str, str, str]) -> tuple[Any, ...]:
+        team, model, rule, outcome, provider = key
+        return (
+            self.requests.labels(team, model, rule, outcome, provider),
+            tuple(self.tokens.labels(team, model, kind) for kind in TOKEN_KINDS),
+            self.cost.labels(team, model),
+            self.latency.labels(provider),
+            self.added.labels(provider),
+        )
 
     def set_revision(self, revision: str) -> None:
         self.config_info.clear()

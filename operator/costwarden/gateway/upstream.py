@@ -4,10 +4,12 @@ Routing, pricing, limits and loop detection never touch the network; the proxy h
 prepared request to an ``UpstreamClient`` and reads an :class:`UpstreamResponse`. Tests
 and benchmarks swap implementations:
 
-- :class:`AiohttpUpstream` (default, ``--upstream-client aiohttp``): aiohttp's client.
-  Measured here in a bare proxy at 1,000 rps: 0.71 / 1.72 ms p50/p99 versus 0.99 / 2.53 ms
-  for httpx over the aiohttp transport, and httpx's default transport collapses
-  (BENCHMARKS.md); the gateway's goal (< 0.5 ms added p50) only fits with this one.
+- ``Http1Upstream`` (default, ``--upstream-client http1``, gateway/http1.py): a lean
+  HTTP/1.1 client on llhttp; the only one that leaves room for the gateway's own work
+  within the goal (< 0.5 ms added p50 at 1,000 rps). Numbers in benchmarks/README.md.
+- :class:`AiohttpUpstream` (``--upstream-client aiohttp``): aiohttp's client. In a bare
+  proxy at 1,000 rps: 0.71 / 1.72 ms p50/p99 versus 0.99 / 2.53 ms for httpx over the
+  aiohttp transport, and httpx's default transport collapses (BENCHMARKS.md).
 - :class:`HttpxUpstream` (``--upstream-client httpx`` or ``httpx-aiohttp``): the project's
   HTTP client API, kept for environments that need httpx's features (proxies, mounts).
 """
@@ -169,10 +171,14 @@ class HttpxUpstream:
             await self._client.aclose()
 
 
-CLIENTS = ("aiohttp", "httpx-aiohttp", "httpx")
+CLIENTS = ("http1", "aiohttp", "httpx-aiohttp", "httpx")
 
 
 def make_upstream(kind: str) -> UpstreamClient:
+    if kind == "http1":
+        from costwarden.gateway.http1 import Http1Upstream
+
+        return Http1Upstream()
     if kind == "aiohttp":
         return AiohttpUpstream()
     if kind in ("httpx", "httpx-aiohttp"):

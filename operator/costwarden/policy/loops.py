@@ -15,11 +15,12 @@ recognised while two different questions never are.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from costwarden.api.teambudget import LoopDetection
 from costwarden.api.usage import LoopKind
@@ -44,8 +45,7 @@ def _normalize(value: Any) -> Any:
 def fingerprint(body: dict[str, Any]) -> str:
     """A short stable hash of what the request asks (see module docstring)."""
     kept = {k: _normalize(v) for k, v in body.items() if k not in VOLATILE_KEYS}
-    canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    return hashlib.sha256(orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,7 +170,7 @@ class GatewayThread(ServerThread):
         identifier: Identifier | None = None,
         sink: UsageSink | None = None,
         credentials_dir: Path | None = None,
-        upstream_client: str = "aiohttp",
+        upstream_client: str = "http1",
     ) -> None:
         store = ConfigStore(config_path)
         if config is not None:

@@ -443,6 +443,15 @@ def _anthropic_events(
     return events
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed, as the gateway runs in production."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a declared dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class ServerThread:
     """Runs an aiohttp application on 127.0.0.1 in a thread with its own event loop.
 
@@ -451,7 +460,7 @@ class ServerThread:
 
     def __init__(self, make_app: Callable[[], Awaitable[web.Application] | web.Application]):
         self._make_app = make_app
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
         self.port = 0

@@ -101,7 +101,9 @@ def test_stream_without_usage_ends_with_an_error_event(gateway: Any, fake: FakeU
 
     events = [e for e in response.text.split("\n\n") if e]
     assert orjson.loads(events[-1].removeprefix("data: "))["error"]["code"] == "upstream_malformed"
-    assert records(gateway).records[-1].outcome is Outcome.UPSTREAM_MALFORMED
+    # A stream's record follows its last byte: poll for it.
+    record = wait_for(lambda: records(gateway).records[-1:], what="the record")[0]
+    assert record.outcome is Outcome.UPSTREAM_MALFORMED
 
 
 def test_client_disconnect_mid_stream_is_metered_from_upstream_usage(

@@ -144,3 +144,13 @@ def test_ledger_flushes_in_the_background(tmp_path: Path) -> None:
         return size
 
     assert asyncio.run(scenario()) > 0
+
+
+def test_hot_path_record_equals_the_validated_model(gateway: Any) -> None:
+    httpx.post(gateway.url + "/v1/chat/completions", json=CHAT)
+    record = gateway.sink.records[0]
+
+    validated = UsageRecord.model_validate_json(record.model_dump_json(by_alias=True))
+
+    assert validated == record
+    assert validated.model_dump() == record.model_dump()

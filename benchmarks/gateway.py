@@ -1,0 +1,375 @@
+"""Gateway benchmark: direct vs costwarden vs LiteLLM, same local upstream, same run.
+
+    python benchmarks/gateway.py [--duration 10] [--no-litellm] [--out results.json]
+
+Starts the fake upstream (``python -m costwarden.testing.upstream``), ``costwarden
+gateway`` (shared mode, per-team key, loop detection on, JSON decision log on) and, unless
+``--no-litellm``, LiteLLM's proxy from its own virtualenv under
+``~/.cache/costwarden/bench/`` (created on first use; never the project's environment).
+Load comes from vegeta (``go install github.com/tsenart/vegeta/v12@latest`` into the same
+cache on first use): constant rate (open loop), so queueing shows in the tail, each
+request a distinct prompt (identical ones would rightly trip loop detection).
+
+Reports, for plain and streaming chat completions: p50/p99 at fixed rates, added latency
+(target minus direct, same rate), the highest rate with p99 < 10 ms and 100% success,
+and the ratios. All servers listen on 127.0.0.1 only; every run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CACHE = Path.home() / ".cache" / "costwarden" / "bench"
+VEGETA = CACHE / "bin" / "vegeta"
+LITELLM_VENV = CACHE / "litellm-venv"
+API_KEY = "cw-bench-team-key"
+LITELLM_KEY = "sk-bench-master"
+PROMPTS = 50_000
+P99_LIMIT_MS = 10.0
+ADDED_RATES = (100, 1000)
+SEARCH_RATES = (250, 500, 1000, 1500, 2000, 2500, 3000, 4000)
+LITELLM_SEARCH_RATES = (25, 50, 100, 150, 200, 300)
+
+
+@dataclass
+class Run:
+    target: str
+    mode: str
+    rate: int
+    p50_ms: float
+    p99_ms: float
+    success: float
+
+    @property
+    def sustained(self) -> bool:
+        return self.success >= 1.0 and self.p99_ms < P99_LIMIT_MS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 (http URLs we built)
+            with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+                if response.status < 500:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def process(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def ensure_vegeta() -> Path:
+    if not VEGETA.exists():
+        env = {**os.environ, "GOBIN": str(VEGETA.parent)}
+        subprocess.run(
+            ["go", "install", "github.com/tsenart/vegeta/v12@latest"], env=env, check=True
+        )
+    return VEGETA
+
+
+def ensure_litellm() -> Path:
+    binary = LITELLM_VENV / "bin" / "litellm"
+    if not binary.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        pip = LITELLM_VENV / "bin" / "pip"
+        subprocess.run([str(pip), "install", "-q", "litellm[proxy]"], check=True)
+    return binary
+
+
+_RUNS = iter(range(1_000_000))
+
+
+def write_targets(
+    path: Path, url: str, headers: dict[str, str], stream: bool, count: int = PROMPTS
+) -> None:
+    """Distinct prompts, unique across runs too: a run repeating an earlier run's prompts
+    would (rightly) trip costwarden's loop detection."""
+    header = {"Content-Type": ["application/json"], **{k: [v] for k, v in headers.items()}}
+    run = next(_RUNS)
+    with path.open("w") as out:
+        for i in range(count):
+            body = {
+                "model": "gpt-4o-mini",
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": f"benchmark run {run} question {i}"}],
+            }
+            if stream:
+                body["stream"] = True
+            encoded = base64.b64encode(json.dumps(body).encode()).decode()
+            target = {"method": "POST", "url": url, "body": encoded, "header": header}
+            out.write(json.dumps(target) + "\n")
+
+
+def attack(targets: Path, rate: int, duration: float) -> tuple[float, float, float]:
+    """p50 ms, p99 ms, success ratio of a constant-rate attack."""
+    attack_cmd = [
+        str(VEGETA), "attack", f"-rate={rate}/s", f"-duration={duration}s", "-format=json",
+        f"-targets={targets}", "-timeout=10s", "-keepalive=true",
+    ]  # fmt: skip
+    attacked = subprocess.run(attack_cmd, capture_output=True, check=True, timeout=duration + 60)
+    report = subprocess.run(
+        [str(VEGETA), "report", "-type=json"],
+        input=attacked.stdout,
+        capture_output=True,
+        check=True,
+    )
+    data = json.loads(report.stdout)
+    latencies = data["latencies"]
+    return latencies["50th"] / 1e6, latencies["99th"] / 1e6, float(data["success"])
+
+
+def costwarden_config(work: Path, upstream: str) -> tuple[Path, Path]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+    from decimal import Decimal
+
+    from costwarden.testing.gateway import TEAM_ID, sample_config
+
+    config = sample_config(
+        upstream, hard_cap_usd=Decimal(1_000_000), soft_limit_usd=Decimal(999_999)
+    )
+    config_path = work / "gateway-config.json"
+    config_path.write_text(config.model_dump_json(by_alias=True))
+    keys = work / "keys.yaml"
+    keys.write_text(f"{hashlib.sha256(API_KEY.encode()).hexdigest()}: {TEAM_ID}\n")
+    return config_path, keys
+
+
+def litellm_config(work: Path, upstream: str) -> Path:
+    path = work / "litellm.yaml"
+    path.write_text(
+        "model_list:\n"
+        "  - model_name: gpt-4o-mini\n"
+        "    litellm_params:\n"
+        "      model: openai/gpt-4o-mini\n"
+        f"      api_base: {upstream}/v1\n"
+        "      api_key: sk-fake\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_KEY}\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+        "  json_logs: true\n"
+    )
+    return path
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to send; fresh prompts are written for every attack."""
+
+    name: str
+    url: str
+    headers: dict[str, str]
+    work: Path
+
+    def file(self, mode: str, rate: int, duration: float) -> Path:
+        path = self.work / f"{self.name}-{mode}.targets"
+        count = int(rate * duration * 1.1) + 10
+        write_targets(path, self.url, self.headers, stream=mode == "stream", count=count)
+        return path
+
+
+class Bench:
+    def __init__(self, duration: float) -> None:
+        self.duration = duration
+        self.runs: list[Run] = []
+
+    def measure(self, target: Target, mode: str, rate: int, label: str = "") -> Run:
+        p50, p99, success = attack(target.file(mode, rate, self.duration), rate, self.duration)
+        run = Run(label or target.name, mode, rate, round(p50, 3), round(p99, 3), success)
+        self.runs.append(run)
+        print(f"{run.target:>24} {mode:>6} {rate:>5} rps: p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  "
+              f"success {success:.1%}", flush=True)  # fmt: skip
+        time.sleep(1)  # let the target's queues and TIME_WAIT sockets settle between runs
+        return run
+
+    def warm_up(self, target: Target) -> None:
+        for mode in ("plain", "stream"):
+            attack(target.file(mode, 50, 2), 50, 2)
+
+    def search(self, target: Target, mode: str, rates: tuple[int, ...]) -> int:
+        best = 0
+        for rate in rates:
+            if not self.measure(target, mode, rate).sustained:
+                break
+            best = rate
+        return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate step")
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument(
+        "--clients",
+        action="store_true",
+        help="also measure --upstream-client httpx-aiohttp and httpx at 1,000 rps",
+    )
+    parser.add_argument("--out", type=Path, help="write all runs as JSON here")
+    args = parser.parse_args()
+    ensure_vegeta()
+    work = Path(tempfile.mkdtemp(prefix="costwarden-bench-"))
+    try:
+        summary = run_all(Bench(args.duration), work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_all(bench: Bench, work: Path, args: argparse.Namespace) -> dict[str, object]:
+    up_port, cw_port, ll_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+    python = sys.executable
+    with contextlib.ExitStack() as stack:
+        up_args = [python, "-m", "costwarden.testing.upstream", "--port", str(up_port)]
+        stack.enter_context(process(up_args, work / "up.log"))
+        wait_http(f"{upstream}/v1/models", 30)
+        config, keys = costwarden_config(work, upstream)
+        cw_args = [python, "-m", "costwarden.gateway", "--config", str(config), "--host",
+                   "127.0.0.1", "--port", str(cw_port), "--api-keys-file", str(keys),
+                   "--ledger", str(work / "ledger.jsonl")]  # fmt: skip
+        stack.enter_context(process(cw_args, work / "costwarden.log"))
+        wait_http(f"http://127.0.0.1:{cw_port}/readyz", 30)
+        targets = [
+            Target("direct", f"{upstream}/v1/chat/completions", {}, work),
+            Target("costwarden", f"http://127.0.0.1:{cw_port}/v1/chat/completions",
+                   {"Authorization": f"Bearer {API_KEY}"}, work),
+        ]  # fmt: skip
+        if not args.no_litellm:
+            ll_args = [
+                str(ensure_litellm()),
+                "--config",
+                str(litellm_config(work, upstream)),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ll_port),
+                "--num_workers",
+                "1",
+            ]
+            stack.enter_context(process(ll_args, work / "litellm.log", {"LITELLM_LOG": "ERROR"}))
+            wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", 180)
+            targets.append(
+                Target(
+                    "litellm",
+                    f"http://127.0.0.1:{ll_port}/v1/chat/completions",
+                    {"Authorization": f"Bearer {LITELLM_KEY}"},
+                    work,
+                )
+            )
+        summary = measure_all(bench, targets)
+        if args.clients:
+            summary["upstream_clients_1000rps"] = measure_clients(bench, cw_args, work)
+        return summary
+
+
+def measure_all(bench: Bench, targets: list[Target]) -> dict[str, object]:
+    for target in targets:  # connections, caches, LiteLLM's lazy imports
+        bench.warm_up(target)
+    fixed: dict[str, dict[str, dict[int, Run]]] = {}
+    print("fixed rates", flush=True)
+    for mode in ("plain", "stream"):
+        for rate in ADDED_RATES:
+            for target in targets:
+                run = bench.measure(target, mode, rate)
+                fixed.setdefault(target.name, {}).setdefault(mode, {})[rate] = run
+    print(f"highest rate with p99 < {P99_LIMIT_MS} ms and no errors", flush=True)
+    best: dict[str, dict[str, int]] = {}
+    for target in targets:
+        rates = LITELLM_SEARCH_RATES if target.name == "litellm" else SEARCH_RATES
+        for mode in ("plain", "stream"):
+            best.setdefault(target.name, {})[mode] = bench.search(target, mode, rates)
+    return summarize(bench, fixed, best)
+
+
+def measure_clients(bench: Bench, cw_args: list[str], work: Path) -> dict[str, object]:
+    """The same gateway with httpx as its upstream client instead of aiohttp's."""
+    results: dict[str, object] = {}
+    for client in ("httpx-aiohttp", "httpx"):
+        port = str(free_port())
+        alt_args = [*cw_args, "--upstream-client", client]
+        alt_args[alt_args.index("--port") + 1] = port
+        with process(alt_args, work / f"{client}.log"):
+            wait_http(f"http://127.0.0.1:{port}/readyz", 30)
+            target = Target(f"costwarden[{client}]", f"http://127.0.0.1:{port}/v1/chat/completions",
+                            {"Authorization": f"Bearer {API_KEY}"}, work)  # fmt: skip
+            bench.warm_up(target)
+            results[client] = asdict(bench.measure(target, "plain", 1000))
+    return results
+
+
+def summarize(
+    bench: Bench, fixed: dict[str, dict[str, dict[int, Run]]], best: dict[str, dict[str, int]]
+) -> dict[str, object]:
+    added: dict[str, dict[str, float]] = {}
+    for name, modes in fixed.items():
+        for mode, by_rate in modes.items():
+            for rate, run in by_rate.items():
+                base = fixed["direct"][mode][rate]
+                if name != "direct":
+                    added[f"{name}/{mode}/{rate}"] = {
+                        "p50_ms": round(run.p50_ms - base.p50_ms, 3),
+                        "p99_ms": round(run.p99_ms - base.p99_ms, 3),
+                        "success": run.success,
+                    }
+    ratios = {}
+    for key, cw in added.items():
+        ll = added.get(key.replace("costwarden/", "litellm/"))
+        if key.startswith("costwarden/") and ll is not None:
+            ratios[key.removeprefix("costwarden/")] = {
+                q: round(ll[q] / max(cw[q], 0.01), 1) for q in ("p50_ms", "p99_ms")
+            }
+    return {
+        "runs": [asdict(r) for r in bench.runs],
+        "added_latency": added,
+        "litellm_over_costwarden_added": ratios,
+        "max_rps_p99_under_10ms": best,
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
