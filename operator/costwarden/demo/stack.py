@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ class DemoStack:
     processes: list[ManagedProcess] = field(default_factory=list)
     upstream_url: str = ""
     gateway_url: str = ""
+    ingest_url: str = ""
     config_file: Path | None = None
     _stop_sync: threading.Event = field(default_factory=threading.Event)
     _api: client.ApiClient | None = None
@@ -91,15 +93,28 @@ class DemoStack:
         self.processes.append(process)
         return process
 
+    @property
+    def ingest_token_file(self) -> Path:
+        """A shared token between the gateway and the operator's ingestion endpoint (in a
+        cluster the gateway presents its service-account token instead)."""
+        path = self.workdir / "ingest-token"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(24) + "\n")
+            path.chmod(0o600)
+        return path
+
     def start_operator(self) -> ManagedProcess:
         assert self.kubeconfig is not None
-        health = free_port()
+        health, ingest = free_port(), free_port()
         process = self._spawn(
             "operator",
             "operator", "--standalone", "--kubeconfig", str(self.kubeconfig),
             "--namespace", manifests.OPERATOR_NAMESPACE,
             "--metrics-port", str(free_port()), "--health-port", str(health),
+            "--ingest-port", str(ingest), "--ingest-listen-address", "127.0.0.1",
+            "--ingest-token-file", str(self.ingest_token_file),
         )  # fmt: skip
+        self.ingest_url = f"http://127.0.0.1:{ingest}"
         process.wait_http_ok(f"http://127.0.0.1:{health}/healthz", timeout=60)
         return process
 
@@ -122,6 +137,7 @@ class DemoStack:
             "gateway", "--mode", "sidecar", "--host", "127.0.0.1", "--port", str(port),
             "--config", str(self.config_file), "--pod-labels-file", str(labels_file),
             "--ledger", str(self.workdir / "usage.jsonl"),
+            "--report-to", self.ingest_url, "--report-token-file", str(self.ingest_token_file),
             env={"POD_NAMESPACE": manifests.DEMO_NAMESPACE, "POD_NAME": pod},
         )  # fmt: skip
         self.gateway_url = f"http://127.0.0.1:{port}"

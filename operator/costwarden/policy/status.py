@@ -53,15 +53,21 @@ def budget_status(
     caps = verdict.caps
     assert verdict.period_start is not None
     assert verdict.period_end is not None
-    for ctype, reached in (
-        (ConditionType.SOFT_LIMIT_REACHED, caps.phase is not BudgetPhase.ACTIVE),
-        (ConditionType.HARD_CAP_REACHED, caps.phase is BudgetPhase.EXHAUSTED),
+    # Past the hard cap the soft limit is still passed, for the same reason as before: its
+    # reason stays SoftLimitExceeded, so crossing the cap is one Event, not two.
+    for ctype, reached, reason in (
+        (
+            ConditionType.SOFT_LIMIT_REACHED,
+            caps.phase is not BudgetPhase.ACTIVE,
+            Reason.SOFT_LIMIT_EXCEEDED,
+        ),
+        (ConditionType.HARD_CAP_REACHED, caps.phase is BudgetPhase.EXHAUSTED, caps.reason),
     ):
         conditions = set_condition(
             conditions,
             type=ctype,
             status=ConditionStatus.TRUE if reached else ConditionStatus.FALSE,
-            reason=caps.reason if reached else Reason.WITHIN_LIMIT,
+            reason=reason if reached else Reason.WITHIN_LIMIT,
             message=caps.message,
             now=now,
             observed_generation=generation,
