@@ -18,7 +18,7 @@ from costwarden.api.conditions import ConditionType, Reason, set_condition
 from costwarden.api.meta import Condition, ConditionStatus
 from costwarden.api.money import format_money
 from costwarden.api.teambudget import BudgetPhase
-from costwarden.policy.render import BudgetVerdict, PolicyVerdict, observed_spend
+from costwarden.policy.render import BudgetVerdict, PolicyVerdict, Verdict, observed_spend
 
 
 def _conditions(status: Mapping[str, Any]) -> list[Condition]:
@@ -26,6 +26,21 @@ def _conditions(status: Mapping[str, Any]) -> list[Condition]:
         return [Condition.model_validate(c) for c in status.get("conditions") or []]
     except ValidationError:
         return []  # a hand-edited, broken list is replaced rather than kept
+
+
+def _with_ready(
+    verdict: Verdict, observed: Mapping[str, Any], generation: int, now: datetime
+) -> list[Condition]:
+    """The observed conditions with Ready set from the verdict (both kinds have it)."""
+    return set_condition(
+        _conditions(observed),
+        type=ConditionType.READY,
+        status=ConditionStatus.TRUE if verdict.ready else ConditionStatus.FALSE,
+        reason=verdict.reason,
+        message=verdict.message,
+        now=now,
+        observed_generation=generation,
+    )
 
 
 def budget_status(
@@ -36,15 +51,7 @@ def budget_status(
     now: datetime,
 ) -> dict[str, Any]:
     """The full status fields the reconciler owns for a TeamBudget."""
-    conditions = set_condition(
-        _conditions(observed),
-        type=ConditionType.READY,
-        status=ConditionStatus.TRUE if verdict.ready else ConditionStatus.FALSE,
-        reason=verdict.reason,
-        message=verdict.message,
-        now=now,
-        observed_generation=generation,
-    )
+    conditions = _with_ready(verdict, observed, generation, now)
     fragment: dict[str, Any] = {"observedGeneration": generation}
     if not verdict.ready or verdict.caps is None or hard_cap_usd is None:
         fragment["phase"] = BudgetPhase.INVALID.value
@@ -91,15 +98,7 @@ def budget_status(
 def policy_status(
     verdict: PolicyVerdict, observed: Mapping[str, Any], generation: int, now: datetime
 ) -> dict[str, Any]:
-    conditions = set_condition(
-        _conditions(observed),
-        type=ConditionType.READY,
-        status=ConditionStatus.TRUE if verdict.ready else ConditionStatus.FALSE,
-        reason=verdict.reason,
-        message=verdict.message,
-        now=now,
-        observed_generation=generation,
-    )
+    conditions = _with_ready(verdict, observed, generation, now)
     return {
         "observedGeneration": generation,
         "models": verdict.models,
