@@ -7,20 +7,20 @@ standalone with ``python -m costwarden.gateway``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
-
-from aiohttp import web
 
 from costwarden.api.usage import UsageSink
 from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import Credentials
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
 from costwarden.gateway.proxy import Gateway
-from costwarden.gateway.server import GATEWAY_KEY, build_app
+from costwarden.gateway.server import serve
 from costwarden.gateway.sinks import FanoutSink, FsyncPolicy, JsonlLedgerSink
 from costwarden.gateway.upstream import CLIENTS, make_upstream
 
@@ -201,17 +201,17 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"costwarden gateway: {exc}", file=sys.stderr)
         return 2
-    app = build_app(gateway)
-    app.on_startup.append(_start_reporting)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    asyncio.run(_serve_until_signalled(gateway, args.host, args.port))
     return 0
 
 
-async def _start_reporting(app: web.Application) -> None:
-    """Re-send what a previous run left unacknowledged, without waiting for a call."""
-    start = getattr(app[GATEWAY_KEY].sink, "start", None)
-    if start is not None:
-        start()
+async def _serve_until_signalled(gateway: Gateway, host: str, port: int) -> None:
+    """Serve until SIGTERM/SIGINT; then in-flight calls finish and the sinks flush."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(gateway, host, port, stop)
 
 
 def main(argv: list[str] | None = None) -> int:

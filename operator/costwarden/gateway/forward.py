@@ -41,7 +41,7 @@ def _retryable(status: int) -> bool:
 
 async def forward(
     gw: Gateway,
-    request: web.Request,
+    request: web.BaseRequest,
     call: Call,
     compiled: CompiledConfig,
     body: dict[str, Any],
@@ -63,7 +63,7 @@ async def forward(
 
 async def _attempt(
     gw: Gateway,
-    request: web.Request,
+    request: web.BaseRequest,
     call: Call,
     compiled: CompiledConfig,
     body: dict[str, Any],
@@ -179,7 +179,7 @@ async def _relay_plain(
 
 async def _relay_stream(
     gw: Gateway,
-    request: web.Request,
+    request: web.BaseRequest,
     call: Call,
     response: UpstreamResponse,
     route: ModelRoute,

@@ -95,7 +95,7 @@ class Gateway:
         self.replica_id = replica_id
 
     async def handle(
-        self, request: web.Request, fmt: WireFormat, endpoint: Endpoint
+        self, request: web.BaseRequest, fmt: WireFormat, endpoint: Endpoint
     ) -> web.StreamResponse:
         call = Call(endpoint, fmt)
         try:
@@ -107,7 +107,7 @@ class Gateway:
         finally:
             self._account(call)
 
-    async def _serve(self, request: web.Request, call: Call) -> web.StreamResponse:
+    async def _serve(self, request: web.BaseRequest, call: Call) -> web.StreamResponse:
         compiled = self.config.current
         if compiled is None:
             return self.refuse(call, 503, "not_ready", "the gateway has no configuration yet")
@@ -129,7 +129,7 @@ class Gateway:
         return await self._route(request, call, compiled, body, len(raw))
 
     async def _attribute(
-        self, request: web.Request, call: Call, compiled: CompiledConfig
+        self, request: web.BaseRequest, call: Call, compiled: CompiledConfig
     ) -> web.StreamResponse | None:
         try:
             call.caller = await self.identifier.identify(request.headers)
@@ -157,7 +157,7 @@ class Gateway:
 
     async def _route(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         call: Call,
         compiled: CompiledConfig,
         body: dict[str, Any],

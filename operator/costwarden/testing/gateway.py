@@ -12,6 +12,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from costwarden.api.catalog import default_catalog
 from costwarden.api.gatewayconfig import (
     CredentialRef,
@@ -29,7 +31,7 @@ from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import Credentials
 from costwarden.gateway.identity import Identifier, SidecarIdentifier
 from costwarden.gateway.proxy import Gateway
-from costwarden.gateway.server import build_app
+from costwarden.gateway.server import GatewayServer
 from costwarden.gateway.sinks import MemorySink
 from costwarden.gateway.upstream import make_upstream
 from costwarden.policy.pricing import resolve_pricing
@@ -186,7 +188,18 @@ class GatewayThread(ServerThread):
             credentials=Credentials(credentials_dir),
             replica_id="test-replica",
         )
-        super().__init__(lambda: build_app(self.gateway, watch_config=config_path is not None))
+        self._watch = config_path is not None
+        self.server: GatewayServer | None = None
+        super().__init__(self._build)
+
+    async def _build(self) -> web.Server:
+        self.server = GatewayServer(self.gateway, watch_config=self._watch)
+        await self.server.start()
+        return self.server.server
+
+    async def after_cleanup(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
 
 
 def sidecar_identity(job: str = "agent-1", pod: str = "agent-1-x") -> SidecarIdentifier:

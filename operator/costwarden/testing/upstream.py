@@ -458,11 +458,13 @@ class ServerThread:
     Tests use it to drive real sockets with the synchronous SDKs from the test thread.
     """
 
-    def __init__(self, make_app: Callable[[], Awaitable[web.Application] | web.Application]):
+    def __init__(
+        self, make_app: Callable[[], Awaitable[web.Application | web.Server] | web.Application]
+    ):
         self._make_app = make_app
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
+        self._runner: web.BaseRunner | None = None
         self.port = 0
 
     @property
@@ -481,19 +483,26 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self) -> None:
-        app = self._make_app()
-        if not isinstance(app, web.Application):
-            app = await app
-        self._runner = web.AppRunner(app, access_log=None)
+        made = self._make_app()
+        app = made if isinstance(made, web.Application) else await made
+        self._runner = (
+            web.AppRunner(app, access_log=None)
+            if isinstance(app, web.Application)
+            else web.ServerRunner(app)
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
+    async def after_cleanup(self) -> None:
+        """Subclasses release what the server used (called in the loop, after cleanup)."""
+
     def stop(self) -> None:
         if self._runner is not None:
             self.call(self._runner.cleanup())
             self._runner = None
+            self.call(self.after_cleanup())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
 
