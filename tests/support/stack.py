@@ -292,6 +292,13 @@ class Stack:
         self.operator.start()
 
 
+def _listening(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def start_operator(
     kubeconfig: str, workdir: Path, port: int, token_file: Path, *extra: str
 ) -> OperatorProcess:
@@ -315,6 +322,7 @@ def running_stack(
         operator = start_operator(
             str(plane.kubeconfig_path), workdir, port, token_file, *operator_args
         )
+        wait_for(lambda: _listening(port), timeout=60, what="the operator's ingestion port")
         config = workdir / "gateway-config.json"
         mirror = ConfigMirror(api_client, "costwarden-system", config)
         wait_for(mirror.sync, timeout=60, what="the operator's gateway ConfigMap")

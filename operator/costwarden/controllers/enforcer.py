@@ -148,6 +148,11 @@ class Enforcer:
             if budget is not None:
                 verdict = standings[budget_id]
                 self._spawn(self.enforce_cap(budget, verdict.reason, verdict.message))
+        for budget in self._budgets.all():
+            if _period_ended(self._accountant.status_of(budget), now):
+                # Roll over now rather than at the reconciler's next pass: resumes and a
+                # fresh period should not wait for its resync.
+                self._spawn(self._mutate(budget, _no_change))
         relieved = self._exhausted - exhausted
         self._exhausted = exhausted
         if relieved or time.monotonic() - self._last_resume > FULL_RESUME_SECONDS:
@@ -329,6 +334,21 @@ async def _logged(work: Coroutine[Any, Any, None]) -> None:
     except Exception:
         metrics.ENFORCEMENT_ERRORS.inc()
         log.exception("enforcement action failed (the next level check retries)")
+
+
+def _no_change(books: Books, now: datetime) -> None:
+    """Reading the books opens the new period; writing them back records it."""
+
+
+def _period_ended(status: Mapping[str, Any], now: datetime) -> bool:
+    window = status.get("currentPeriod") or {}
+    end = window.get("end") if isinstance(window, Mapping) else None
+    if not isinstance(end, str):
+        return False
+    try:
+        return datetime.fromisoformat(end.replace("Z", "+00:00")) <= now
+    except ValueError:
+        return False
 
 
 def _loop_message(signal: LoopSignal) -> str:

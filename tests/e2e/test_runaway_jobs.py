@@ -1,0 +1,80 @@
+"""Runaway jobs are stopped alone: a retry loop, or a job past its own per-job cap; the
+team's other jobs keep running and calling. And the ingestion refuses strangers."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.support.polling import wait_for
+from tests.support.stack import Stack, job_manifest
+
+SAME = [{"role": "user", "content": "Retry the failing migration exactly as before."}]
+
+
+def test_a_retry_loop_suspends_that_job_alone(stack: Stack, namespace: str):
+    team = stack.team(
+        namespace, "budget", "10", loopDetection={"identicalRequests": 3, "windowSeconds": 300}
+    )
+    stack.create(namespace, job_manifest("looper", "budget"))
+    stack.create(namespace, job_manifest("worker", "budget"))
+    looper = stack.gateway.agent(team, namespace, "looper")
+    worker = stack.gateway.agent(team, namespace, "worker")
+
+    with pytest.raises(openai.RateLimitError) as tripped:
+        for _ in range(3):
+            looper.chat.completions.create(model="gpt-4o-mini", messages=SAME)
+    assert tripped.value.body["code"] == "retry_loop_detected"
+
+    job = wait_for(
+        lambda: (j := stack.job(namespace, "looper")).spec.suspend and j,
+        timeout=10, what="looping Job suspended",
+    )  # fmt: skip
+    assert job.metadata.annotations["costwarden.io/stopped-reason"] == "RetryLoopDetected"
+    assert job.metadata.labels["costwarden.io/suspended-for"] == "job"
+    for n in range(3):  # the other job of the team keeps working
+        worker.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"Step {n}."}]
+        )
+    assert not stack.job(namespace, "worker").spec.suspend
+    actions = stack.status(namespace, "budget")["recentActions"]
+    assert [(a["action"], a["reason"], a["target"]) for a in actions] == [
+        ("Suspended", "RetryLoopDetected", f"Job/{namespace}/looper")
+    ]
+
+
+def test_a_job_past_its_per_job_cap_is_suspended_alone(stack: Stack, namespace: str):
+    team = stack.team(namespace, "budget", "10", perJob={"maxCostUSD": "0.00003"})
+    stack.create(namespace, job_manifest("greedy", "budget"))
+    stack.create(namespace, job_manifest("frugal", "budget"))
+    greedy = stack.gateway.agent(team, namespace, "greedy")
+    frugal = stack.gateway.agent(team, namespace, "frugal")
+    frugal.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "One question."}]
+    )
+    with pytest.raises(openai.RateLimitError):
+        for n in range(50):
+            greedy.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"Question {n}."}]
+            )
+    job = wait_for(
+        lambda: (j := stack.job(namespace, "greedy")).spec.suspend and j,
+        timeout=10, what="Job past its per-job cap suspended",
+    )  # fmt: skip
+    assert job.metadata.annotations["costwarden.io/stopped-reason"] == "PerJobCapReached"
+    assert "perJob.maxCostUSD" in job.metadata.annotations["costwarden.io/stopped-message"]
+    assert not stack.job(namespace, "frugal").spec.suspend
+
+
+def test_ingestion_refuses_unauthenticated_and_forged_senders(stack: Stack):
+    url = f"http://127.0.0.1:{stack.ingest_port}/v1/usage"
+    batch = {"source": "intruder", "items": []}
+    assert httpx.post(url, json=batch).status_code == 401
+    forged = httpx.post(url, json=batch, headers={"Authorization": "Bearer not-the-token"})
+    assert forged.status_code == 401
+    assert forged.json()["error"]["code"] == "unauthorized"
+    token = stack.token_file.read_text().strip()
+    accepted = httpx.post(url, json=batch, headers={"Authorization": f"Bearer {token}"})
+    assert accepted.status_code == 200
+    assert accepted.json()["ackedSeq"] == 0
