@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 from kubernetes import client
 
-from costwarden.api.teambudget import BudgetPhase, BudgetPeriod
+from costwarden.api.teambudget import BudgetPeriod, BudgetPhase
 from costwarden.policy.periods import period_bounds
 from tests.support.polling import wait_for
 from tests.support.stack import job_manifest, running_stack, upstream_cost

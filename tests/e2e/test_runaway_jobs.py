@@ -3,14 +3,27 @@ team's other jobs keep running and calling. And the ingestion refuses strangers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import openai
-import pytest
 
 from tests.support.polling import wait_for
 from tests.support.stack import Stack, job_manifest
 
 SAME = [{"role": "user", "content": "Retry the failing migration exactly as before."}]
+
+
+def until_refused(
+    messages: Callable[[int], list[dict[str, str]]], agent: openai.OpenAI, attempts: int = 50
+) -> openai.RateLimitError:
+    """Call until the gateway answers 429; fail if it never does within ``attempts``."""
+    for n in range(attempts):
+        try:
+            agent.chat.completions.create(model="gpt-4o-mini", messages=messages(n))
+        except openai.RateLimitError as refusal:
+            return refusal
+    raise AssertionError(f"no 429 after {attempts} calls")
 
 
 def test_a_retry_loop_suspends_that_job_alone(stack: Stack, namespace: str):
@@ -22,10 +35,8 @@ def test_a_retry_loop_suspends_that_job_alone(stack: Stack, namespace: str):
     looper = stack.gateway.agent(team, namespace, "looper")
     worker = stack.gateway.agent(team, namespace, "worker")
 
-    with pytest.raises(openai.RateLimitError) as tripped:
-        for _ in range(3):
-            looper.chat.completions.create(model="gpt-4o-mini", messages=SAME)
-    assert tripped.value.body["code"] == "retry_loop_detected"
+    refusal = until_refused(lambda n: SAME, looper, attempts=3)
+    assert refusal.body["code"] == "retry_loop_detected"
 
     job = wait_for(
         lambda: (j := stack.job(namespace, "looper")).spec.suspend and j,
@@ -53,11 +64,8 @@ def test_a_job_past_its_per_job_cap_is_suspended_alone(stack: Stack, namespace: 
     frugal.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "One question."}]
     )
-    with pytest.raises(openai.RateLimitError):
-        for n in range(50):
-            greedy.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": f"Question {n}."}]
-            )
+    refusal = until_refused(lambda n: [{"role": "user", "content": f"Question {n}."}], greedy)
+    assert refusal.body["code"] == "job_cost_cap_reached"
     job = wait_for(
         lambda: (j := stack.job(namespace, "greedy")).spec.suspend and j,
         timeout=10, what="Job past its per-job cap suspended",
