@@ -1,0 +1,51 @@
+"""Who may report usage: a shared token, or an allowed service account (TokenReview)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from costwarden.controllers.ingest_auth import IngestAuth
+
+
+class FakeReviews:
+    """TokenReview: token ``sa-<ns>-<name>`` is that service account; others unknown."""
+
+    def __init__(self) -> None:
+        self.reviews = 0
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.reviews += 1
+        token = body["spec"]["token"]
+        if not token.startswith("sa-"):
+            return {"status": {"authenticated": False}}
+        _, namespace, name = token.split("-", 2)
+        user = f"system:serviceaccount:{namespace}:{name}"
+        return {"status": {"authenticated": True, "user": {"username": user}}}
+
+
+def check(auth: IngestAuth, header: str) -> int:
+    return asyncio.run(auth.check(header)).status
+
+
+def test_shared_token_from_a_file(tmp_path: Path):
+    token_file = tmp_path / "token"
+    token_file.write_text("old\nnew\n")
+    auth = IngestAuth(token_file=token_file)
+    assert check(auth, "Bearer new") == 200
+    assert check(auth, "Bearer wrong") == 401
+    assert check(auth, "") == 401
+    assert check(auth, "Basic new") == 401
+    token_file.write_text("rotated\n")
+    assert check(auth, "Bearer new") == 401  # a rotated Secret applies at once
+
+
+def test_service_accounts_are_reviewed_and_must_be_allowed():
+    reviews = FakeReviews()
+    auth = IngestAuth(allowed_service_accounts=["cw:gateway"], rest=reviews)  # type: ignore[arg-type]
+    assert check(auth, "Bearer sa-cw-gateway") == 200
+    assert check(auth, "Bearer sa-team-agent") == 403  # a workload, not a gateway
+    assert check(auth, "Bearer garbage") == 401
+    assert check(auth, "Bearer sa-cw-gateway") == 200
+    assert reviews.reviews == 3  # the verdict is cached
