@@ -12,9 +12,7 @@ import atexit
 import base64
 import contextlib
 import ctypes
-import datetime
 import http.client
-import ipaddress
 import json
 import logging
 import os
@@ -33,10 +31,6 @@ from types import TracebackType
 from typing import IO, Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from costwarden.cluster.binaries import (
     APISERVER,
@@ -47,6 +41,7 @@ from costwarden.cluster.binaries import (
     tail,
 )
 from costwarden.cluster.binaries import ensure_control_plane_binaries as _ensure_binaries
+from costwarden.cluster.pki import ClusterPki, write_cluster_pki
 
 logger = logging.getLogger(__name__)
 
@@ -80,19 +75,6 @@ class _Child:
     process: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes]
-
-
-@dataclass(frozen=True)
-class _Pki:
-    """Paths of the PEM files the components and clients use."""
-
-    ca_cert: Path
-    serving_cert: Path
-    serving_key: Path
-    admin_cert: Path
-    admin_key: Path
-    sa_public_key: Path
-    sa_private_key: Path
 
 
 class LocalControlPlane:
@@ -130,7 +112,7 @@ class LocalControlPlane:
         self._workdir: Path | None = None
         self._owns_workdir = False
         self._children: list[_Child] = []
-        self._pki: _Pki | None = None
+        self._pki: ClusterPki | None = None
         self._apiserver_port: int | None = None
         self._tools_dir: Path | None = None
         self._started = False
@@ -303,7 +285,11 @@ class LocalControlPlane:
         else:
             self._workdir = Path(tempfile.mkdtemp(prefix="costwarden-cp-"))
         self.log_dir.mkdir(exist_ok=True)
-        self._pki = _write_pki(self.workdir / "pki")
+        self._pki = write_cluster_pki(
+            self.workdir / "pki",
+            admin_user=ADMIN_USER,
+            service_cluster_ip_range=SERVICE_CLUSTER_IP_RANGE,
+        )
 
     def _launch(self) -> None:
         etcd_port, etcd_peer_port, apiserver_port = _free_ports(3)
@@ -483,7 +469,7 @@ class LocalControlPlane:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _require_pki(self) -> _Pki:
+    def _require_pki(self) -> ClusterPki:
         if self._pki is None:
             raise ControlPlaneError("control plane not started")
         return self._pki
@@ -548,124 +534,3 @@ def _https_get(port: int, path: str, context: ssl.SSLContext) -> tuple[int, byte
         return response.status, response.read()
     finally:
         connection.close()
-
-
-# ---------------------------------------------------------------------------
-# PKI
-# ---------------------------------------------------------------------------
-
-
-def _write_pki(directory: Path) -> _Pki:
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = _rsa_key()
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "costwarden-local-ca")])
-    ca_cert = (
-        _cert_builder(ca_name, ca_name, ca_key, now)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(
-        subject: x509.Name, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
-    ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-        key = _rsa_key()
-        builder = _cert_builder(subject, ca_name, key, now).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
-
-    service_ip = next(ipaddress.IPv4Network(SERVICE_CLUSTER_IP_RANGE).hosts())
-    serving_cert, serving_key = leaf(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
-        x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
-        [
-            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-            x509.IPAddress(service_ip),
-            x509.DNSName("localhost"),
-            x509.DNSName("kubernetes"),
-            x509.DNSName("kubernetes.default"),
-            x509.DNSName("kubernetes.default.svc"),
-        ],
-    )
-    # Group system:masters is bound to cluster-admin by the bootstrap RBAC policy.
-    admin_cert, admin_key = leaf(
-        x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-                x509.NameAttribute(NameOID.COMMON_NAME, ADMIN_USER),
-            ]
-        ),
-        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH,
-        [],
-    )
-    sa_key = _rsa_key()
-    pki = _Pki(
-        ca_cert=directory / "ca.crt",
-        serving_cert=directory / "apiserver.crt",
-        serving_key=directory / "apiserver.key",
-        admin_cert=directory / "admin.crt",
-        admin_key=directory / "admin.key",
-        sa_public_key=directory / "sa.pub",
-        sa_private_key=directory / "sa.key",
-    )
-    pki.ca_cert.write_bytes(_cert_pem(ca_cert))
-    pki.serving_cert.write_bytes(_cert_pem(serving_cert))
-    pki.serving_key.write_bytes(_key_pem(serving_key))
-    pki.admin_cert.write_bytes(_cert_pem(admin_cert))
-    pki.admin_key.write_bytes(_key_pem(admin_key))
-    pki.sa_private_key.write_bytes(_key_pem(sa_key))
-    pki.sa_public_key.write_bytes(
-        sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return pki
-
-
-def _rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def _cert_builder(
-    subject: x509.Name, issuer: x509.Name, key: rsa.RSAPrivateKey, now: datetime.datetime
-) -> x509.CertificateBuilder:
-    # Back-dated by an hour to tolerate clock skew; a throw-away cluster needs no rotation.
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )

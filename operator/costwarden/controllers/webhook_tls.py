@@ -12,22 +12,13 @@ is used as is when present.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from costwarden.pki import PrivateCA
 
 VALIDITY = timedelta(days=365)
-_CA_USAGE = x509.KeyUsage(
-    digital_signature=True, key_cert_sign=True, crl_sign=True,
-    content_commitment=False, key_encipherment=False, data_encipherment=False,
-    key_agreement=False, encipher_only=False, decipher_only=False,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,50 +45,9 @@ def serving_tls(directory: Path, hostnames: list[str]) -> ServingTLS:
 def generate(hostnames: list[str]) -> tuple[bytes, bytes, bytes]:
     """A CA and a serving certificate for ``hostnames`` (DNS names or IPs): PEM CA cert,
     PEM serving cert, PEM serving key."""
-    now = datetime.now(UTC) - timedelta(minutes=5)  # tolerate small clock skew
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "costwarden-webhook-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_CA_USAGE, critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(_sans(hostnames)), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return ca_cert.public_bytes(pem), cert.public_bytes(pem), key_pem
-
-
-def _sans(hostnames: list[str]) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
-    for host in dict.fromkeys(hostnames):  # unique, in order
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return names
+    authority = PrivateCA("costwarden-webhook-ca", VALIDITY)
+    serving = authority.issue_server(hostnames)
+    return authority.cert_pem, serving.cert_pem, serving.key_pem
 
 
 def service_hostnames(host: str) -> list[str]:
