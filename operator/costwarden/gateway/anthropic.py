@@ -10,6 +10,7 @@ The error body adds a ``code`` (costwarden's machine-readable reason) next to An
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ from costwarden.gateway.wire import (
     SseSplitter,
     error_type,
     sse_data,
+    tokens,
     usage_int,
 )
 
@@ -33,7 +35,7 @@ _FIELDS = {
     "cache_creation": "cache_creation_input_tokens",
     "output": "output_tokens",
 }
-_INSPECT = (b"message_start", b"message_delta", b"message_stop", b'"error"')
+_LOOK = re.compile(rb"message_start|message_delta|message_stop|\"error\"")
 
 
 def parse_usage(usage: Any, *, required: tuple[str, ...] = ("input", "output")) -> dict[str, int]:
@@ -60,11 +62,13 @@ class AnthropicStreamMeter:
         self.error = ""
 
     def feed(self, chunk: bytes) -> bytes:
-        events = self._splitter.events(chunk)
-        for event in events:
-            if any(marker in event for marker in _INSPECT):
-                self._inspect(event)
-        return b"\n\n".join(events) + b"\n\n" if events else b""
+        """Every byte goes on untouched and at once; only events that may carry usage are
+        cut out (whole) and parsed."""
+        if self._splitter.pending or not chunk.endswith(b"\n\n") or _LOOK.search(chunk):
+            for event in self._splitter.events(chunk):
+                if _LOOK.search(event):
+                    self._inspect(event)
+        return chunk
 
     def _inspect(self, event: bytes) -> None:
         try:
@@ -87,12 +91,11 @@ class AnthropicStreamMeter:
             self.error = str(exc)
 
     def end(self) -> bytes:
-        rest = self._splitter.rest()
         if self._delta_seen and "input" in self._parts and not self.error:
-            self.usage = TokenUsage(**self._parts)
+            self.usage = tokens(**self._parts)
         elif not self.error:
             self.error = "the stream ended without usage in message_start and message_delta"
-        return rest
+        return b""  # feed() already passed every byte on
 
 
 class AnthropicFormat:
@@ -103,7 +106,7 @@ class AnthropicFormat:
         return orjson.dumps({"type": "error", "error": error})
 
     def usage(self, answer: dict[str, Any], endpoint: Endpoint) -> TokenUsage:
-        return TokenUsage(**parse_usage(answer.get("usage")))
+        return tokens(**parse_usage(answer.get("usage")))
 
     def prepare(self, body: dict[str, Any], endpoint: Endpoint) -> bool:
         return True  # Anthropic streams always carry usage; nothing to add or hide.

@@ -26,6 +26,7 @@ from costwarden.gateway.identity import Caller
 from costwarden.gateway.wire import WireFormat
 
 decision_log = logging.getLogger("costwarden.gateway.decision")
+_NO_TOKENS = TokenUsage()
 
 
 @dataclass(slots=True)
@@ -78,7 +79,7 @@ class Call:
             rule=self.rule,
             policy=self.policy_id,
             provider=served.provider if served else self.fmt.provider,
-            tokens=self.tokens or TokenUsage(),
+            tokens=self.tokens or _NO_TOKENS,
             usage_reported=self.tokens is not None,
             cost_usd=self.cost,
             outcome=self.outcome,

@@ -10,7 +10,6 @@ is logged; the gateway is not ready until one document has loaded.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -26,7 +25,6 @@ from costwarden.policy.routing import CompiledPolicy, compile_policy
 
 log = logging.getLogger("costwarden.gateway.config")
 
-POLL_SECONDS = 1.0
 _PATHS = {
     Endpoint.CHAT_COMPLETIONS: "/chat/completions",
     Endpoint.EMBEDDINGS: "/embeddings",
@@ -131,12 +129,3 @@ class ConfigStore:
         self.reloads += 1
         log.info("gateway config loaded: revision %s", compiled.revision)
         return True
-
-    async def watch(self, interval: float = POLL_SECONDS) -> None:
-        """Poll forever (cancel the task to stop)."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.poll()
-            except OSError as exc:  # a half-swapped mount; the next poll sees the new file
-                log.warning("gateway config poll failed: %s", exc)

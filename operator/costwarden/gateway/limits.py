@@ -114,7 +114,7 @@ class Limits:
         job.tokens += tokens.input + tokens.cached_input + tokens.cache_creation + tokens.output
         seen = self._team(team, revision)
         seen.cost += cost
-        seen.tokens = TokenUsage(
+        seen.tokens = TokenUsage.model_construct(  # sums of checked counts: no re-validation
             input=seen.tokens.input + tokens.input,
             output=seen.tokens.output + tokens.output,
             cached_input=seen.tokens.cached_input + tokens.cached_input,

@@ -9,6 +9,7 @@ provider then adds to every other chunk is left in place (the SDKs accept it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,11 +23,14 @@ from costwarden.gateway.wire import (
     SseSplitter,
     error_type,
     sse_data,
+    tokens,
     usage_int,
 )
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _DONE = b"[DONE]"
+# One C-level scan decides whether a chunk needs a closer look; most chunks are content.
+_LOOK = re.compile(rb'"usage": ?\{|"error"|\[DONE\]')
 
 
 def parse_usage(usage: Any, endpoint: Endpoint) -> TokenUsage:
@@ -38,7 +42,7 @@ def parse_usage(usage: Any, endpoint: Endpoint) -> TokenUsage:
     output = 0 if endpoint is Endpoint.EMBEDDINGS else usage_int(usage, "completion_tokens")
     if cached > prompt:
         raise MalformedUsageError(f"cached_tokens {cached} exceed prompt_tokens {prompt}")
-    return TokenUsage(input=prompt - cached, output=output, cached_input=cached)
+    return tokens(prompt - cached, output, cached)
 
 
 class OpenAIStreamMeter:
@@ -54,6 +58,8 @@ class OpenAIStreamMeter:
         self.error = ""
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._splitter.pending and chunk.endswith(b"\n\n") and not _LOOK.search(chunk):
+            return chunk  # whole content events only: pass them on untouched
         out = [e for e in self._splitter.events(chunk) if self._keep(e)]
         return b"\n\n".join(out) + b"\n\n" if out else b""
 

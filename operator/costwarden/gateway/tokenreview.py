@@ -24,6 +24,7 @@ log = logging.getLogger("costwarden.gateway.tokenreview")
 VERDICT_TTL = 60.0
 REJECTION_TTL = 10.0
 POD_TTL = 60.0
+MAX_CACHED = 10_000  # distinct tokens or pods remembered; expired entries are dropped beyond
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 SA_PREFIX = "system:serviceaccount:"
 
@@ -53,6 +54,7 @@ class TokenReviewVerifier:
             return cached[1]
         caller = await asyncio.to_thread(self._review, token)
         ttl = VERDICT_TTL if caller is not None else REJECTION_TTL
+        _prune(self._verdicts, now)
         self._verdicts[key] = (now + ttl, caller)
         return caller
 
@@ -86,5 +88,17 @@ class TokenReviewVerifier:
         except client.ApiException as exc:
             log.warning("cannot read pod %s/%s: HTTP %s", namespace, pod, exc.status)
             labels = {}
+        _prune(self._pods, now)
         self._pods[(namespace, pod)] = (now + POD_TTL, labels)
         return labels
+
+
+def _prune(cache: dict[Any, tuple[float, Any]], now: float) -> None:
+    """Bound a TTL cache: past MAX_CACHED entries, drop the expired ones (and if none
+    expired, everything: a flood of distinct bogus tokens must not grow memory)."""
+    if len(cache) < MAX_CACHED:
+        return
+    for key in [k for k, (expires, _) in cache.items() if expires <= now]:
+        del cache[key]
+    if len(cache) >= MAX_CACHED:
+        cache.clear()

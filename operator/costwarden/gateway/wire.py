@@ -59,6 +59,14 @@ def take_hints(headers: Mapping[str, str], body: dict[str, Any]) -> Hints:
     return Hints(task.strip(), sensitivity, headers.get(SESSION_HEADER, ""))
 
 
+def tokens(input: int, output: int, cached_input: int = 0, cache_creation: int = 0) -> TokenUsage:
+    """A TokenUsage from counts already checked by :func:`usage_int` (no re-validation:
+    pydantic's validators cost ~40 us a call, on every metered call)."""
+    return TokenUsage.model_construct(
+        input=input, output=output, cached_input=cached_input, cache_creation=cache_creation
+    )
+
+
 def estimate_prompt_tokens(body_size: int) -> int:
     """A coarse estimate (about 4 bytes a token) for rules with prompt-size bounds."""
     return body_size // BYTES_PER_TOKEN
@@ -104,6 +112,11 @@ class SseSplitter:
         parts = data.split(b"\n\n")
         self._buffer = parts.pop()
         return [p for p in parts if p]
+
+    @property
+    def pending(self) -> bool:
+        """Part of an event is waiting for the rest of it."""
+        return bool(self._buffer)
 
     def rest(self) -> bytes:
         rest, self._buffer = self._buffer, b""

@@ -32,7 +32,7 @@ def team_verdict(team: TeamConfig, extra_cost: Decimal, extra_tokens: TokenUsage
     The operator's own phase wins when it is further along (it sees every replica).
     """
     spend = team.spend
-    tokens = TokenUsage(
+    tokens = TokenUsage.model_construct(  # sums of validated counts (hot path: no re-check)
         input=spend.tokens.input + extra_tokens.input,
         output=spend.tokens.output + extra_tokens.output,
         cached_input=spend.tokens.cached_input + extra_tokens.cached_input,
