@@ -25,6 +25,10 @@ from costwarden.api.routingpolicy import Provider
 from costwarden.api.teambudget import JobAction, TokenUsage
 
 RECORD_API_VERSION = "costwarden.io/v1alpha1"
+SIDECAR_REPORT_AUDIENCE = "costwarden.io/ingest"
+"""Audience of the pod-bound token an injected sidecar presents to the operator: a token
+minted for this audience is useless against the API server, and the operator accepts it
+only for usage of the pod it is bound to."""
 
 
 def parse_exact_usd(value: Any) -> Decimal:

@@ -63,6 +63,12 @@ def accounting_arguments(parser: argparse.ArgumentParser) -> None:
         "(repeatable; default: $COSTWARDEN_INGEST_ALLOWED_SA, comma-separated)",
     )
     group.add_argument(
+        "--ingest-allow-sidecars",
+        action="store_true",
+        help="accept injected sidecars' pod-bound tokens (audience costwarden.io/ingest), "
+        "each for its own pod's usage only (docs/sidecar-injection.md)",
+    )
+    group.add_argument(
         "--clock-offset",
         type=float,
         default=float(os.environ.get(clock.ENV_OFFSET) or 0),
@@ -98,7 +104,10 @@ def build(
     ingestion = None
     if args.ingest_port:
         auth = IngestAuth(
-            token_file=args.ingest_token_file, allowed_service_accounts=allowed, rest=rest
+            token_file=args.ingest_token_file,
+            allowed_service_accounts=allowed,
+            rest=rest,
+            allow_sidecars=args.ingest_allow_sidecars,
         )
         ingestion = Ingestion(accountant, auth, reconciler.leadership)
     return AccountingRuntime(

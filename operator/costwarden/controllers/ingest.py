@@ -26,7 +26,7 @@ from costwarden.accounting.ledger import Applied, Entry, apply_entries
 from costwarden.api.teambudget import BudgetPhase
 from costwarden.controllers import accounting_metrics as metrics
 from costwarden.controllers.accountant import Accountant, BudgetGoneError, Commit
-from costwarden.controllers.ingest_auth import IngestAuth
+from costwarden.controllers.ingest_auth import AuthVerdict, IngestAuth
 from costwarden.controllers.leadership import Leadership
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,10 @@ class Ingestion:
         except (ValidationError, orjson.JSONDecodeError) as exc:
             metrics.BATCHES.labels(result="invalid").inc()
             return _error(400, "invalid_batch", str(exc)[:2000])
+        foreign = _first_foreign_entry(batch, verdict)
+        if foreign:
+            metrics.BATCHES.labels(result="unauthorized").inc()
+            return _error(403, "forbidden", foreign)
         try:
             ack = await self.apply(batch)
         except Exception as exc:
@@ -113,6 +117,19 @@ class Ingestion:
             return team, None, None
         _observe(commit, applied)
         return team, commit.after.phase, applied
+
+
+def _first_foreign_entry(batch: UsageBatch, verdict: AuthVerdict) -> str:
+    """A sidecar reports its own pod's usage only: a sentence naming the first entry that is
+    not, or "" when every entry is (or the sender is a gateway, whose scope is all)."""
+    for item in batch.items:
+        entry = item.record or item.loop_signal
+        if entry is not None and not verdict.covers(entry.namespace, entry.pod):
+            return (
+                f"{verdict.who} may report usage of pod {verdict.namespace}/{verdict.pod} "
+                f"only, not of {entry.namespace}/{entry.pod} (seq {item.seq})"
+            )
+    return ""
 
 
 def _observe(commit: Commit, applied: Applied) -> None:

@@ -6,7 +6,10 @@ Two ways, either or both:
   and whose user is one of the allowed service accounts (``--ingest-allowed-sa
   NAMESPACE:NAME``); verdicts are cached by the token's sha256 for a minute;
 - a shared bearer token read from a file (``--ingest-token-file``, a mounted Secret),
-  compared in constant time.
+  compared in constant time;
+- with ``--ingest-allow-sidecars``: an injected sidecar's token, bound to its pod and
+  minted for the audience ``costwarden.io/ingest``. The verdict is scoped to that pod: the
+  batch is refused unless every entry is that pod's own usage.
 
 Anything else is refused: 401 without a credential or with one nobody vouches for, 403
 for a valid service account that is not a gateway. Usage is money: a forged batch would
@@ -21,13 +24,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from costwarden.api.usage import SIDECAR_REPORT_AUDIENCE
 from costwarden.controllers.rest import ApiError, Rest
 
 log = logging.getLogger(__name__)
 
 VERDICT_TTL = 60.0
 SA_PREFIX = "system:serviceaccount:"
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,13 @@ class AuthVerdict:
     """200 allowed, 401 unauthenticated, 403 authenticated but not allowed."""
     who: str
     message: str = ""
+    namespace: str = ""
+    pod: str = ""
+    """Set for a sidecar: the only pod whose usage this sender may report."""
+
+    def covers(self, namespace: str, pod: str) -> bool:
+        """Whether an entry of ``namespace``/``pod`` is this sender's to report."""
+        return not self.pod or (namespace, pod) == (self.namespace, self.pod)
 
     @property
     def allowed(self) -> bool:
@@ -49,12 +62,14 @@ class IngestAuth:
         token_file: Path | None = None,
         allowed_service_accounts: list[str] | None = None,
         rest: Rest | None = None,
+        allow_sidecars: bool = False,
     ) -> None:
         self._token_file = token_file
         self._allowed = {
             SA_PREFIX + sa.strip() for sa in (allowed_service_accounts or []) if sa.strip()
         }
         self._rest = rest
+        self._allow_sidecars = allow_sidecars
         self._cache: dict[str, tuple[float, AuthVerdict]] = {}
 
     def _shared_tokens(self) -> list[bytes]:
@@ -82,22 +97,48 @@ class IngestAuth:
         return verdict
 
     async def _review(self, token: str) -> AuthVerdict:
+        verdict = await self._review_gateway(token)
+        if verdict.allowed or not self._allow_sidecars:
+            return verdict
+        sidecar = await self._review_sidecar(token)
+        return sidecar if sidecar.status != 401 else verdict
+
+    async def _review_gateway(self, token: str) -> AuthVerdict:
         if self._rest is None or not self._allowed:
             return AuthVerdict(401, "", "the credential is not a known gateway token")
-        body = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenReview",
-            "spec": {"token": token},
-        }
-        try:
-            review = await self._rest.post("/apis/authentication.k8s.io/v1/tokenreviews", body)
-        except ApiError as error:
-            log.error("TokenReview failed: HTTP %s", error.status)
+        status = await self._token_review(token, audiences=None)
+        if status is None:
             return AuthVerdict(401, "", "the credential could not be reviewed")
-        status = review.get("status") or {}
         user = str((status.get("user") or {}).get("username") or "")
         if not status.get("authenticated"):
             return AuthVerdict(401, "", "the API server does not accept this token")
         if user not in self._allowed:
             return AuthVerdict(403, user, f"{user} is not an allowed usage reporter")
         return AuthVerdict(200, user)
+
+    async def _review_sidecar(self, token: str) -> AuthVerdict:
+        status = await self._token_review(token, audiences=[SIDECAR_REPORT_AUDIENCE])
+        if status is None or not status.get("authenticated"):
+            return AuthVerdict(401, "", "the API server does not accept this token")
+        user = status.get("user") or {}
+        username = str(user.get("username") or "")
+        pods = (user.get("extra") or {}).get(POD_NAME_EXTRA) or []
+        namespace = username[len(SA_PREFIX) :].partition(":")[0]
+        if not username.startswith(SA_PREFIX) or not pods:
+            return AuthVerdict(403, username, "a sidecar token must be bound to its pod")
+        return AuthVerdict(200, username, namespace=namespace, pod=str(pods[0]))
+
+    async def _token_review(self, token: str, audiences: list[str] | None) -> dict[str, Any] | None:
+        if self._rest is None:
+            return None
+        spec: dict[str, Any] = {"token": token}
+        if audiences:
+            spec["audiences"] = audiences
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        try:
+            review = await self._rest.post("/apis/authentication.k8s.io/v1/tokenreviews", body)
+        except ApiError as error:
+            log.error("TokenReview failed: HTTP %s", error.status)
+            return None
+        status: dict[str, Any] = review.get("status") or {}
+        return status

@@ -137,6 +137,12 @@ def webhook_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("COSTWARDEN_SIDECAR_IMAGE", f"costwarden/costwarden:{__version__}"),
         help="image of the injected gateway sidecar (default: $COSTWARDEN_SIDECAR_IMAGE)",
     )
+    group.add_argument(
+        "--sidecar-report-to",
+        help="the operator's ingestion URL injected sidecars deliver usage to, e.g. "
+        "http://costwarden-operator.costwarden-system.svc:8081 (pair with "
+        "--ingest-allow-sidecars); unset, sidecars keep their usage in a local ledger only",
+    )
 
 
 def webhook_options(args: argparse.Namespace) -> webhook.WebhookOptions:
@@ -149,7 +155,11 @@ def webhook_options(args: argparse.Namespace) -> webhook.WebhookOptions:
         configuration=args.webhook_configuration,
         failure_policy=args.webhook_failure_policy,
         cert_dir=args.webhook_cert_dir,
-        injection=InjectionSettings(image=args.sidecar_image, excluded_namespaces=excluded),
+        injection=InjectionSettings(
+            image=args.sidecar_image,
+            excluded_namespaces=excluded,
+            report_to=args.sidecar_report_to,
+        ),
     )
 
 

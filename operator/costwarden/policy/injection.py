@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from costwarden.api.usage import SIDECAR_REPORT_AUDIENCE
+
 INJECT_LABEL = "costwarden.io/inject"
 """On a pod: "true" opts in, "false" opts out. On a namespace: "enabled" opts its pods in."""
 NAMESPACE_OPT_IN = "enabled"
@@ -26,6 +28,13 @@ CONFIG_VOLUME = "costwarden-gateway-config"
 CONFIG_DIR = "/etc/costwarden/gateway"
 PODINFO_VOLUME = "costwarden-podinfo"
 PODINFO_DIR = "/etc/podinfo"
+STATE_VOLUME = "costwarden-state"
+STATE_DIR = "/var/lib/costwarden"
+"""The sidecar's usage ledger: survives a restart of the sidecar container (not of the pod),
+so records not yet acknowledged by the operator are re-sent."""
+TOKEN_VOLUME = "costwarden-report-token"
+TOKEN_DIR = "/var/run/costwarden/report"
+TOKEN_SECONDS = 3600  # the kubelet refreshes the projected token before it expires
 ALWAYS_EXCLUDED = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 
 Pod = dict[str, Any]
@@ -44,6 +53,8 @@ class InjectionSettings:
     excluded_namespaces: frozenset[str] = ALWAYS_EXCLUDED
     image_pull_policy: str = "IfNotPresent"
     resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: DEFAULT_RESOURCES)
+    report_to: str | None = None
+    """The operator's ingestion URL; set, sidecars deliver their usage there."""
 
 
 @dataclass(frozen=True)
@@ -159,10 +170,18 @@ def sidecar_container(settings: InjectionSettings) -> dict[str, Any]:
         "--host", "127.0.0.1",
         "--port", str(settings.port),
         "--pod-labels-file", f"{PODINFO_DIR}/labels",
+        "--ledger", f"{STATE_DIR}/usage.jsonl",
     ]  # fmt: skip
-    # The agent containers start once this passes, so their first call finds the gateway
-    # listening. An exec probe because the listener is loopback-only, which the kubelet's
-    # httpGet/tcpSocket probes (they dial the pod IP) cannot reach.
+    mounts = [
+        {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True},
+        {"name": STATE_VOLUME, "mountPath": STATE_DIR},
+    ]
+    if settings.report_to:
+        # The sidecar proves which pod it serves with a token bound to that pod, for the
+        # operator's audience only: it can report this pod's usage and nobody else's.
+        args += ["--report-to", settings.report_to, "--report-token-file", f"{TOKEN_DIR}/token"]
+        mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
     probe = [
         "python",
         "-c",
@@ -196,15 +215,12 @@ def sidecar_container(settings: InjectionSettings) -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True},
-        ],
+        "volumeMounts": mounts,
     }
 
 
 def sidecar_volumes(settings: InjectionSettings) -> list[dict[str, Any]]:
-    return [
+    volumes = [
         # Not optional: a sidecar without configuration could only refuse calls; the pod
         # waits for the operator's copy instead (the kubelet retries the mount).
         {"name": CONFIG_VOLUME, "configMap": {"name": settings.config_map}},
@@ -214,7 +230,18 @@ def sidecar_volumes(settings: InjectionSettings) -> list[dict[str, Any]]:
                 "items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
             },
         },
+        {"name": STATE_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}},
     ]
+    if settings.report_to:
+        token = {
+            "audience": SIDECAR_REPORT_AUDIENCE,
+            "expirationSeconds": TOKEN_SECONDS,
+            "path": "token",
+        }
+        volumes.append(
+            {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": token}]}}
+        )
+    return volumes
 
 
 def _names(items: list[dict[str, Any]]) -> set[str]:

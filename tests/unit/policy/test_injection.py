@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from costwarden.api.usage import SIDECAR_REPORT_AUDIENCE
 from costwarden.policy.injection import (
     CONFIG_COPY_NAME,
     INJECT_LABEL,
@@ -84,7 +86,32 @@ def test_volumes_mount_the_namespace_copy_and_the_downward_api_labels() -> None:
     assert items == [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
     mounts = {m["name"]: m for m in result["spec"]["initContainers"][0]["volumeMounts"]}
     assert mounts["costwarden-podinfo"]["mountPath"] == "/etc/podinfo"
-    assert all(m["readOnly"] for m in mounts.values())
+    # Only the ledger's volume is writable (the root filesystem is read-only).
+    writable = {name for name, m in mounts.items() if not m.get("readOnly")}
+    assert writable == {"costwarden-state"}
+    assert "emptyDir" in volumes["costwarden-state"]
+
+
+def test_sidecars_report_usage_with_a_token_bound_to_their_pod() -> None:
+    settings = replace(SETTINGS, report_to="http://costwarden-operator.cw.svc:8081")
+    result = inject(pod({INJECT_LABEL: "true"}), settings, namespace="team-a").pod
+    assert result is not None
+    sidecar = result["spec"]["initContainers"][0]
+    args = sidecar["args"]
+    assert args[args.index("--report-to") + 1] == "http://costwarden-operator.cw.svc:8081"
+    assert args[args.index("--ledger") + 1].startswith("/var/lib/costwarden/")
+    token_file = args[args.index("--report-token-file") + 1]
+    volumes = {v["name"]: v for v in result["spec"]["volumes"]}
+    projected = volumes["costwarden-report-token"]["projected"]["sources"][0]
+    assert projected["serviceAccountToken"]["audience"] == SIDECAR_REPORT_AUDIENCE
+    mount = next(m for m in sidecar["volumeMounts"] if m["name"] == "costwarden-report-token")
+    assert token_file == f"{mount['mountPath']}/{projected['serviceAccountToken']['path']}"
+
+
+def test_without_an_operator_url_sidecars_keep_a_ledger_only() -> None:
+    result = injected(pod({INJECT_LABEL: "true"}))
+    assert "--report-to" not in result["spec"]["initContainers"][0]["args"]
+    assert "costwarden-report-token" not in {v["name"] for v in result["spec"]["volumes"]}
 
 
 def test_injection_is_idempotent() -> None:
