@@ -86,6 +86,7 @@ class OperatorReportingSink:
     # -- start-up: the ledger and its cursor ---------------------------------------------
 
     def _open_ledger(self, path: Path, replica_id: str) -> tuple[str, int]:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lines = _complete_lines(path)
         cursor = _read_cursor(self._cursor_path) if self._cursor_path else None
         if cursor is not None and cursor[1] <= lines:

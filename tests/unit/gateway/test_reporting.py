@@ -80,7 +80,7 @@ def test_records_are_numbered_sent_in_order_and_acknowledged(tmp_path: Path):
     phases: list[dict] = []
 
     async def test(fake: FakeOperator, url: str) -> None:
-        reporter = sink(url, tmp_path / "ledger.jsonl", on_phases=phases.append)
+        reporter = sink(url, tmp_path / "new-dir" / "ledger.jsonl", on_phases=phases.append)
         for n in range(5):
             reporter.emit(record(n))
         await drained(reporter)
@@ -90,9 +90,9 @@ def test_records_are_numbered_sent_in_order_and_acknowledged(tmp_path: Path):
         await reporter.close()
 
     asyncio.run(with_operator(test))
-    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    lines = (tmp_path / "new-dir" / "ledger.jsonl").read_text().splitlines()
     assert len(lines) == 5  # the ledger line number is the seq
-    cursor = json.loads((tmp_path / "ledger.jsonl.cursor").read_text())
+    cursor = json.loads((tmp_path / "new-dir" / "ledger.jsonl.cursor").read_text())
     assert cursor["ackedSeq"] == 5
     assert phases[0] == {"ns/b": "Exhausted"}
 
