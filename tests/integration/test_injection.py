@@ -9,7 +9,6 @@ kubelet): what is checked is the pod the API server stored.
 from __future__ import annotations
 
 import secrets
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,16 +24,11 @@ from costwarden.policy.injection import (
     INJECTED_LABEL,
     SIDECAR_NAME,
 )
+from costwarden.ports import free_port
 from tests.support.operator_process import OperatorProcess
 from tests.support.polling import wait_for
 
 IMAGE = "costwarden/costwarden:integration"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def injector(
     process = OperatorProcess(
         str(control_plane.kubeconfig_path), operator_ns, log_path,
         "--standalone",
-        "--webhook-port", str(_free_port()),
+        "--webhook-port", str(free_port()),
         "--webhook-listen-address", "127.0.0.1",
         "--webhook-configuration", configuration,
         "--webhook-cert-dir", str(tmp_path_factory.mktemp("webhook-tls")),

@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,18 +28,13 @@ from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, CONFIG_MAP_NAME
 from costwarden.api.routingpolicy import ModelBackend, Provider
 from costwarden.api.teambudget import TokenUsage
 from costwarden.policy.pricing import call_cost, resolve_pricing
+from costwarden.ports import free_port
 from costwarden.testing.upstream import FakeUpstream, ServerThread
 from tests.support.operator_process import OperatorProcess
 from tests.support.polling import wait_for
 
 GROUP, VERSION = "costwarden.io", "v1alpha1"
 MODEL = "gpt-4o-mini"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def budget_manifest(name: str, hard_cap: str, **spec: Any) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from costwarden.cluster.binaries import (
 )
 from costwarden.cluster.binaries import ensure_control_plane_binaries as _ensure_binaries
 from costwarden.cluster.pki import ClusterPki, write_cluster_pki
+from costwarden.ports import free_ports
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class LocalControlPlane:
         )
 
     def _launch(self) -> None:
-        etcd_port, etcd_peer_port, apiserver_port = _free_ports(3)
+        etcd_port, etcd_peer_port, apiserver_port = free_ports(3)
         self._start_etcd(etcd_port, etcd_peer_port)
         self._apiserver_port = apiserver_port
         self._start_apiserver(etcd_port, apiserver_port)
@@ -500,19 +500,6 @@ def _die_with_parent() -> None:
 
 
 _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _free_ports(count: int) -> list[int]:
-    # Hold all sockets open together so the kernel hands out distinct ports; the small race
-    # until the component binds is covered by the retry in start().
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _etcd_healthy(port: int) -> bool:
