@@ -37,6 +37,11 @@ BUDGET_USED_RATIO = Gauge(
     "Spend divided by the hard cap (alert on > 0.8, page on >= 1).",
     ["team"],
 )
+BUDGET_PHASE = Gauge(
+    "costwarden_budget_phase",
+    "1 for the phase each team's budget is in, 0 for the others (alert on Exhausted).",
+    ["team", "phase"],
+)
 POLICIES_READY = Gauge("costwarden_routing_policies", "RoutingPolicies by readiness.", ["ready"])
 
 _known_teams: set[str] = set()
@@ -67,9 +72,15 @@ def _observe_teams(result: Reconciliation) -> None:
         BUDGET_SOFT_LIMIT.labels(team=team.id).set(float(team.soft_limit_usd))
         ratio = team.spend.spent_usd / team.hard_cap_usd if team.hard_cap_usd else 1
         BUDGET_USED_RATIO.labels(team=team.id).set(float(ratio))
+        for phase in BudgetPhase:
+            BUDGET_PHASE.labels(team=team.id, phase=phase.value).set(
+                1 if team.spend.phase is phase else 0
+            )
     # A deleted budget's series disappear instead of freezing at their last value.
     for gone in _known_teams - current:
         for gauge in (BUDGET_SPENT, BUDGET_LIMIT, BUDGET_SOFT_LIMIT, BUDGET_USED_RATIO):
             gauge.remove(gone)
+        for phase in BudgetPhase:
+            BUDGET_PHASE.remove(gone, phase.value)
     _known_teams.clear()
     _known_teams.update(current)
