@@ -126,9 +126,7 @@ def test_a_batch_delivered_again_after_an_operator_restart_is_counted_once(
     assert first["ackedSeq"] == 3
     assert first["records"] == 3
     stack.restart_operator()
-    wait_for(
-        lambda: _post(url, batch, headers), timeout=60, what="ingestion back after restart"
-    )
+    wait_for(lambda: _post(url, batch, headers), timeout=60, what="ingestion back after restart")
     again = httpx.post(url, json=batch, headers=headers, timeout=10).json()
     assert again["duplicates"] == 3
     assert again["records"] == 0

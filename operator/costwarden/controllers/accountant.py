@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import aiohttp
+
 from costwarden.accounting.books import OWNED_FIELDS, Books, is_behind
 from costwarden.accounting.ledger import prune_cursors
 from costwarden.controllers import clock
@@ -31,6 +33,8 @@ from costwarden.policy.caps import CapVerdict
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 10
+TRANSIENT = {429, 500, 502, 503, 504}
+RETRY_SECONDS = 0.05
 
 Mutation = Callable[[Books, datetime], Any]
 """A pure change to a team's books; returns what the caller wants to know of it."""
@@ -123,7 +127,16 @@ class Accountant:
                     continue
                 if error.status == 404:
                     raise BudgetGoneError(budget_id) from error
-                raise
+                if error.status not in TRANSIENT:
+                    raise
+                await asyncio.sleep(RETRY_SECONDS * 2**_attempt)
+                fresh = None
+                continue
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                # Unknown whether it landed: retrying is safe, the cursors make it a no-op.
+                await asyncio.sleep(RETRY_SECONDS * 2**_attempt)
+                fresh = await self._read(budget)
+                continue
             self.writes += 1
             self._latest[budget_id] = written
             if self.on_commit is not None:

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,7 @@ class AccountingRuntime:
     port: int
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     runner: Any = None
+    thread: _LoopThread | None = None
 
 
 def build(
@@ -116,11 +119,36 @@ def build(
     )  # fmt: skip
 
 
-@kopf.on.startup()
-async def start_accounting(memo: kopf.Memo, **_: Any) -> None:
-    runtime: AccountingRuntime | None = getattr(memo, "accounting", None)
-    if runtime is None:
-        return
+class _LoopThread:
+    """The accounting runs on its own event loop in its own thread.
+
+    Why: the reconciler recomputes every budget on each change, synchronously on Kopf's
+    loop, which under a burst of status writes keeps that loop busy for long stretches.
+    Usage acknowledgements and cap enforcement must not queue behind it (the latency
+    budget from a cap crossing to a suspended Job is seconds), so they get a loop of
+    their own; the GIL still shares the CPU, but in 5 ms slices, not whole passes.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop
+        try:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - a declared dependency
+            self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="accounting", daemon=True)
+        self.thread.start()
+
+    async def run(self, work: Coroutine[Any, Any, Any]) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+async def _start(runtime: AccountingRuntime) -> None:
     if runtime.ingestion is not None:
         try:
             runtime.runner = await serve(runtime.ingestion, runtime.host, runtime.port)
@@ -132,14 +160,9 @@ async def start_accounting(memo: kopf.Memo, **_: Any) -> None:
         asyncio.create_task(watch_jobs(runtime.rest, runtime.enforcer.on_job_event), name="jobs"),
         asyncio.create_task(runtime.enforcer.run(), name="enforcement"),
     ]
-    log.info("accounting started (ingestion port %s)", runtime.port or "off")
 
 
-@kopf.on.cleanup()
-async def stop_accounting(memo: kopf.Memo, **_: Any) -> None:
-    runtime: AccountingRuntime | None = getattr(memo, "accounting", None)
-    if runtime is None:
-        return
+async def _stop(runtime: AccountingRuntime) -> None:
     for task in runtime.tasks:
         task.cancel()
     for task in runtime.tasks:
@@ -148,3 +171,22 @@ async def stop_accounting(memo: kopf.Memo, **_: Any) -> None:
     if runtime.runner is not None:
         await runtime.runner.cleanup()
     await runtime.rest.close()
+
+
+@kopf.on.startup()
+async def start_accounting(memo: kopf.Memo, **_: Any) -> None:
+    runtime: AccountingRuntime | None = getattr(memo, "accounting", None)
+    if runtime is None:
+        return
+    runtime.thread = _LoopThread()
+    await runtime.thread.run(_start(runtime))
+    log.info("accounting started (ingestion port %s)", runtime.port or "off")
+
+
+@kopf.on.cleanup()
+async def stop_accounting(memo: kopf.Memo, **_: Any) -> None:
+    runtime: AccountingRuntime | None = getattr(memo, "accounting", None)
+    if runtime is None or runtime.thread is None:
+        return
+    await runtime.thread.run(_stop(runtime))
+    runtime.thread.stop()

@@ -71,10 +71,10 @@ class BudgetIndex:
         self._snapshot: dict[str, ObservedObject] = {}
 
     def _refresh(self) -> None:
-        current = self._world.budgets
-        if current is self._snapshot or (
-            len(current) == len(self._snapshot)
-            and all(self._snapshot.get(k) is v for k, v in current.items())
+        # A copy in one C call (atomic under the GIL): Kopf's thread updates the world.
+        current = dict(self._world.budgets)
+        if len(current) == len(self._snapshot) and all(
+            self._snapshot.get(k) is v for k, v in current.items()
         ):
             return
         parsed: dict[str, tuple[ObservedObject, Budget | None]] = {}

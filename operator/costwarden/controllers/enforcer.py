@@ -169,6 +169,7 @@ class Enforcer:
             return
         started = time.monotonic()
         jobs = await self._team_jobs(budget)
+        log.debug("%s: listed %d Job(s) in %.3fs", budget.id, len(jobs), time.monotonic() - started)
         targets = jobs_to_stop(jobs, budget.spec, budget.namespace)
         reason = stop_reason(cap_reason)
         await asyncio.gather(*(self._stop(budget, job, reason, message, action) for job in targets))
@@ -225,6 +226,8 @@ class Enforcer:
             metrics.ENFORCEMENT_ERRORS.inc()
             raise
         metrics.CAP_TO_ACTION.observe(time.monotonic() - started)
+        log.debug("%s Job %s/%s in %.3fs", verb, workload.namespace, workload.name,
+                  time.monotonic() - started)  # fmt: skip
         metrics.ENFORCEMENT_ACTIONS.labels(kind=verb, reason=reason.value).inc()
         text = f"{verb} by TeamBudget {budget.id}: {message}"
         await self._record(budget, workload, verb, reason.value, text, warning=True)

@@ -70,6 +70,7 @@ class Ingestion:
         if foreign:
             metrics.BATCHES.labels(result="unauthorized").inc()
             return _error(403, "forbidden", foreign)
+        started = time.monotonic()
         try:
             ack = await self.apply(batch)
         except Exception as exc:
@@ -79,6 +80,8 @@ class Ingestion:
             )
             return _error(503, "not_applied", "the batch could not be applied; re-send it")
         metrics.BATCHES.labels(result="applied").inc()
+        log.debug("batch of %d from %s applied in %.3fs", len(batch.items), batch.source,
+                  time.monotonic() - started)  # fmt: skip
         return web.Response(body=orjson.dumps(ack.to_wire()), content_type="application/json")
 
     async def apply(self, batch: UsageBatch) -> BatchAck:
