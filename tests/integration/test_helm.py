@@ -233,7 +233,10 @@ def test_install_with_optional_features(
     assert release.get("poddisruptionbudget", f"{full}-operator")
     assert release.can("operator", "create", "secrets", namespace)
     assert not release.can("operator", "create", "secrets", "some-team")
-    assert not release.can("operator", "list", "secrets", namespace), "get by name only"
+    # The operator finds the keys it issued by label and revokes a deleted team's key.
+    assert release.can("operator", "list", "secrets", namespace)
+    assert release.can("operator", "delete", "secrets", namespace)
+    assert not release.can("operator", "update", "secrets", namespace), "keys are not edited"
     assert release.can("operator", "create", "mutatingwebhookconfigurations", None)
 
 
