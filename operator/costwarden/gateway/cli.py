@@ -168,7 +168,7 @@ def _sink(args: argparse.Namespace) -> UsageSink:
 def build_gateway(args: argparse.Namespace) -> Gateway:
     store = ConfigStore(args.config)
     store.poll()
-    return Gateway(
+    gateway = Gateway(
         config=store,
         identifier=_identifier(args),
         upstream=make_upstream(args.upstream_client),
@@ -176,6 +176,10 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         credentials=Credentials(args.credentials_dir),
         replica_id=args.replica_id,
     )
+    if hasattr(gateway.sink, "on_phases"):
+        # Learn Exhausted from the operator's acknowledgement, before the config reload.
+        gateway.sink.on_phases = gateway.limits.note_operator_phases
+    return gateway
 
 
 def configure_logging(level: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -37,6 +37,9 @@ class TeamSeen:
     cost: Decimal = Decimal(0)
     tokens: TokenUsage = field(default_factory=TokenUsage)
     verdict: CapVerdict | None = None
+    operator_exhausted: bool = False
+    """The operator's acknowledgement said Exhausted (it sees every replica's usage); holds
+    until the next configuration revision, which carries the operator's phase itself."""
 
 
 @dataclass
@@ -66,6 +69,14 @@ class Limits:
             seen = self._teams[team.id] = TeamSeen(revision)
         return seen
 
+    def note_operator_phases(self, phases: Mapping[str, BudgetPhase]) -> None:
+        """Phases from the operator's usage acknowledgement (gateway/reporting.py)."""
+        for team_id, phase in phases.items():
+            seen = self._teams.get(team_id)
+            if seen is not None and phase is BudgetPhase.EXHAUSTED:
+                seen.operator_exhausted = True
+                seen.verdict = None
+
     def job(self, team_id: str, unit: str) -> JobState:
         key = (team_id, unit)
         state = self._jobs.get(key)
@@ -82,6 +93,8 @@ class Limits:
         seen = self._team(team, revision)
         if seen.verdict is None:
             seen.verdict = decide.team_verdict(team, seen.cost, seen.tokens)
+            if seen.operator_exhausted and not seen.verdict.over_hard_cap:
+                seen.verdict = decide.operator_exhausted_verdict()
         phase = seen.verdict.phase
         refusal = decide.hard_cap_refusal(team, seen.verdict)
         job = self.job(team.id, unit)

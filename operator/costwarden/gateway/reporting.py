@@ -64,7 +64,7 @@ class OperatorReportingSink:
         self.url = url.rstrip("/") + "/v1/usage"
         self._token_file = token_file
         self._token = token
-        self._on_phases = on_phases
+        self.on_phases = on_phases
         self._send_seconds = send_seconds
         self._fsync = fsync
         self._queue: deque[tuple[int, bytes, bytes]] = deque()  # seq, item key, raw JSON
@@ -197,8 +197,8 @@ class OperatorReportingSink:
             self.acked = acked
             if self._cursor_path is not None:
                 await asyncio.to_thread(self._write_cursor, self.source, acked)
-        if self._on_phases is not None and ack.get("teams"):
-            self._on_phases({team: BudgetPhase(p) for team, p in ack["teams"].items()})
+        if self.on_phases is not None and ack.get("teams"):
+            self.on_phases({team: BudgetPhase(p) for team, p in ack["teams"].items()})
         return True
 
     async def _post(self, body: bytes) -> tuple[int, bytes]:

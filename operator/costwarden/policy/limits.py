@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal
 
+from costwarden.api.conditions import Reason
 from costwarden.api.gatewayconfig import TeamConfig
 from costwarden.api.teambudget import BudgetPhase, PerJobLimits, RequestAction, TokenUsage
 from costwarden.api.usage import RefusalReason
@@ -48,6 +49,15 @@ def team_verdict(team: TeamConfig, extra_cost: Decimal, extra_tokens: TokenUsage
     if _PHASE_ORDER.get(spend.phase, 0) > _PHASE_ORDER[verdict.phase]:
         return CapVerdict(spend.phase, verdict.reason, f"the operator reports {spend.phase.value}")
     return verdict
+
+
+def operator_exhausted_verdict() -> CapVerdict:
+    """The operator, which sums every replica's usage, reported the team Exhausted."""
+    return CapVerdict(
+        BudgetPhase.EXHAUSTED,
+        Reason.HARD_CAP_EXCEEDED,
+        "the operator reports the hard cap reached (usage of every gateway replica)",
+    )
 
 
 def hard_cap_refusal(team: TeamConfig, verdict: CapVerdict) -> LimitRefusal | None:

@@ -181,3 +181,19 @@ def test_a_torn_last_line_keeps_its_number(tmp_path: Path):
         await reporter.close()
 
     asyncio.run(with_operator(run))
+
+
+def test_an_exhausted_phase_in_the_acknowledgement_refuses_calls_until_the_next_config():
+    from costwarden.api.teambudget import BudgetPhase
+    from costwarden.gateway.limits import Limits
+    from costwarden.testing.gateway import TEAM_ID, sample_config
+
+    team = sample_config("http://upstream").team(TEAM_ID)
+    assert team is not None
+    limits = Limits()
+    assert limits.admit(team, "rev-1", "job", "fp-1").refusal is None
+    limits.note_operator_phases({TEAM_ID: BudgetPhase.EXHAUSTED})
+    refused = limits.admit(team, "rev-1", "job", "fp-2")
+    assert refused.refusal is not None
+    assert refused.refusal.code == "hard_cap_reached"
+    assert limits.admit(team, "rev-2", "job", "fp-3").refusal is None  # a new config decides
