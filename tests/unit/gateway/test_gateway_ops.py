@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from costwarden.api.usage import UsageRecord
 from costwarden.gateway.sinks import JsonlLedgerSink
@@ -154,3 +156,27 @@ def test_hot_path_record_equals_the_validated_model(gateway: Any) -> None:
 
     assert validated == record
     assert validated.model_dump() == record.model_dump()
+
+
+def test_decision_log_has_one_line_per_call_and_no_secrets(
+    gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="costwarden.gateway.decision")
+    body = {**CHAT, "messages": [{"role": "user", "content": "a secret prompt text"}]}
+
+    httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": "Bearer sk-client"},
+    )
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "costwarden.gateway.decision"]
+    assert len(lines) == 1
+    decision = json.loads(lines[0])
+    assert (decision["model"], decision["rule"], decision["outcome"]) == (
+        "gpt-4o-mini",
+        "default",
+        "OK",
+    )
+    for secret in ("sk-provider-secret-key", "sk-client", "secret prompt"):
+        assert secret not in lines[0]

@@ -16,6 +16,7 @@ from costwarden.api.teambudget import (
     LoopDetection,
     PerJobLimits,
     RequestAction,
+    TokenCaps,
 )
 from costwarden.api.usage import LoopKind, Outcome
 from costwarden.gateway.identity import SharedIdentifier, SidecarIdentifier
@@ -232,3 +233,13 @@ def test_invalid_sensitivity_is_a_400(gateway: Any, fake: FakeUpstream) -> None:
     response = post(gateway.url, CHAT, headers={"X-Costwarden-Sensitivity": "secret"})
 
     assert_openai_refusal(response, 400, "invalid_request")
+
+
+def test_token_cap_counts_as_the_hard_cap(start_gateway: StartGateway, fake: FakeUpstream) -> None:
+    gateway = start_gateway(team={"token_caps": TokenCaps(total=10)})
+
+    assert post(gateway.url, CHAT).status_code == 200
+    error = assert_openai_refusal(post(gateway.url, CHAT), 429, "hard_cap_reached")
+
+    assert "total-token cap" in error["message"]
+    assert len(fake.calls) == 1
