@@ -9,6 +9,7 @@ operator's own API traffic from the controller manager's and the benchmark's.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ class CountingProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.port = 0
+        self.trace: list[str] | None = [] if os.environ.get("COSTWARDEN_PROXY_TRACE") else None
         self._session: aiohttp.ClientSession | None = None
 
     def kubeconfig(self, path: Path) -> Path:
@@ -75,6 +77,8 @@ class CountingProxy:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         key = self._key(request)
+        if self.trace is not None:
+            self.trace.append(f"{time.monotonic():.3f} {request.method} {request.path_qs}")
         self.counts[key] += 1
         self.times.append((time.monotonic(), key))
         assert self._session is not None

@@ -72,17 +72,25 @@ def job(name: str, team: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def create_all(rest: Rest, items: list[tuple[str, dict[str, Any]]], width: int = 48) -> None:
+async def create_all(rest: Rest, items: list[tuple[str, dict[str, Any]]], width: int = 16) -> None:
     queue = list(reversed(items))
 
     async def worker() -> None:
         while queue:
             path, body = queue.pop()
-            try:
-                await rest.post(path, body)
-            except ApiError as error:
-                if error.status != 409:
-                    raise
+            for attempt in range(5):
+                try:
+                    await rest.request("POST", path, body=body, timeout=120)
+                    break
+                except ApiError as error:
+                    if error.status == 409:
+                        break  # exists already (a retried create that had landed)
+                    if error.status not in (429, 500, 503, 504) or attempt == 4:
+                        raise
+                except TimeoutError:
+                    if attempt == 4:
+                        raise
+                await asyncio.sleep(1 + attempt)
 
     await asyncio.gather(*(worker() for _ in range(width)))
 
@@ -246,6 +254,8 @@ async def main_async(args: argparse.Namespace, plane: LocalControlPlane, work: P
         operator.terminate()
         operator.wait(30)
         proxy.stop()
+        if proxy.trace is not None:
+            (work / "api-trace.log").write_text("\n".join(proxy.trace) + "\n")
         await admin.close()
     return {
         "budgets": args.teams,

@@ -75,6 +75,7 @@ class Enforcer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._exhausted: set[str] = set()
         self._last_resume = 0.0
+        self._standings: dict[str, tuple[Budget, Mapping[str, Any], datetime, CapVerdict]] = {}
         accountant.on_commit = self.on_commit
 
     # -- triggers ----------------------------------------------------------------------
@@ -159,7 +160,21 @@ class Enforcer:
             await self.resume_pass()
 
     def _standing(self, budget: Budget, now: datetime) -> CapVerdict:
-        return budget.standing(now, self._accountant.status_of(budget))
+        """The budget's verdict, recomputed only when its spec, status or period changed:
+        the level check asks for every budget every second."""
+        status = self._accountant.status_of(budget)
+        start = budget.period(now)[0]
+        cached = self._standings.get(budget.id)
+        if (
+            cached is not None
+            and cached[0] is budget
+            and cached[1] is status
+            and cached[2] == start
+        ):
+            return cached[3]
+        verdict = budget.standing(now, status)
+        self._standings[budget.id] = (budget, status, start, verdict)
+        return verdict
 
     # -- actions -----------------------------------------------------------------------
 
