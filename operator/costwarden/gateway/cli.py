@@ -125,7 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register_upstream(subparsers: Subparsers) -> None:
     """Add the hidden dev subcommand ``upstream``: the local fake OpenAI/Anthropic upstream."""
-    parser = subparsers.add_parser("upstream", help=argparse.SUPPRESS)
+    parser = subparsers.add_parser(
+        "upstream", help="a local OpenAI- and Anthropic-compatible model server (tests, demo)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.set_defaults(func=_run_upstream)
