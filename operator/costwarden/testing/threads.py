@@ -1,0 +1,76 @@
+"""Run an aiohttp application or low-level server on 127.0.0.1 in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+_T = TypeVar("_T")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed, as the gateway runs in production."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a declared dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class ServerThread:
+    """Runs an aiohttp application on 127.0.0.1 in a thread with its own event loop.
+
+    Tests use it to drive real sockets with the synchronous SDKs from the test thread.
+    """
+
+    def __init__(
+        self, make_app: Callable[[], Awaitable[web.Application | web.Server] | web.Application]
+    ):
+        self._make_app = make_app
+        self.loop = _new_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._runner: web.BaseRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self.call(self._start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def call(self, coro: Coroutine[Any, Any, _T], timeout: float = 30) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _start(self) -> None:
+        made = self._make_app()
+        app = made if isinstance(made, web.Application) else await made
+        self._runner = (
+            web.AppRunner(app, access_log=None)
+            if isinstance(app, web.Application)
+            else web.ServerRunner(app)
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def after_cleanup(self) -> None:
+        """Subclasses release what the server used (called in the loop, after cleanup)."""
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            self.call(self._runner.cleanup())
+            self._runner = None
+            self.call(self.after_cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
