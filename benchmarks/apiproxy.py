@@ -56,7 +56,11 @@ class CountingProxy:
     async def _start(self) -> None:
         connector = aiohttp.TCPConnector(ssl=_ssl_context(self._configuration), limit=200)
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            # Pass bodies through as they are: the API server gzips large LISTs for clients
+            # that accept it, and the Content-Encoding header goes through unchanged.
+            auto_decompress=False,
         )
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._forward)

@@ -191,14 +191,16 @@ class OperatorReportingSink:
             return False
         ack = orjson.loads(answer)
         acked = int(ack.get("ackedSeq", 0))
-        while self._queue and self._queue[0][0] <= acked:
-            self._queue.popleft()
+        if self.on_phases is not None and ack.get("teams"):
+            self.on_phases({team: BudgetPhase(p) for team, p in ack["teams"].items()})
         if acked > self.acked:
             self.acked = acked
             if self._cursor_path is not None:
                 await asyncio.to_thread(self._write_cursor, self.source, acked)
-        if self.on_phases is not None and ack.get("teams"):
-            self.on_phases({team: BudgetPhase(p) for team, p in ack["teams"].items()})
+        # Forget entries only once the cursor says so: a crash in between re-sends them
+        # (a no-op for the operator), never loses them.
+        while self._queue and self._queue[0][0] <= acked:
+            self._queue.popleft()
         return True
 
     async def _post(self, body: bytes) -> tuple[int, bytes]:
