@@ -114,21 +114,23 @@ class ConfigMirror:
         self._namespace = namespace
         self.path = path
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._last = ""
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sync(self) -> bool:
-        try:
-            cm = self._core.read_namespaced_config_map(CONFIG_MAP_NAME, self._namespace)
-        except client.ApiException:
-            return False
-        text = (cm.data or {}).get(CONFIG_MAP_KEY, "")
-        if text and text != self._last:
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(text)
-            os.replace(temporary, self.path)
-            self._last = text
-        return bool(text)
+        with self._lock:  # the mirror thread and the test thread both sync
+            try:
+                cm = self._core.read_namespaced_config_map(CONFIG_MAP_NAME, self._namespace)
+            except client.ApiException:
+                return False
+            text = (cm.data or {}).get(CONFIG_MAP_KEY, "")
+            if text and text != self._last:
+                temporary = self.path.with_suffix(".tmp")
+                temporary.write_text(text)
+                os.replace(temporary, self.path)
+                self._last = text
+            return bool(text)
 
     def has_team(self, team: str) -> bool:
         self.sync()
