@@ -47,7 +47,11 @@ def test_rollover_resets_spend_keeps_history_and_resumes_the_job(
         team = stack.team(
             namespace, "budget", "0.0001", period={"schedule": "Daily", "timeZone": zone}
         )
-        status = stack.status(namespace, "budget")
+        # The reconciler writes the first period just after publishing the gateway config.
+        status = wait_for(
+            lambda: (s := stack.status(namespace, "budget")).get("currentPeriod") and s,
+            timeout=30, what="the first period opened",
+        )  # fmt: skip
         assert status["currentPeriod"]["end"] == boundary.strftime("%Y-%m-%dT%H:%M:%SZ")
         stack.create(namespace, job_manifest("agent", "budget"))
         agent = stack.gateway.agent(team, namespace, "agent")
