@@ -20,9 +20,6 @@ from costwarden.controllers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
-RESYNC_SECONDS = 30.0
-"""Each budget ticks this often so period rollovers and drift are reconciled without edits."""
-
 
 def _reconciler(memo: Any) -> Reconciler:
     reconciler: Reconciler = memo.reconciler
@@ -61,8 +58,3 @@ def budget_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, routingpolicy.PLURAL)
 def policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _reconciler(memo).world.apply("policy", event.get("type"), event["object"])
-
-
-@kopf.timer(GROUP, VERSION, teambudget.PLURAL, interval=RESYNC_SECONDS, idle=RESYNC_SECONDS)
-def budget_resync(memo: kopf.Memo, **_: Any) -> None:
-    _reconciler(memo).world.changed.set()

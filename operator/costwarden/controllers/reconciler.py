@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -49,6 +50,9 @@ DEBOUNCE_SECONDS = 0.2
 RELIST_SECONDS = 300.0
 """How often the world is rebuilt from a LIST, healing any missed delete event."""
 RETRY_SECONDS = 2.0
+STATUS_WRITES_IN_FLIGHT = 8
+"""Status patches run this many at a time: a thousand new budgets get their first status in
+seconds, not a minute, without a burst the API server's priority and fairness would queue."""
 RESYNC_SECONDS = 30.0
 """Without events, a pass still runs this often: period rollovers and drift heal by themselves."""
 
@@ -117,10 +121,10 @@ class Reconciler:
         policies = list(self.world.policies.values())
         result = reconcile(budgets, policies, self.settings.catalog, now)
         await self._publish_config(result)
-        for policy in policies:
-            await self._write_policy_status(policy, result.policies[policy.id], now)
-        for budget in budgets:
-            await self._write_budget_status(budget, result.budgets[budget.id], now)
+        await _bounded_all(
+            [self._write_policy_status(p, result.policies[p.id], now) for p in policies]
+            + [self._write_budget_status(b, result.budgets[b.id], now) for b in budgets]
+        )
         if self.copies is not None:  # after status: a copy that fails must not delay it
             await self.copies.sync({CONFIG_MAP_KEY: serialize(result.config)},
                                    result.config.revision)  # fmt: skip
@@ -191,6 +195,21 @@ class Reconciler:
                 reason=after.reason,
                 message=f"{after.type}={after.status.value}: {after.message}",
             )
+
+
+async def _bounded_all(writes: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the writes concurrently, a few at a time; all are attempted, then the first
+    failure (a conflict, an outage) is raised so the pass is retried as a whole."""
+    gate = asyncio.Semaphore(STATUS_WRITES_IN_FLIGHT)
+
+    async def gated(write: Coroutine[Any, Any, None]) -> None:
+        async with gate:
+            await write
+
+    outcomes = await asyncio.gather(*(gated(w) for w in writes), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def load_settings(namespace: str, config_map: str, catalog_path: Path | None) -> ReconcilerSettings:

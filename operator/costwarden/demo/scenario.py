@@ -151,6 +151,9 @@ def _show_final_state(stack: DemoStack, display: Display, outcome: Outcome) -> N
             f"job {manifests.JOB} suspended {outcome.suspended_after:.1f} s after the first "
             "refused call (spec.suspend=true; the Job controller removed its pod)"
         )
+    # The phase is derived from the spend by the reconciler's next pass (debounced):
+    # wait for it so the table below is the settled state, not the moment of the stop.
+    wait_until(lambda: _budget_status(stack).get("phase") == "Exhausted", 15, "the phase Exhausted")
     display.step("the result, as kubectl shows it")
     display.detail("$ kubectl get costwarden -A\n" + stack.kubectl("get", "costwarden", "-A"))
     display.detail(
