@@ -16,7 +16,7 @@ from costwarden.api.teambudget import BudgetPhase, TeamBudgetSpec
 from costwarden.controllers.world import ObservedWorld
 from costwarden.enforcement.decisions import belongs_to_team, team_namespaces
 from costwarden.policy.caps import CapVerdict, evaluate_caps
-from costwarden.policy.periods import period_bounds
+from costwarden.policy.periods import is_valid_time_zone, period_bounds
 from costwarden.policy.render import ObservedObject, observed_spend
 from costwarden.policy.validation import parse_team_budget_spec
 
@@ -116,8 +116,11 @@ class BudgetIndex:
 
 
 def _parse(observed: ObservedObject) -> Budget | None:
+    """A budget accounting can work with, or None. A spec the schema accepts may still name
+    a time zone that does not exist (its Ready condition says so): without a period it can
+    neither be charged nor enforced, and it must not break the checks of every other team."""
     spec = parse_team_budget_spec(observed.spec)
-    if isinstance(spec, list):
+    if isinstance(spec, list) or not is_valid_time_zone(spec.period.time_zone):
         return None
     return Budget(
         observed.id, observed.namespace, observed.name, observed.uid, spec, observed.status
