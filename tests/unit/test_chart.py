@@ -688,6 +688,9 @@ def test_webhook_flags_are_accepted_by_the_cli(helm: Any) -> None:
     assert parsed.webhook_configuration == "sidecar-injector.costwarden.io"
     assert parsed.webhook_failure_policy == "Ignore"
     assert parsed.sidecar_image.startswith("costwarden/costwarden:")
+    # Sidecars report usage to the operator's ingestion Service, each for its own pod.
+    assert parsed.ingest_allow_sidecars
+    assert parsed.sidecar_report_to.endswith(f".svc:{parsed.ingest_port}")
 
 
 def test_optional_feature_flags_are_accepted_by_the_cli(helm: Any) -> None:
