@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import http.client
 import json
 import logging
@@ -27,10 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO
 
 import yaml
 
+from costwarden.children import exit_with_parent
 from costwarden.cluster.binaries import (
     APISERVER,
     CONTROLLER_MANAGER,
@@ -58,7 +58,6 @@ ADMIN_USER = "costwarden-admin"
 _POLL_INTERVAL = 0.1
 _START_ATTEMPTS = 3
 _PORT_CONFLICT_MARKERS = ("address already in use", "bind: address")
-_PR_SET_PDEATHSIG = 1
 
 
 class ControlPlaneError(RuntimeError):
@@ -424,7 +423,7 @@ class LocalControlPlane:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=exit_with_parent(signal.SIGKILL) if self.die_with_parent else None,
             )
         except BaseException:
             log_file.close()
@@ -491,15 +490,6 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
         logger.warning("pid %d ignored SIGTERM for %.0fs, killing it", process.pid, timeout)
         process.kill()
         process.wait()
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGKILL us when the
-    # parent dies, the only cleanup that survives a SIGKILLed pytest.
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-_LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def _etcd_healthy(port: int) -> bool:

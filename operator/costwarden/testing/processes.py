@@ -4,6 +4,7 @@ for sure, and probed with deadlines rather than sleeps."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 import urllib.error
@@ -12,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
+from costwarden.children import exit_with_parent
 from costwarden.ports import free_port
 
 __all__ = ["ManagedProcess", "free_port"]
@@ -36,8 +38,13 @@ class ManagedProcess:
     def start(self) -> Self:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
+            # SIGTERM if we die first: the child still flushes (usage, peering) and exits.
             self.process = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=exit_with_parent(signal.SIGTERM),
             )
         return self
 
