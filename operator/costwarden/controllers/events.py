@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 from costwarden.controllers.rest import ApiError, Rest
 
 log = logging.getLogger(__name__)
 
 
-async def post_event(
-    rest: Rest,
+def event_body(
     *,
     api_version: str,
     kind: str,
@@ -21,10 +21,10 @@ async def post_event(
     event_type: str,
     reason: str,
     message: str,
-) -> None:
-    """Never raises: a lost Event must not undo or block an enforcement action."""
+) -> dict[str, Any]:
+    """A core/v1 Event on the object, as ``kubectl describe`` shows it."""
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = {
+    return {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {"generateName": f"{name}.", "namespace": namespace},
@@ -45,6 +45,25 @@ async def post_event(
         "reportingComponent": "costwarden.io/operator",
         "reportingInstance": "costwarden-operator",
     }
+
+
+async def post_event(
+    rest: Rest,
+    *,
+    api_version: str,
+    kind: str,
+    namespace: str,
+    name: str,
+    uid: str,
+    event_type: str,
+    reason: str,
+    message: str,
+) -> None:
+    """Never raises: a lost Event must not undo or block an enforcement action."""
+    body = event_body(
+        api_version=api_version, kind=kind, namespace=namespace, name=name, uid=uid,
+        event_type=event_type, reason=reason, message=message,
+    )  # fmt: skip
     try:
         await rest.post(f"/api/v1/namespaces/{namespace}/events", body)
     except (ApiError, OSError) as error:

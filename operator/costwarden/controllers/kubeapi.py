@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from costwarden.api.meta import GROUP, VERSION
+from costwarden.controllers.events import event_body
 
 log = logging.getLogger(__name__)
 
@@ -122,26 +122,18 @@ class KubeApi:
         reason: str,
         message: str,
     ) -> None:
-        """A core/v1 Event on the object, as ``kubectl describe`` shows it. Never raises:
-        losing an Event must not stop reconciliation."""
-        now = datetime.now(UTC)
-        event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
-            involved_object=client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}", kind=kind, name=name, namespace=namespace, uid=uid
-            ),
-            type=event_type,
-            reason=reason,
-            message=message[:1024],
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-            source=client.V1EventSource(component="costwarden-operator"),
-            reporting_component="costwarden.io/operator",
-            reporting_instance="costwarden-operator",
-        )
+        """An Event on a costwarden object. Never raises: losing an Event must not stop
+        reconciliation."""
+        body = event_body(
+            api_version=f"{GROUP}/{VERSION}", kind=kind, namespace=namespace, name=name,
+            uid=uid, event_type=event_type, reason=reason, message=message,
+        )  # fmt: skip
         try:
-            await asyncio.to_thread(self._core.create_namespaced_event, namespace, event)
+            await asyncio.to_thread(
+                self._core.create_namespaced_event,
+                namespace,
+                body,  # type: ignore[arg-type]  # the client takes the JSON as it is
+            )
         except ApiException as error:
             log.warning("could not post Event %s on %s %s/%s: %s", reason, kind, namespace, name,
                         error.reason)  # fmt: skip
