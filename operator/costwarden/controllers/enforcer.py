@@ -35,7 +35,7 @@ from costwarden.controllers import accounting_metrics as metrics
 from costwarden.controllers import clock
 from costwarden.controllers.accountant import Accountant, BudgetGoneError, Commit
 from costwarden.controllers.budgets import Budget, BudgetIndex, is_exhausted
-from costwarden.controllers.events import post_event
+from costwarden.controllers.events import event_body, post_event
 from costwarden.controllers.leadership import Leadership
 from costwarden.controllers.rest import ApiError, Rest, jobs_path
 from costwarden.enforcement.decisions import (
@@ -300,14 +300,16 @@ class Enforcer:
             self._job_event(workload, verb, reason, message, warning=warning),
             post_event(
                 self._rest,
-                api_version=API_VERSION,
-                kind="TeamBudget",
-                namespace=budget.namespace,
-                name=budget.name,
-                uid=budget.uid,
-                event_type="Warning" if warning else "Normal",
-                reason=reason,
-                message=f"{verb} Job {workload.namespace}/{workload.name}: {message}",
+                event_body(
+                    api_version=API_VERSION,
+                    kind="TeamBudget",
+                    namespace=budget.namespace,
+                    name=budget.name,
+                    uid=budget.uid,
+                    event_type="Warning" if warning else "Normal",
+                    reason=reason,
+                    message=f"{verb} Job {workload.namespace}/{workload.name}: {message}",
+                ),
             ),
             self._mutate(budget, append),
         )
@@ -315,11 +317,12 @@ class Enforcer:
     async def _job_event(
         self, workload: JobWorkload, verb: str, reason: str, message: str, *, warning: bool
     ) -> None:
-        await post_event(
-            self._rest, api_version="batch/v1", kind="Job", namespace=workload.namespace,
+        body = event_body(
+            api_version="batch/v1", kind="Job", namespace=workload.namespace,
             name=workload.name, uid=workload.uid, event_type="Warning" if warning else "Normal",
             reason=reason, message=message,
         )  # fmt: skip
+        await post_event(self._rest, body)
 
     async def _count_finish(
         self, budget: Budget, job: Mapping[str, Any], outcome: JobOutcome, when: str

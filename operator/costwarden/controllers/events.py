@@ -47,24 +47,14 @@ def event_body(
     }
 
 
-async def post_event(
-    rest: Rest,
-    *,
-    api_version: str,
-    kind: str,
-    namespace: str,
-    name: str,
-    uid: str,
-    event_type: str,
-    reason: str,
-    message: str,
-) -> None:
-    """Never raises: a lost Event must not undo or block an enforcement action."""
-    body = event_body(
-        api_version=api_version, kind=kind, namespace=namespace, name=name, uid=uid,
-        event_type=event_type, reason=reason, message=message,
-    )  # fmt: skip
+async def post_event(rest: Rest, body: dict[str, Any]) -> None:
+    """Post an :func:`event_body`. Never raises: a lost Event must not undo or block an
+    enforcement action."""
+    meta, target = body["metadata"], body["involvedObject"]
     try:
-        await rest.post(f"/api/v1/namespaces/{namespace}/events", body)
+        await rest.post(f"/api/v1/namespaces/{meta['namespace']}/events", body)
     except (ApiError, OSError) as error:
-        log.warning("could not post Event %s on %s %s/%s: %s", reason, kind, namespace, name, error)
+        log.warning(
+            "could not post Event %s on %s %s/%s: %s",
+            body["reason"], target["kind"], meta["namespace"], target["name"], error,
+        )  # fmt: skip

@@ -15,7 +15,6 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from costwarden.api.meta import GROUP, VERSION
-from costwarden.controllers.events import event_body
 
 log = logging.getLogger(__name__)
 
@@ -111,32 +110,21 @@ class KubeApi:
             raise
         return True
 
-    async def post_event(
-        self,
-        *,
-        kind: str,
-        namespace: str,
-        name: str,
-        uid: str,
-        event_type: str,
-        reason: str,
-        message: str,
-    ) -> None:
-        """An Event on a costwarden object. Never raises: losing an Event must not stop
+    async def post_event(self, body: dict[str, Any]) -> None:
+        """Post an :func:`events.event_body`. Never raises: losing an Event must not stop
         reconciliation."""
-        body = event_body(
-            api_version=f"{GROUP}/{VERSION}", kind=kind, namespace=namespace, name=name,
-            uid=uid, event_type=event_type, reason=reason, message=message,
-        )  # fmt: skip
+        meta, target = body["metadata"], body["involvedObject"]
         try:
             await asyncio.to_thread(
                 self._core.create_namespaced_event,
-                namespace,
+                meta["namespace"],
                 body,  # type: ignore[arg-type]  # the client takes the JSON as it is
             )
         except ApiException as error:
-            log.warning("could not post Event %s on %s %s/%s: %s", reason, kind, namespace, name,
-                        error.reason)  # fmt: skip
+            log.warning(
+                "could not post Event %s on %s %s/%s: %s",
+                body["reason"], target["kind"], meta["namespace"], target["name"], error.reason,
+            )  # fmt: skip
 
 
 def _resource_version(obj: client.V1ConfigMap | None) -> str | None:

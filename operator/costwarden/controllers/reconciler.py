@@ -25,10 +25,11 @@ from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog, load_catalog
 from costwarden.api.conditions import ConditionType, find_condition
 from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
-from costwarden.api.meta import Condition
+from costwarden.api.meta import API_VERSION, Condition
 from costwarden.controllers import clock, metrics
 from costwarden.controllers.apikeys import ApiKeyIssuer
 from costwarden.controllers.config_copies import ConfigCopies
+from costwarden.controllers.events import event_body
 from costwarden.controllers.kubeapi import ConflictError, KubeApi
 from costwarden.controllers.leadership import Leadership
 from costwarden.controllers.world import ObservedWorld
@@ -187,13 +188,16 @@ class Reconciler:
                 continue  # a new budget under its limits is not news
             warning = (after.type == ConditionType.READY) != (after.status == "True")
             await self.api.post_event(
-                kind=kind,
-                namespace=obj.namespace,
-                name=obj.name,
-                uid=obj.uid,
-                event_type="Warning" if warning else "Normal",
-                reason=after.reason,
-                message=f"{after.type}={after.status.value}: {after.message}",
+                event_body(
+                    api_version=API_VERSION,
+                    kind=kind,
+                    namespace=obj.namespace,
+                    name=obj.name,
+                    uid=obj.uid,
+                    event_type="Warning" if warning else "Normal",
+                    reason=after.reason,
+                    message=f"{after.type}={after.status.value}: {after.message}",
+                )
             )
 
 
