@@ -30,7 +30,7 @@ from typing import IO
 
 import yaml
 
-from costwarden.children import exit_with_parent
+from costwarden.children import exit_with_parent, terminate
 from costwarden.cluster.binaries import (
     APISERVER,
     CONTROLLER_MANAGER,
@@ -463,7 +463,7 @@ class LocalControlPlane:
         # Reverse start order: controller manager, then apiserver, then etcd underneath.
         while self._children:
             child = self._children.pop()
-            _terminate(child.process, self.stop_timeout)
+            terminate(child.process, self.stop_timeout)
             child.log_file.close()
 
     # -- helpers ---------------------------------------------------------------------
@@ -478,18 +478,6 @@ class LocalControlPlane:
         context = ssl.create_default_context(cafile=str(pki.ca_cert))
         context.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
         return context
-
-
-def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        logger.warning("pid %d ignored SIGTERM for %.0fs, killing it", process.pid, timeout)
-        process.kill()
-        process.wait()
 
 
 def _etcd_healthy(port: int) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
-from costwarden.children import exit_with_parent
+from costwarden.children import exit_with_parent, terminate
 from costwarden.ports import free_port
 
 __all__ = ["ManagedProcess", "free_port"]
@@ -55,14 +55,8 @@ class ManagedProcess:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (graceful: the gateway flushes usage, the operator leaves its peering),
         then SIGKILL at the deadline."""
-        if not self.alive:
-            return
-        assert self.process is not None
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.process is not None:
+            terminate(self.process, timeout)
 
     def kill(self) -> None:
         """SIGKILL: what a crash or an OOM kill looks like to the rest of the system."""
