@@ -12,9 +12,11 @@ import atexit
 import base64
 import contextlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import ssl
@@ -51,8 +53,15 @@ CONTROLLERS = (
     "namespace-controller",
     "serviceaccount-token-controller",
     "serviceaccount-controller",
+    # What the chart's pods need once a (process) kubelet runs them: Deployments and their
+    # ReplicaSets, and the kube-root-ca.crt ConfigMap every service-account volume projects.
+    "deployment-controller",
+    "replicaset-controller",
+    "root-ca-certificate-publisher-controller",
 )
-SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+SERVICE_SUPERNET = "10.96.0.0/12"
+"""Each control plane takes its own /24 of this for ClusterIPs: a process kubelet serves
+them on host addresses, so two clusters on one machine must not share a range."""
 CONTEXT_NAME = "costwarden-local"
 ADMIN_USER = "costwarden-admin"
 _POLL_INTERVAL = 0.1
@@ -100,6 +109,7 @@ class LocalControlPlane:
         stop_timeout: float = 10.0,
         extra_apiserver_args: Sequence[str] = (),
         die_with_parent: bool = True,
+        service_cluster_ip_range: str | None = None,
     ) -> None:
         self.with_controller_manager = with_controller_manager
         self.start_timeout = start_timeout
@@ -115,6 +125,7 @@ class LocalControlPlane:
         self._apiserver_port: int | None = None
         self._tools_dir: Path | None = None
         self._started = False
+        self.service_cluster_ip_range = service_cluster_ip_range or _pick_service_range()
 
     # -- public properties -----------------------------------------------------------
 
@@ -287,7 +298,7 @@ class LocalControlPlane:
         self._pki = write_cluster_pki(
             self.workdir / "pki",
             admin_user=ADMIN_USER,
-            service_cluster_ip_range=SERVICE_CLUSTER_IP_RANGE,
+            service_cluster_ip_range=self.service_cluster_ip_range,
         )
 
     def _launch(self) -> None:
@@ -335,7 +346,7 @@ class LocalControlPlane:
                 f"--service-account-issuer=https://127.0.0.1:{port}",
                 f"--service-account-key-file={pki.sa_public_key}",
                 f"--service-account-signing-key-file={pki.sa_private_key}",
-                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                f"--service-cluster-ip-range={self.service_cluster_ip_range}",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
                 *self.extra_apiserver_args,
@@ -478,6 +489,22 @@ class LocalControlPlane:
         context = ssl.create_default_context(cafile=str(pki.ca_cert))
         context.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
         return context
+
+
+def _pick_service_range() -> str:
+    """A /24 of :data:`SERVICE_SUPERNET` no interface or route of this host uses."""
+    supernet = ipaddress.IPv4Network(SERVICE_SUPERNET)
+    used: list[ipaddress.IPv4Network] = []
+    if shutil.which("ip"):
+        from costwarden.cluster.kubelet.network import used_networks
+
+        used = used_networks()
+    subnets = list(supernet.subnets(new_prefix=24))
+    for _ in range(100):
+        candidate = random.choice(subnets)  # noqa: S311  (not security relevant)
+        if not any(candidate.overlaps(u) for u in used):
+            return str(candidate)
+    raise ControlPlaneError(f"no free /24 in {SERVICE_SUPERNET} for ClusterIPs")
 
 
 def _etcd_healthy(port: int) -> bool:

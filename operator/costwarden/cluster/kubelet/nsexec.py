@@ -1,0 +1,105 @@
+"""Entering a pod's sandbox between fork and exec: the pod's network namespace, a fresh
+mount namespace with the container's volumes bind-mounted at their mountPaths, and a UTS
+namespace carrying the pod's hostname.
+
+Runs as a ``preexec_fn``, i.e. in the forked child before exec, so it uses raw syscalls
+through ctypes and does as little as possible. Volume sources are opened (``O_PATH``)
+before any mount and bind-mounted from ``/proc/self/fd/N``: a volume mounted over, say,
+``/tmp`` or ``/run`` can then not hide the source of a later one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_LIBC: Any = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """What a container process enters; ``netns`` None means the host's network."""
+
+    netns: str | None
+    hostname: str
+    mounts: tuple[Mount, ...]
+    workdir: str
+    read_only_root: bool = False
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    src = source.encode() if source is not None else None
+    _check(_LIBC.mount(src, target.encode(), None, flags, None), f"mount {source} {target}")
+
+
+def prepare_targets(sandbox: Sandbox) -> None:
+    """Create missing mount points (on the host's filesystem: the mount namespace shares
+    it). Empty directories are left behind; they hide nothing."""
+    for mount in sandbox.mounts:
+        target = Path(mount.target)
+        if target.exists():
+            continue
+        if Path(mount.source).is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+
+
+def enter(sandbox: Sandbox) -> Callable[[], None]:
+    """The ``preexec_fn`` that moves the child into ``sandbox``."""
+    mounts = sorted(sandbox.mounts, key=lambda m: len(Path(m.target).parts))
+    netns_path = f"/run/netns/{sandbox.netns}" if sandbox.netns else None
+
+    def preexec() -> None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if netns_path is not None:
+            fd = os.open(netns_path, os.O_RDONLY)
+            _check(_LIBC.setns(fd, CLONE_NEWNET), "setns")
+            os.close(fd)
+        _check(_LIBC.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare")
+        name = sandbox.hostname.encode()
+        _check(_LIBC.sethostname(name, len(name)), "sethostname")
+        _mount(None, "/", MS_REC | MS_PRIVATE)
+        fds = [os.open(m.source, os.O_PATH) for m in mounts]
+        if sandbox.read_only_root:
+            # A read-only bind of / stacked on / ; chroot moves this process onto it.
+            _mount("/", "/", MS_BIND | MS_REC)
+            os.chdir("/")
+            os.chroot(".")
+            _mount(None, "/", MS_BIND | MS_REMOUNT | MS_RDONLY)
+        for mount, fd in zip(mounts, fds, strict=True):
+            _mount(f"/proc/self/fd/{fd}", mount.target, MS_BIND | MS_REC)
+            if mount.read_only:
+                _mount(None, mount.target, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            os.close(fd)
+        os.chdir(sandbox.workdir)
+
+    return preexec
