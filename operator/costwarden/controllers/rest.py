@@ -57,7 +57,9 @@ class Rest:
         configuration = self._configuration
         if configuration.refresh_api_key_hook is not None:
             configuration.refresh_api_key_hook(configuration)  # in-cluster token rotation
-        token = configuration.get_api_key_with_prefix("authorization")
+        # In-cluster configuration stores the token as "BearerToken" (kubernetes>=31), a
+        # kubeconfig token as "authorization": the client's own auth_settings reads both.
+        token = configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
         if token:
             headers["Authorization"] = token
         if content_type:

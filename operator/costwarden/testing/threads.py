@@ -22,15 +22,18 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 class ServerThread:
-    """Runs an aiohttp application on 127.0.0.1 in a thread with its own event loop.
+    """Runs an aiohttp application on ``host`` (127.0.0.1) in a thread with its own event loop.
 
     Tests use it to drive real sockets with the synchronous SDKs from the test thread.
     """
 
     def __init__(
-        self, make_app: Callable[[], Awaitable[web.Application | web.Server] | web.Application]
+        self,
+        make_app: Callable[[], Awaitable[web.Application | web.Server] | web.Application],
+        host: str = "127.0.0.1",
     ):
         self._make_app = make_app
+        self.host = host
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner: web.BaseRunner | None = None
@@ -38,7 +41,7 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
@@ -60,7 +63,7 @@ class ServerThread:
             else web.ServerRunner(app)
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, 0)
         await site.start()
         self.port = self._runner.addresses[0][1]
 

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,7 @@ class ProcessKubelet:
         images: ImageMap | None = None,
         sync_period: float = 1.0,
         max_grace_seconds: float = 5.0,
+        namespaces: Collection[str] | None = None,
     ) -> None:
         self.kubelet_id = secrets.token_hex(3)
         self.node_name = node_name
@@ -115,6 +116,8 @@ class ProcessKubelet:
         self.images = images or default_image_map()
         self.sync_period = sync_period
         self.max_grace_seconds = max_grace_seconds
+        # Tests sharing a control plane with other tests run only their own namespaces' pods.
+        self.namespaces = set(namespaces) if namespaces is not None else None
         self.network = PodNetwork(self.kubelet_id, self.state_dir)
         self.node = NodeInfo(name=node_name, host_ip="")
         self._api = config.new_client_from_config(config_file=str(kubeconfig))
@@ -310,10 +313,13 @@ class ProcessKubelet:
             await self._stop_worker(uid, None)  # force-deleted: nothing left to finalise
         await self._proxy.update(self._desired_services(pods))
         for uid, worker in list(self._workers.items()):
-            if full and uid not in self._stopping_uids and not worker.done.is_set():
-                worker.refresh_hosts()
-                with contextlib.suppress(Exception):
+            if full and worker.prepared and uid not in self._stopping_uids \
+                    and not worker.done.is_set():  # fmt: skip
+                try:
+                    worker.refresh_hosts()
                     await asyncio.to_thread(worker.refresh_volumes)
+                except Exception as error:  # one pod's missing object must not stop the rest
+                    log.info("refreshing %s: %s", worker.key, error)
             if uid in by_uid:
                 await self._write_status(worker)
 
@@ -339,6 +345,8 @@ class ProcessKubelet:
     async def _sync_pod(self, pod: Json) -> None:
         meta, spec = pod["metadata"], pod["spec"]
         uid = meta["uid"]
+        if self.namespaces is not None and meta["namespace"] not in self.namespaces:
+            return
         if not spec.get("nodeName"):
             if not spec.get("schedulingGates"):
                 await asyncio.to_thread(self._bind, pod)

@@ -2,6 +2,9 @@
 mount namespace with the container's volumes bind-mounted at their mountPaths, and a UTS
 namespace carrying the pod's hostname.
 
+``readOnlyRootFilesystem`` is enforced: / becomes a read-only mount in the container's
+namespace, and only its volumes (and /proc, /dev, /sys) are writable.
+
 Runs as a ``preexec_fn``, i.e. in the forked child before exec, so it uses raw syscalls
 through ctypes and does as little as possible. Volume sources are opened (``O_PATH``)
 before any mount and bind-mounted from ``/proc/self/fd/N``: a volume mounted over, say,
@@ -90,15 +93,13 @@ def enter(sandbox: Sandbox) -> Callable[[], None]:
         _mount(None, "/", MS_REC | MS_PRIVATE)
         fds = [os.open(m.source, os.O_PATH) for m in mounts]
         if sandbox.read_only_root:
-            # A read-only bind of / stacked on / ; chroot moves this process onto it.
-            _mount("/", "/", MS_BIND | MS_REC)
-            os.chdir("/")
-            os.chroot(".")
+            # Per-mount flag in this namespace only; the host's / stays writable.
             _mount(None, "/", MS_BIND | MS_REMOUNT | MS_RDONLY)
         for mount, fd in zip(mounts, fds, strict=True):
             _mount(f"/proc/self/fd/{fd}", mount.target, MS_BIND | MS_REC)
-            if mount.read_only:
-                _mount(None, mount.target, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            # A bind mount inherits its source mount's flags (read-only once / is): set
+            # the volume's own explicitly.
+            _mount(None, mount.target, MS_BIND | MS_REMOUNT | (MS_RDONLY if mount.read_only else 0))
             os.close(fd)
         os.chdir(sandbox.workdir)
 

@@ -111,6 +111,7 @@ class PodWorker:
         self.initialized = False
         self.start_time = now()
         self.stopping = False
+        self.prepared = False
         self.done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._message = ""
@@ -143,6 +144,7 @@ class PodWorker:
             self.netns, self.pod_ip = await asyncio.to_thread(self.host.network.create_sandbox)
         self.pod.setdefault("status", {})["podIP"] = self.pod_ip
         self.refresh_hosts()
+        self.prepared = True
         while not self.stopping:
             try:
                 await asyncio.to_thread(self.refresh_volumes)
