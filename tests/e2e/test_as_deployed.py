@@ -160,25 +160,32 @@ def deployed(
     documents: list[dict[str, Any]] = []
     try:
         started = time.monotonic()
-        rendered = control_plane.helm("template", RELEASE, str(CHART), "-n", namespace,
-                                      *values).stdout  # fmt: skip
-        control_plane.helm("install", RELEASE, str(CHART), "--namespace", namespace,
-                           "--create-namespace", *values)  # fmt: skip
+        rendered = control_plane.helm(
+            "template", RELEASE, str(CHART), "-n", namespace, *values
+        ).stdout
+        control_plane.helm(
+            "install", RELEASE, str(CHART), "--namespace", namespace, "--create-namespace", *values
+        )
         control_plane.kubectl(*documented_secret_command(namespace))
         documents = examples_for(server.url)
-        applied = control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents),
-                                        check=False)  # fmt: skip
+        applied = control_plane.kubectl(
+            "apply", "-f", "-", input=yaml.safe_dump_all(documents), check=False
+        )
         assert applied.returncode == 0, applied.stderr
         deployment = Deployed(control_plane, api_client, kubelet, upstream, namespace, rendered)
         _wait_until_serving(deployment, webhook_name)
         print(f"installed and serving in {time.monotonic() - started:.1f}s")
         yield deployment
-        print(f"pod start latencies (s): {sorted(round(x, 2) for x in kubelet.pod_start_latencies)}")
+        print(
+            f"pod start latencies (s): {sorted(round(x, 2) for x in kubelet.pod_start_latencies)}"
+        )
     finally:
         try:
             _uninstall(control_plane, namespace, webhook_name, documents)
         finally:
-            if any("Error" in line or "Traceback" in line for line in kubelet.all_logs().split("\n")):
+            if any(
+                "Error" in line or "Traceback" in line for line in kubelet.all_logs().split("\n")
+            ):
                 print(kubelet.all_logs())
             kubelet.stop()
             server.stop()
@@ -187,41 +194,79 @@ def deployed(
 def _wait_until_serving(deployed: Deployed, webhook_name: str) -> None:
     plane, namespace = deployed.plane, deployed.namespace
     for name in ("operator", "gateway"):
-        plane.kubectl("rollout", "status", f"deployment/{RELEASE}-{name}", "-n", namespace,
-                      "--timeout=180s", timeout=200)  # fmt: skip
-    for kind, ns, name in (("routingpolicy", "ai-platform", "standard"),
-                           ("teambudget", "team-payments", "payments"),
-                           ("teambudget", "team-support", "support")):  # fmt: skip
-        wait_for(lambda kind=kind, ns=ns, name=name: plane.kubectl(
-            "get", kind, name, "-n", ns, "-o",
-            "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False,
-        ).stdout == "True", timeout=60, what=f"{kind} {ns}/{name} Ready")  # fmt: skip
+        plane.kubectl(
+            "rollout",
+            "status",
+            f"deployment/{RELEASE}-{name}",
+            "-n",
+            namespace,
+            "--timeout=180s",
+            timeout=200,
+        )
+    for kind, ns, name in (
+        ("routingpolicy", "ai-platform", "standard"),
+        ("teambudget", "team-payments", "payments"),
+        ("teambudget", "team-support", "support"),
+    ):
+        wait_for(
+            lambda kind=kind, ns=ns, name=name: (
+                plane.kubectl(
+                    "get",
+                    kind,
+                    name,
+                    "-n",
+                    ns,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                    check=False,
+                ).stdout
+                == "True"
+            ),
+            timeout=60,
+            what=f"{kind} {ns}/{name} Ready",
+        )
     # The webhook answers once the operator wrote its configuration and the Service routes
     # to the operator pod; a dry-run pod shows whether the API server gets the mutation.
     wait_for(lambda: _injects(plane), timeout=60, what=f"{webhook_name} injecting")
 
 
 def _injects(plane: LocalControlPlane) -> bool:
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "probe", "namespace": "team-payments",
-                        "labels": {"costwarden.io/inject": "true"}},
-           "spec": {"containers": [{"name": "c", "image": "python:3.12"}]}}  # fmt: skip
-    result = plane.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-",
-                           input=json.dumps(pod), check=False)  # fmt: skip
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "probe",
+            "namespace": "team-payments",
+            "labels": {"costwarden.io/inject": "true"},
+        },
+        "spec": {"containers": [{"name": "c", "image": "python:3.12"}]},
+    }
+    result = plane.kubectl(
+        "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod), check=False
+    )
     return result.returncode == 0 and bool(json.loads(result.stdout)["spec"].get("initContainers"))
 
 
-def _uninstall(plane: LocalControlPlane, namespace: str, webhook: str,
-               documents: list[dict[str, Any]]) -> None:  # fmt: skip
+def _uninstall(
+    plane: LocalControlPlane, namespace: str, webhook: str, documents: list[dict[str, Any]]
+) -> None:
     # Leave the team namespaces (other tests apply examples/ too) but not our objects.
     for ns in ("team-payments", "team-support"):
         plane.kubectl("delete", "jobs", "--all", "-n", ns, "--wait=false", check=False)
     budgets = [d for d in documents if d["kind"] != "Namespace"]
     if budgets:
-        plane.kubectl("delete", "--wait=false", "--ignore-not-found", "-f", "-",
-                      input=yaml.safe_dump_all(budgets), check=False)  # fmt: skip
-    plane.kubectl("delete", "mutatingwebhookconfiguration", webhook, "--ignore-not-found",
-                  check=False)  # fmt: skip
+        plane.kubectl(
+            "delete",
+            "--wait=false",
+            "--ignore-not-found",
+            "-f",
+            "-",
+            input=yaml.safe_dump_all(budgets),
+            check=False,
+        )
+    plane.kubectl(
+        "delete", "mutatingwebhookconfiguration", webhook, "--ignore-not-found", check=False
+    )
     plane.helm("uninstall", RELEASE, "--namespace", namespace, check=False)
     plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
@@ -229,9 +274,15 @@ def _uninstall(plane: LocalControlPlane, namespace: str, webhook: str,
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def agent_job(name: str, tag: str, *, inject: bool, env: Iterable[dict[str, Any]] = (),
-              volumes: Iterable[dict[str, Any]] = (), mounts: Iterable[dict[str, Any]] = (),
-              ) -> dict[str, Any]:  # fmt: skip
+def agent_job(
+    name: str,
+    tag: str,
+    *,
+    inject: bool,
+    env: Iterable[dict[str, Any]] = (),
+    volumes: Iterable[dict[str, Any]] = (),
+    mounts: Iterable[dict[str, Any]] = (),
+) -> dict[str, Any]:
     labels = {"costwarden.io/agent": "true", "costwarden.io/inject": str(inject).lower()}
     return {
         "apiVersion": "batch/v1",
@@ -243,16 +294,20 @@ def agent_job(name: str, tag: str, *, inject: bool, env: Iterable[dict[str, Any]
                 "metadata": {"labels": labels},
                 "spec": {
                     "restartPolicy": "Never",
-                    "containers": [{
-                        "name": "agent", "image": "python:3.12-slim",
-                        "command": ["python", "-c", AGENT, tag],
-                        "env": list(env), "volumeMounts": list(mounts),
-                    }],
+                    "containers": [
+                        {
+                            "name": "agent",
+                            "image": "python:3.12-slim",
+                            "command": ["python", "-c", AGENT, tag],
+                            "env": list(env),
+                            "volumeMounts": list(mounts),
+                        }
+                    ],
                     "volumes": list(volumes),
                 },
             },
         },
-    }  # fmt: skip
+    }
 
 
 def shared_gateway_env(deployed: Deployed) -> list[dict[str, Any]]:
@@ -270,15 +325,21 @@ def billed(calls: Iterable[ServedCall]) -> Decimal:
     for call in calls:
         usage = call.usage or {}
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        tokens = TokenUsage(input=usage.get("prompt_tokens", 0) - cached,
-                            output=usage.get("completion_tokens", 0), cached_input=cached)  # fmt: skip
+        tokens = TokenUsage(
+            input=usage.get("prompt_tokens", 0) - cached,
+            output=usage.get("completion_tokens", 0),
+            cached_input=cached,
+        )
         total += call_cost(tokens, pricing)
     return total
 
 
 def calls_tagged(upstream: FakeUpstream, tag: str) -> list[ServedCall]:
-    return [c for c in list(upstream.calls)
-            if any(tag in str(m.get("content")) for m in c.body.get("messages", []))]  # fmt: skip
+    return [
+        c
+        for c in list(upstream.calls)
+        if any(tag in str(m.get("content")) for m in c.body.get("messages", []))
+    ]
 
 
 def spend_matches(deployed: Deployed, namespace: str, budget: str, tag: str) -> bool:
@@ -292,54 +353,103 @@ def spend_matches(deployed: Deployed, namespace: str, budget: str, tag: str) -> 
 
 def test_injected_agent_job_is_metered_and_suspended_at_the_hard_cap(deployed: Deployed):
     started = time.monotonic()
-    deployed.batch.create_namespaced_job("team-payments", agent_job("summarize", "payments",
-                                                                      inject=True))  # fmt: skip
-    pod = wait_for(lambda: next(iter(deployed.pods("team-payments", "summarize")), None),
-                   timeout=30, what="the agent pod")  # fmt: skip
+    deployed.batch.create_namespaced_job(
+        "team-payments", agent_job("summarize", "payments", inject=True)
+    )
+    pod = wait_for(
+        lambda: next(iter(deployed.pods("team-payments", "summarize")), None),
+        timeout=30,
+        what="the agent pod",
+    )
     sidecars = [c.name for c in pod.spec.init_containers or []]
     assert sidecars == ["costwarden-gateway"], sidecars
 
-    job = wait_for(lambda: (j := deployed.job("team-payments", "summarize")) and j.spec.suspend
-                   and j, timeout=120, what="the Job suspended at the hard cap")  # fmt: skip
+    job = wait_for(
+        lambda: (j := deployed.job("team-payments", "summarize")) and j.spec.suspend and j,
+        timeout=120,
+        what="the Job suspended at the hard cap",
+    )
     assert job.metadata.annotations["costwarden.io/stopped-reason"] == "HardCapReached"
     # The Job controller deletes a suspended Job's pods; the kubelet stops their processes.
-    wait_for(lambda: not deployed.pods("team-payments", "summarize"), timeout=60,
-             what="the suspended Job's pods gone")  # fmt: skip
+    wait_for(
+        lambda: not deployed.pods("team-payments", "summarize"),
+        timeout=60,
+        what="the suspended Job's pods gone",
+    )
     # Every call the provider billed reached the operator, once.
-    wait_for(lambda: spend_matches(deployed, "team-payments", "payments", "payments call"),
-             timeout=30, what="payments spend equal to the provider's bill")  # fmt: skip
+    wait_for(
+        lambda: spend_matches(deployed, "team-payments", "payments", "payments call"),
+        timeout=30,
+        what="payments spend equal to the provider's bill",
+    )
     print(f"sidecar path: capped and reconciled in {time.monotonic() - started:.1f}s")
 
 
 def test_shared_gateway_agent_is_metered_and_deleted_at_the_hard_cap(deployed: Deployed):
     # The pod's own service-account token (the automounted one) identifies it.
     started = time.monotonic()
-    env = [*shared_gateway_env(deployed),
-           {"name": "TOKEN_FILE", "value": "/var/run/secrets/kubernetes.io/serviceaccount/token"}]
-    deployed.batch.create_namespaced_job("team-support", agent_job("triage", "support",
-                                                                     inject=False, env=env))  # fmt: skip
+    env = [
+        *shared_gateway_env(deployed),
+        {"name": "TOKEN_FILE", "value": "/var/run/secrets/kubernetes.io/serviceaccount/token"},
+    ]
+    deployed.batch.create_namespaced_job(
+        "team-support", agent_job("triage", "support", inject=False, env=env)
+    )
     # examples/: the support team's agents are deleted at the hard cap (with propagation).
-    wait_for(lambda: deployed.job("team-support", "triage") is None, timeout=120,
-             what="the Job deleted at the hard cap")  # fmt: skip
-    wait_for(lambda: not deployed.pods("team-support", "triage"), timeout=60,
-             what="the deleted Job's pods gone")  # fmt: skip
-    wait_for(lambda: spend_matches(deployed, "team-support", "support", "support call"),
-             timeout=30, what="support spend equal to the provider's bill")  # fmt: skip
+    wait_for(
+        lambda: deployed.job("team-support", "triage") is None,
+        timeout=120,
+        what="the Job deleted at the hard cap",
+    )
+    wait_for(
+        lambda: not deployed.pods("team-support", "triage"),
+        timeout=60,
+        what="the deleted Job's pods gone",
+    )
+    wait_for(
+        lambda: spend_matches(deployed, "team-support", "support", "support call"),
+        timeout=30,
+        what="support spend equal to the provider's bill",
+    )
     print(f"shared gateway path: capped and reconciled in {time.monotonic() - started:.1f}s")
 
 
-def _one_call_job(deployed: Deployed, name: str, env: list[dict[str, Any]],
-                  volumes: list[dict[str, Any]] = (), mounts: list[dict[str, Any]] = ()) -> str:  # type: ignore[assignment]  # fmt: skip
+def _one_call_job(
+    deployed: Deployed,
+    name: str,
+    env: list[dict[str, Any]],
+    volumes: list[dict[str, Any]] = (),
+    mounts: list[dict[str, Any]] = (),
+) -> str:  # type: ignore[assignment]
     """Run an agent that makes one call; its pod's phase is the verdict."""
     custom = client.CustomObjectsApi(deployed.api)
-    custom.patch_namespaced_custom_object("costwarden.io", "v1alpha1", "team-support",
-                                          "teambudgets", "support", {"spec": {"hardCapUSD": "5"}})  # fmt: skip
-    body = agent_job(name, name, inject=False, env=[*env, {"name": "ONE_CALL", "value": "1"}],
-                     volumes=volumes, mounts=mounts)  # fmt: skip
+    custom.patch_namespaced_custom_object(
+        "costwarden.io",
+        "v1alpha1",
+        "team-support",
+        "teambudgets",
+        "support",
+        {"spec": {"hardCapUSD": "5"}},
+    )
+    body = agent_job(
+        name,
+        name,
+        inject=False,
+        env=[*env, {"name": "ONE_CALL", "value": "1"}],
+        volumes=volumes,
+        mounts=mounts,
+    )
     deployed.batch.create_namespaced_job("team-support", body)
-    job = wait_for(lambda: (j := deployed.job("team-support", name)) and j.status
-                   and (j.status.succeeded or j.status.failed) and j,
-                   timeout=60, what=f"Job {name} finished")  # fmt: skip
+    job = wait_for(
+        lambda: (
+            (j := deployed.job("team-support", name))
+            and j.status
+            and (j.status.succeeded or j.status.failed)
+            and j
+        ),
+        timeout=60,
+        what=f"Job {name} finished",
+    )
     return "Succeeded" if job.status.succeeded else "Failed"
 
 
@@ -349,14 +459,32 @@ def _one_call_job(deployed: Deployed, name: str, env: list[dict[str, Any]],
     strict=True,
 )
 def test_shared_gateway_accepts_an_audience_bound_service_account_token(deployed: Deployed):
-    volume = {"name": "gateway-token", "projected": {"sources": [{"serviceAccountToken": {
-        "audience": GATEWAY_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}  # fmt: skip
-    mount = {"name": "gateway-token", "mountPath": "/var/run/secrets/costwarden.io",
-             "readOnly": True}  # fmt: skip
-    env = [*shared_gateway_env(deployed),
-           {"name": "TOKEN_FILE", "value": "/var/run/secrets/costwarden.io/token"}]
-    assert _one_call_job(deployed, "audience", env, [volume], [mount]) == "Succeeded", \
-        deployed.kubelet.all_logs()[-4000:]  # fmt: skip
+    volume = {
+        "name": "gateway-token",
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": GATEWAY_AUDIENCE,
+                        "expirationSeconds": 3600,
+                        "path": "token",
+                    }
+                }
+            ]
+        },
+    }
+    mount = {
+        "name": "gateway-token",
+        "mountPath": "/var/run/secrets/costwarden.io",
+        "readOnly": True,
+    }
+    env = [
+        *shared_gateway_env(deployed),
+        {"name": "TOKEN_FILE", "value": "/var/run/secrets/costwarden.io/token"},
+    ]
+    assert _one_call_job(deployed, "audience", env, [volume], [mount]) == "Succeeded", (
+        deployed.kubelet.all_logs()[-4000:]
+    )
 
 
 @pytest.mark.xfail(
@@ -367,8 +495,11 @@ def test_shared_gateway_accepts_an_audience_bound_service_account_token(deployed
 )
 def test_the_provider_saw_the_documented_key_on_every_call(deployed: Deployed):
     if not deployed.upstream.calls:
-        _one_call_job(deployed, "keyed", shared_gateway_env(deployed) + [
-            {"name": "TOKEN_FILE", "value": "/var/run/secrets/kubernetes.io/serviceaccount/token"}])
+        token = {
+            "name": "TOKEN_FILE",
+            "value": "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        }
+        _one_call_job(deployed, "keyed", [*shared_gateway_env(deployed), token])
     calls = list(deployed.upstream.calls)
     assert calls, "no call reached the provider"
     assert {c.authorization for c in calls} == {f"Bearer {PROVIDER_KEY}"}

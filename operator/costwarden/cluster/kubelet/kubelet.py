@@ -57,13 +57,24 @@ def default_image_map() -> ImageMap:
     ``command`` with the host's PATH."""
     bin_dir = str(Path(sys.executable).parent)
     path = f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    project = LocalImage(entrypoint=(f"{bin_dir}/costwarden",), cmd=("operator",),
-                         workdir="/tmp", env={"PATH": path})  # fmt: skip
+    project = LocalImage(
+        entrypoint=(f"{bin_dir}/costwarden",),
+        cmd=("operator",),
+        workdir="/tmp",
+        env={"PATH": path},  # noqa: S108  (the Dockerfile's WORKDIR)
+    )
     python = LocalImage(cmd=("python3",), env={"PATH": path})
     other = LocalImage(env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
-    return ImageMap((("costwarden/costwarden:*", project), ("costwarden/costwarden@*", project),
-                     ("*/costwarden/costwarden:*", project), ("python:*", python),
-                     ("python", python), ("*", other)))  # fmt: skip
+    return ImageMap(
+        (
+            ("costwarden/costwarden:*", project),
+            ("costwarden/costwarden@*", project),
+            ("*/costwarden/costwarden:*", project),
+            ("python:*", python),
+            ("python", python),
+            ("*", other),
+        )
+    )
 
 
 class _Snapshot(Sources):
@@ -121,7 +132,8 @@ class ProcessKubelet:
         self.network = PodNetwork(self.kubelet_id, self.state_dir)
         self.node = NodeInfo(name=node_name, host_ip="")
         self._api = config.new_client_from_config(config_file=str(kubeconfig))
-        self._core = client.CoreV1Api(self._api)
+        # Any: bodies are plain dicts (the API's own JSON), which the client sends as is.
+        self._core: Any = client.CoreV1Api(self._api)
         server = urllib.parse.urlsplit(self._api.configuration.host)
         self._apiserver: Backend = (server.hostname or "127.0.0.1", server.port or 443)
         self._snapshot = _Snapshot(self)
@@ -129,20 +141,24 @@ class ProcessKubelet:
         self._endpoints: dict[tuple[str, str], Json] = {}
         self._workers: dict[str, PodWorker] = {}
         self._stopping_uids: set[str] = set()
+        self._stoppers: set[asyncio.Task[None]] = set()
         self._finalised: set[str] = set()
         self._written: dict[str, Json] = {}
         self._transitions: dict[tuple[str, str], tuple[str, str]] = {}
         self._loop = asyncio.new_event_loop()
         self._loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(32))
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="process-kubelet")  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="process-kubelet"
+        )
         self._wake: asyncio.Event | None = None
         self._main: concurrent.futures.Future[None] | None = None
         self._closing = threading.Event()
         self._watch: watch.Watch | None = None
         self._proxy = ServiceProxy(self.network.add_service_ip, self.network.remove_service_ip)
         self.pod_start_latencies: list[float] = []
-        """Seconds from a pod's creation to the status write that reported it Running."""
+        """Seconds from the kubelet first seeing a pod (unbound) to the status write that
+        reported it Running: binding, sandbox, volumes, process start (not readiness)."""
+        self._first_seen: dict[str, float] = {}
         self._started_reported: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -161,8 +177,12 @@ class ProcessKubelet:
         self._thread.start()
         self._main = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
         threading.Thread(target=self._watch_pods, daemon=True, name="kubelet-watch").start()
-        log.info("process kubelet %s up (node %s, state %s)", self.kubelet_id, self.node_name,
-                 self.state_dir)  # fmt: skip
+        log.info(
+            "process kubelet %s up (node %s, state %s)",
+            self.kubelet_id,
+            self.node_name,
+            self.state_dir,
+        )
         return self
 
     def stop(self) -> None:
@@ -186,6 +206,11 @@ class ProcessKubelet:
         workers = list(self._workers.values())
         await asyncio.gather(*(w.stop(1.0) for w in workers), return_exceptions=True)
         await self._proxy.close()
+        # Connections still being forwarded, status writers: end them before the loop stops.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     # -- public helpers ------------------------------------------------------------------
 
@@ -214,38 +239,77 @@ class ProcessKubelet:
     # -- API calls (blocking; run in the thread pool) ------------------------------------
 
     def _register_node(self) -> None:
-        body = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": self.node_name, "labels": {
-                    "kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64"}}}  # fmt: skip
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.node_name,
+                "labels": {
+                    "kubernetes.io/hostname": self.node_name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                },
+            },
+        }
         try:
             self._core.create_node(body)
         except ApiException as error:
             if error.status != 409:
                 raise
         stamp = now()
-        status = {"status": {
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                            "message": "process kubelet is posting ready status",
-                            "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}],
-            "addresses": [{"type": "InternalIP", "address": self.node.host_ip},
-                          {"type": "Hostname", "address": self.node_name}],
-            "capacity": {"cpu": str(self.node.cpu), "memory": str(self.node.memory_bytes),
-                         "pods": "250"},
-            "allocatable": {"cpu": str(self.node.cpu), "memory": str(self.node.memory_bytes),
-                            "pods": "250"},
-            "nodeInfo": {"kubeletVersion": "v1.34.4-process", "operatingSystem": "linux",
-                         "architecture": "amd64", "containerRuntimeVersion": "process://1",
-                         "kernelVersion": "", "osImage": "", "kubeProxyVersion": "",
-                         "machineID": "", "systemUUID": "", "bootID": ""},
-        }}  # fmt: skip
+        status = {
+            "status": {
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "process kubelet is posting ready status",
+                        "lastHeartbeatTime": stamp,
+                        "lastTransitionTime": stamp,
+                    }
+                ],
+                "addresses": [
+                    {"type": "InternalIP", "address": self.node.host_ip},
+                    {"type": "Hostname", "address": self.node_name},
+                ],
+                "capacity": {
+                    "cpu": str(self.node.cpu),
+                    "memory": str(self.node.memory_bytes),
+                    "pods": "250",
+                },
+                "allocatable": {
+                    "cpu": str(self.node.cpu),
+                    "memory": str(self.node.memory_bytes),
+                    "pods": "250",
+                },
+                "nodeInfo": {
+                    "kubeletVersion": "v1.34.4-process",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                    "containerRuntimeVersion": "process://1",
+                    "kernelVersion": "",
+                    "osImage": "",
+                    "kubeProxyVersion": "",
+                    "machineID": "",
+                    "systemUUID": "",
+                    "bootID": "",
+                },
+            }
+        }
         self._core.patch_node_status(self.node_name, status)
 
     def request_token(self, pod: Json, audience: str | None, seconds: int) -> tuple[str, float]:
         meta = pod["metadata"]
-        spec: Json = {"expirationSeconds": seconds,
-                      "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
-                                         "name": meta["name"], "uid": meta["uid"]}}  # fmt: skip
+        spec: Json = {
+            "expirationSeconds": seconds,
+            "boundObjectRef": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta["name"],
+                "uid": meta["uid"],
+            },
+        }
         if audience:
             spec["audiences"] = [audience]
         account = pod["spec"].get("serviceAccountName") or "default"
@@ -265,8 +329,11 @@ class ProcessKubelet:
         while not self._closing.is_set():
             try:
                 self._watch = watch.Watch()
-                stream = self._watch.stream(self._core.list_pod_for_all_namespaces,
-                                              timeout_seconds=30, _preload_content=False)  # fmt: skip
+                stream = self._watch.stream(
+                    self._core.list_pod_for_all_namespaces,
+                    timeout_seconds=30,
+                    _preload_content=False,
+                )
                 for _ in stream:
                     if self._closing.is_set():
                         return
@@ -313,8 +380,12 @@ class ProcessKubelet:
             await self._stop_worker(uid, None)  # force-deleted: nothing left to finalise
         await self._proxy.update(self._desired_services(pods))
         for uid, worker in list(self._workers.items()):
-            if full and worker.prepared and uid not in self._stopping_uids \
-                    and not worker.done.is_set():  # fmt: skip
+            if (
+                full
+                and worker.prepared
+                and uid not in self._stopping_uids
+                and not worker.done.is_set()
+            ):
                 try:
                     worker.refresh_hosts()
                     await asyncio.to_thread(worker.refresh_volumes)
@@ -337,16 +408,19 @@ class ProcessKubelet:
             for s in secret_items
         }
         self._snapshot.config_maps = {
-            _key(c): {**{k: v.encode() for k, v in (c.get("data") or {}).items()},
-                      **{k: base64.b64decode(v) for k, v in (c.get("binaryData") or {}).items()}}
+            _key(c): {
+                **{k: v.encode() for k, v in (c.get("data") or {}).items()},
+                **{k: base64.b64decode(v) for k, v in (c.get("binaryData") or {}).items()},
+            }
             for c in cm_items
-        }  # fmt: skip
+        }
 
     async def _sync_pod(self, pod: Json) -> None:
         meta, spec = pod["metadata"], pod["spec"]
         uid = meta["uid"]
         if self.namespaces is not None and meta["namespace"] not in self.namespaces:
             return
+        self._first_seen.setdefault(uid, time.monotonic())
         if not spec.get("nodeName"):
             if not spec.get("schedulingGates"):
                 await asyncio.to_thread(self._bind, pod)
@@ -357,7 +431,9 @@ class ProcessKubelet:
         if meta.get("deletionTimestamp"):
             if uid not in self._stopping_uids:
                 self._stopping_uids.add(uid)
-                asyncio.create_task(self._stop_worker(uid, pod))
+                task = asyncio.create_task(self._stop_worker(uid, pod))
+                self._stoppers.add(task)
+                task.add_done_callback(self._stoppers.discard)
             return
         terminal = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
         if worker is None and not terminal and uid not in self._finalised:
@@ -369,12 +445,16 @@ class ProcessKubelet:
 
     def _bind(self, pod: Json) -> None:
         meta = pod["metadata"]
-        body = {"apiVersion": "v1", "kind": "Binding",
-                "metadata": {"name": meta["name"], "uid": meta["uid"]},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name}}  # fmt: skip
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": meta["name"], "uid": meta["uid"]},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name},
+        }
         try:
-            self._core.create_namespaced_pod_binding(meta["name"], meta["namespace"], body,
-                                                     _preload_content=False)  # fmt: skip
+            self._core.create_namespaced_pod_binding(
+                meta["name"], meta["namespace"], body, _preload_content=False
+            )
         except ApiException as error:
             if error.status not in (404, 409):
                 raise
@@ -401,24 +481,30 @@ class ProcessKubelet:
     def _finalise(self, pod: Json) -> None:
         # What the kubelet does once the containers are gone: delete with grace 0.
         meta = pod["metadata"]
-        options = client.V1DeleteOptions(grace_period_seconds=0,
-                                         preconditions=client.V1Preconditions(uid=meta["uid"]))  # fmt: skip
+        options = client.V1DeleteOptions(
+            grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"])
+        )
         with contextlib.suppress(ApiException):
             self._core.delete_namespaced_pod(meta["name"], meta["namespace"], body=options)
 
     async def _write_status(self, worker: PodWorker, *, final: bool = False) -> None:
         status = worker.status()
         if final and status["phase"] not in ("Succeeded", "Failed"):
-            status["phase"] = "Failed" if worker.pod["spec"].get("restartPolicy") != "Always" \
-                else status["phase"]  # fmt: skip
+            status["phase"] = (
+                "Failed" if worker.pod["spec"].get("restartPolicy") != "Always" else status["phase"]
+            )
         uid = worker.pod["metadata"]["uid"]
         if self._written.get(uid) == status:
             return
         stamped = self._stamp(uid, status)
         meta = worker.pod["metadata"]
         try:
-            await asyncio.to_thread(self._core.patch_namespaced_pod_status, meta["name"],
-                                    meta["namespace"], {"status": stamped})  # fmt: skip
+            await asyncio.to_thread(
+                self._core.patch_namespaced_pod_status,
+                meta["name"],
+                meta["namespace"],
+                {"status": stamped},
+            )
         except ApiException as error:
             if error.status != 404:
                 log.warning("status of %s: %s", worker.key, error.reason)
@@ -426,8 +512,9 @@ class ProcessKubelet:
         self._written[uid] = status
         if status["phase"] == "Running" and uid not in self._started_reported:
             self._started_reported.add(uid)
-            created = _parse_time(worker.pod["metadata"]["creationTimestamp"])
-            self.pod_start_latencies.append(time.time() - created)
+            seen = self._first_seen.get(uid)
+            if seen is not None:
+                self.pod_start_latencies.append(time.monotonic() - seen)
         if worker.done.is_set() and status["phase"] in ("Succeeded", "Failed"):
             worker.teardown()
 
@@ -471,7 +558,7 @@ class ProcessKubelet:
                 return [self._apiserver]
             return found
         backends = []
-        target = port.get("targetPort", port["port"])
+        target: int | str = port.get("targetPort") or port["port"]
         for pod in ready:
             meta = pod["metadata"]
             if meta["namespace"] != namespace or not selector_matches(
@@ -485,9 +572,11 @@ class ProcessKubelet:
 
 
 def _parse_time(stamp: str) -> float:
-    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=datetime.UTC
-    ).timestamp()
+    return (
+        datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")
+        .replace(tzinfo=datetime.UTC)
+        .timestamp()
+    )
 
 
 def _key(obj: Json) -> tuple[str, str]:
@@ -498,8 +587,9 @@ def _is_ready(pod: Json) -> bool:
     status = pod.get("status") or {}
     if not status.get("podIP") or pod["metadata"].get("deletionTimestamp"):
         return False
-    return any(c["type"] == "Ready" and c["status"] == "True"
-               for c in status.get("conditions") or [])  # fmt: skip
+    return any(
+        c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or []
+    )
 
 
 def _endpoint_backends(endpoints: Json | None, port: Json) -> list[Backend]:

@@ -84,11 +84,16 @@ class Container:
     def status(self, image: str) -> Json:
         running = "running" in self.state
         return {
-            "name": self.name, "image": image, "imageID": f"local://{image}",
+            "name": self.name,
+            "image": image,
+            "imageID": f"local://{image}",
             "containerID": f"process://{self.process.pid}" if self.process else "",
-            "state": self.state, "lastState": self.last_state, "ready": self.ready,
-            "restartCount": self.restarts, "started": self.started and running,
-        }  # fmt: skip
+            "state": self.state,
+            "lastState": self.last_state,
+            "ready": self.ready,
+            "restartCount": self.restarts,
+            "started": self.started and running,
+        }
 
 
 class PodWorker:
@@ -101,8 +106,10 @@ class PodWorker:
         self.key = f"{meta['namespace']}/{meta['name']}"
         self.dir = host.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
         spec = pod["spec"]
-        self.init = [Container(c, init=True, sidecar=c.get("restartPolicy") == "Always")
-                     for c in spec.get("initContainers") or []]  # fmt: skip
+        self.init = [
+            Container(c, init=True, sidecar=c.get("restartPolicy") == "Always")
+            for c in spec.get("initContainers") or []
+        ]
         self.main = [Container(c) for c in spec["containers"]]
         self.restart_policy: str = spec.get("restartPolicy", "Always")
         self.netns: str | None = None
@@ -242,8 +249,12 @@ class PodWorker:
     async def _backoff(self, container: Container, seconds: float) -> None:
         if container.exit_code is not None:
             container.last_state = {"terminated": container.state["terminated"]}
-        container.state = {"waiting": {"reason": "CrashLoopBackOff",
-                                       "message": f"back-off {seconds:.0f}s restarting"}}  # fmt: skip
+        container.state = {
+            "waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": f"back-off {seconds:.0f}s restarting",
+            }
+        }
         self.host.changed()
         await asyncio.sleep(seconds)
 
@@ -252,8 +263,9 @@ class PodWorker:
         try:
             argv, env, sandbox = await asyncio.to_thread(self._container_config, container)
         except (MissingReferenceError, UnsupportedError) as error:
-            container.state = {"waiting": {"reason": "CreateContainerConfigError",
-                                           "message": str(error)}}  # fmt: skip
+            container.state = {
+                "waiting": {"reason": "CreateContainerConfigError", "message": str(error)}
+            }
             self.host.changed()
             return False
         log_path = self.log_path(container.name)
@@ -262,13 +274,18 @@ class PodWorker:
             log_file.flush()
             try:
                 process = await asyncio.create_subprocess_exec(
-                    *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                    *argv,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
                     preexec_fn=enter(sandbox),
-                )  # fmt: skip
+                )
             except OSError as error:
-                container.state = {"waiting": {"reason": "RunContainerError",
-                                               "message": str(error)}}  # fmt: skip
+                container.state = {
+                    "waiting": {"reason": "RunContainerError", "message": str(error)}
+                }
                 self.host.changed()
                 return False
         container.process = process
@@ -287,11 +304,15 @@ class PodWorker:
         exit_code = 128 - code if code < 0 else code  # killed by signal N -> 128+N
         reason = "Completed" if exit_code == 0 else "Error"
         running = container.state.get("running", {})
-        container.state = {"terminated": {
-            "exitCode": exit_code, "reason": reason, "startedAt": running.get("startedAt"),
-            "finishedAt": now(), "containerID": f"process://{container.process.pid}"
-            if container.process else "",
-        }}  # fmt: skip
+        container.state = {
+            "terminated": {
+                "exitCode": exit_code,
+                "reason": reason,
+                "startedAt": running.get("startedAt"),
+                "finishedAt": now(),
+                "containerID": f"process://{container.process.pid}" if container.process else "",
+            }
+        }
         container.ready = False
         container.started = False
         self.host.changed()
@@ -299,8 +320,14 @@ class PodWorker:
     def _container_config(self, container: Container) -> tuple[list[str], dict[str, str], Sandbox]:
         spec = container.spec
         image = self.host.images.resolve(spec["image"])
-        env = container_env(self.pod, spec, self.host.sources(), self.host.node,
-                            services=self.host.services(), base=image.env)  # fmt: skip
+        env = container_env(
+            self.pod,
+            spec,
+            self.host.sources(),
+            self.host.node,
+            services=self.host.services(),
+            base=image.env,
+        )
         argv = command_line(spec, image, env)
         sandbox = Sandbox(
             netns=self.netns,
@@ -314,16 +341,19 @@ class PodWorker:
 
     def _mounts(self, spec: Json) -> list[Mount]:
         volumes = {v["name"]: v for v in self.pod["spec"].get("volumes") or []}
-        mounts = [Mount(str(self.dir / "etc-hosts"), "/etc/hosts", read_only=True),
-                  Mount(str(self.dir / "resolv.conf"), "/etc/resolv.conf", read_only=True)]  # fmt: skip
+        mounts = [
+            Mount(str(self.dir / "etc-hosts"), "/etc/hosts", read_only=True),
+            Mount(str(self.dir / "resolv.conf"), "/etc/resolv.conf", read_only=True),
+        ]
         for wanted in spec.get("volumeMounts") or []:
             if wanted["name"] not in volumes:
                 raise UnsupportedError(f"volumeMount {wanted['name']!r} names no volume")
             source = self.volume_dir(wanted["name"])
             if wanted.get("subPath"):
                 source = source / wanted["subPath"]
-            mounts.append(Mount(str(source), wanted["mountPath"],
-                                read_only=bool(wanted.get("readOnly"))))  # fmt: skip
+            mounts.append(
+                Mount(str(source), wanted["mountPath"], read_only=bool(wanted.get("readOnly")))
+            )
         return mounts
 
     # -- probes ------------------------------------------------------------------------
@@ -361,8 +391,9 @@ class PodWorker:
             first_pass = kind != "livenessProbe" and not ok and successes == 0
             await asyncio.sleep(min(period, 0.5) if first_pass else period)
 
-    def _probe_verdict(self, container: Container, kind: str, probe: Json, successes: int,
-                       failures: int) -> bool:  # fmt: skip
+    def _probe_verdict(
+        self, container: Container, kind: str, probe: Json, successes: int, failures: int
+    ) -> bool:
         """Apply a result; True when the loop should end."""
         needed_ok = probe.get("successThreshold", 1)
         needed_fail = probe.get("failureThreshold", 3)
@@ -396,9 +427,12 @@ class PodWorker:
     async def _check(self, container: Container, probe: Json) -> bool:
         if "httpGet" in probe:
             get = probe["httpGet"]
-            return await _http_ok(get.get("host") or self.pod_ip,
-                                  container_port(self.pod, get["port"]), get.get("path", "/"),
-                                  get.get("scheme", "HTTP") == "HTTPS")  # fmt: skip
+            return await _http_ok(
+                get.get("host") or self.pod_ip,
+                container_port(self.pod, get["port"]),
+                get.get("path", "/"),
+                get.get("scheme", "HTTP") == "HTTPS",
+            )
         if "tcpSocket" in probe:
             port = container_port(self.pod, probe["tcpSocket"]["port"])
             _, writer = await asyncio.open_connection(self.pod_ip, port)
@@ -407,8 +441,17 @@ class PodWorker:
         if "exec" in probe and container.process is not None:
             pid = str(container.process.pid)
             checker = await asyncio.create_subprocess_exec(
-                "nsenter", "-t", pid, "-n", "-m", "-u", "--", *probe["exec"]["command"],
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)  # fmt: skip
+                "nsenter",
+                "-t",
+                pid,
+                "-n",
+                "-m",
+                "-u",
+                "--",
+                *probe["exec"]["command"],
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
             return await checker.wait() == 0
         log.warning("%s/%s: unsupported probe %s", self.key, container.name, sorted(probe))
         return False
@@ -461,8 +504,10 @@ class PodWorker:
 
     def status(self) -> Json:
         phase = self.phase
-        if phase == "Pending" and self.initialized and any(
-            c.process is not None for c in self.main
+        if (
+            phase == "Pending"
+            and self.initialized
+            and any(c.process is not None for c in self.main)
         ):
             phase = "Running"
         sidecars = [c for c in self.init if c.sidecar]
@@ -528,8 +573,10 @@ async def _http_ok(host: str, port: int | None, path: str, tls: bool) -> bool:
         context.verify_mode = ssl.CERT_NONE  # the kubelet does not verify probe certificates
     reader, writer = await asyncio.open_connection(host, port, ssl=context)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-                     "User-Agent: kube-probe/1.34\r\n\r\n".encode())  # fmt: skip
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+            "User-Agent: kube-probe/1.34\r\n\r\n".encode()
+        )
         await writer.drain()
         line = await reader.readline()
         code = int(line.split()[1])

@@ -153,8 +153,13 @@ def container_env(
     if pod["spec"].get("enableServiceLinks", True):
         env.update(service_env(services, namespace))
     else:
-        env.update({k: v for k, v in service_env(services, namespace).items()
-                    if k.startswith("KUBERNETES_")})  # fmt: skip
+        env.update(
+            {
+                k: v
+                for k, v in service_env(services, namespace).items()
+                if k.startswith("KUBERNETES_")
+            }
+        )
     for source in container.get("envFrom") or []:
         env.update(_env_from(namespace, source, sources))
     for var in container.get("env") or []:
@@ -269,17 +274,26 @@ def volume_files(pod: Json, volume: Json, sources: Sources, node: NodeInfo) -> F
     if "secret" in volume:
         spec = volume["secret"]
         data = sources.secret(namespace, spec["secretName"])
-        return _keyed_files(f"Secret {namespace}/{spec['secretName']}", data, spec,
-                            spec.get("defaultMode", DEFAULT_FILE_MODE))  # fmt: skip
+        return _keyed_files(
+            f"Secret {namespace}/{spec['secretName']}",
+            data,
+            spec,
+            spec.get("defaultMode", DEFAULT_FILE_MODE),
+        )
     if "configMap" in volume:
         spec = volume["configMap"]
         data = sources.config_map(namespace, spec["name"])
-        return _keyed_files(f"ConfigMap {namespace}/{spec['name']}", data, spec,
-                            spec.get("defaultMode", DEFAULT_FILE_MODE))  # fmt: skip
+        return _keyed_files(
+            f"ConfigMap {namespace}/{spec['name']}",
+            data,
+            spec,
+            spec.get("defaultMode", DEFAULT_FILE_MODE),
+        )
     if "downwardAPI" in volume:
         spec = volume["downwardAPI"]
-        return _downward_files(pod, spec.get("items") or [],
-                               spec.get("defaultMode", DEFAULT_FILE_MODE), node)  # fmt: skip
+        return _downward_files(
+            pod, spec.get("items") or [], spec.get("defaultMode", DEFAULT_FILE_MODE), node
+        )
     if "projected" in volume:
         return _projected_files(pod, volume["projected"], sources, node)
     kinds = sorted(k for k in volume if k != "name")
@@ -331,8 +345,7 @@ def _projected_files(pod: Json, spec: Json, sources: Sources, node: NodeInfo) ->
             data = sources.config_map(namespace, ref["name"])
             files.update(_keyed_files(f"ConfigMap {namespace}/{ref['name']}", data, ref, mode))
         elif "downwardAPI" in source:
-            files.update(_downward_files(pod, source["downwardAPI"].get("items") or [], mode,
-                                         node))  # fmt: skip
+            files.update(_downward_files(pod, source["downwardAPI"].get("items") or [], mode, node))
         elif "serviceAccountToken" in source:
             ref = source["serviceAccountToken"]
             token = sources.token(pod, ref.get("audience"), ref.get("expirationSeconds", 3600))
@@ -351,16 +364,23 @@ def hosts_file(pod: Json, pod_ip: str, services: Iterable[Json]) -> str:
     cluster DNS would answer (short names only for the pod's own namespace)."""
     meta = pod["metadata"]
     hostname = pod["spec"].get("hostname") or meta["name"]
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
-             f"{pod_ip}\t{hostname}"]  # fmt: skip
-    for service in sorted(services, key=lambda s: (s["metadata"]["namespace"],
-                                                   s["metadata"]["name"])):  # fmt: skip
+    lines = [
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        f"{pod_ip}\t{hostname}",
+    ]
+    for service in sorted(
+        services, key=lambda s: (s["metadata"]["namespace"], s["metadata"]["name"])
+    ):
         ip = service.get("spec", {}).get("clusterIP")
         if not ip or ip == "None":
             continue
         name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
-        names = [f"{name}.{namespace}", f"{name}.{namespace}.svc",
-                 f"{name}.{namespace}.svc.{CLUSTER_DOMAIN}"]  # fmt: skip
+        names = [
+            f"{name}.{namespace}",
+            f"{name}.{namespace}.svc",
+            f"{name}.{namespace}.svc.{CLUSTER_DOMAIN}",
+        ]
         if namespace == meta["namespace"]:
             names.insert(0, name)
         lines.append(f"{ip}\t{' '.join(names)}")

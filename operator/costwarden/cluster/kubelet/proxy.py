@@ -28,8 +28,9 @@ class _Listener:
 class ServiceProxy:
     """Listeners keyed by (ClusterIP, port); :meth:`update` sets the whole desired state."""
 
-    def __init__(self, add_address: Callable[[str], None],
-                 remove_address: Callable[[str], None]) -> None:  # fmt: skip
+    def __init__(
+        self, add_address: Callable[[str], None], remove_address: Callable[[str], None]
+    ) -> None:
         self._add_address = add_address
         self._remove_address = remove_address
         self._listeners: dict[Backend, _Listener] = {}
@@ -103,9 +104,7 @@ class ServiceProxy:
         for offset in range(len(backends)):
             host, port = backends[(start + offset) % len(backends)]
             try:
-                return await asyncio.wait_for(
-                    asyncio.open_connection(host, port), _CONNECT_TIMEOUT
-                )
+                return await asyncio.wait_for(asyncio.open_connection(host, port), _CONNECT_TIMEOUT)
             except (OSError, TimeoutError):
                 continue
         return None
