@@ -60,8 +60,8 @@ def default_image_map() -> ImageMap:
     project = LocalImage(
         entrypoint=(f"{bin_dir}/costwarden",),
         cmd=("operator",),
-        workdir="/tmp",
-        env={"PATH": path},  # noqa: S108  (the Dockerfile's WORKDIR)
+        workdir="/tmp",  # noqa: S108  (the Dockerfile's WORKDIR)
+        env={"PATH": path},
     )
     python = LocalImage(cmd=("python3",), env={"PATH": path})
     other = LocalImage(env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
