@@ -7,7 +7,7 @@ VENV ?= $(CACHE)/venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install test lint unit integration demo bench crds clean-cache
+.PHONY: install system-tools test lint unit integration demo bench crds clean-cache
 
 $(STAMP): pyproject.toml
 	@mkdir -p $(CACHE)
@@ -17,10 +17,18 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) system-tools
 	@# The editable install points at this checkout; re-link it when run from another clone.
 	@$(PY) -c 'import costwarden, pathlib, sys; sys.exit(0 if pathlib.Path(costwarden.__file__).resolve().is_relative_to(pathlib.Path("operator").resolve()) else 1)' \
 		|| $(PY) -m pip install --quiet --no-deps -e .
+
+# The process kubelet (tests, demo) runs pods in network and mount namespaces: it needs
+# `ip` (iproute2) and `unshare`/`nsenter` (util-linux), and root. CI is a fresh Debian as root.
+system-tools:
+	@command -v ip >/dev/null && command -v nsenter >/dev/null && command -v unshare >/dev/null \
+		|| { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq iproute2 util-linux; \
+		else echo "install iproute2 and util-linux (ip, unshare, nsenter) for the process kubelet" >&2; fi; }
 
 ## make test: everything CI runs (lint, unit, integration on a real control plane, e2e).
 test: install lint

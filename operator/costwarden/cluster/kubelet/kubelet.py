@@ -19,6 +19,8 @@ import concurrent.futures
 import contextlib
 import datetime
 import json
+import os
+import shutil
 import logging
 import secrets
 import sys
@@ -170,6 +172,7 @@ class ProcessKubelet:
         self.stop()
 
     def start(self) -> ProcessKubelet:
+        _check_host()
         remove_stale()
         self.network.setup()
         self.node = NodeInfo(name=self.node_name, host_ip=self.network.gateway_ip)
@@ -359,13 +362,14 @@ class ProcessKubelet:
         last_full = 0.0
         while True:
             full = time.monotonic() - last_full >= self.sync_period
+            # Cleared before the pass: a change signalled during it triggers the next one.
+            self._wake.clear()
             try:
                 await self._sync(full)
                 if full:
                     last_full = time.monotonic()
             except Exception:
                 log.exception("process kubelet sync failed; retrying")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.sync_period)
 
@@ -569,6 +573,17 @@ class ProcessKubelet:
             if number is not None:
                 backends.append((pod["status"]["podIP"], number))
         return backends
+
+
+def _check_host() -> None:
+    missing = [tool for tool in ("ip", "nsenter") if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError(
+            f"the process kubelet needs {missing} (make install adds iproute2 "
+            "and util-linux on Debian)"
+        )
+    if os.geteuid() != 0:
+        raise RuntimeError("the process kubelet needs root (network and mount namespaces)")
 
 
 def _parse_time(stamp: str) -> float:
