@@ -19,10 +19,10 @@ import concurrent.futures
 import contextlib
 import datetime
 import json
-import os
-import shutil
 import logging
+import os
 import secrets
+import shutil
 import sys
 import threading
 import time
