@@ -237,6 +237,11 @@ def test_the_operator_mirrors_a_key_follows_rotation_and_drops_unreferenced_keys
     secret = i.core.read_namespaced_secret(i.mirror_name, i.namespace)
     assert secret.metadata.labels["costwarden.io/provider-keys"] == "true"
     assert secret.metadata.labels["app.kubernetes.io/managed-by"] == "costwarden-operator"
+    # Another pass (a new policy) with nothing changed for the mirror writes nothing.
+    i.apply(i.allowed, policy("unrelated", None))
+    wait_for(lambda: i.ready(i.allowed, "unrelated"), timeout=60, what="another pass")
+    again = i.core.read_namespaced_secret(i.mirror_name, i.namespace)
+    assert again.metadata.resource_version == secret.metadata.resource_version
 
     i.put_secret(i.allowed, "openai-credentials", **{"api-key": "sk-rotated"})
     wait_for(

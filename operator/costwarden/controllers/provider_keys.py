@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 from kubernetes import client
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 MIRROR_LABEL = "costwarden.io/provider-keys"
 READS_IN_FLIGHT = 8
+REREAD_SECONDS = 10.0
+"""A Secret read is reused for this long: passes can come several a second when spend
+moves, while rotation only needs to propagate within a resync (30 s)."""
 ALLOWED_HINT = (
     "; a cluster admin allows it by adding the namespace to the chart's "
     "providerKeys.namespaces (or providerKeys.clusterWide=true)"
@@ -46,6 +50,7 @@ class ProviderKeysMirror:
         self.core = core
         self.namespace = namespace
         self.secret_name = secret_name
+        self._reads: dict[tuple[str, str], tuple[float, SecretRead]] = {}
 
     async def sync(self, config: GatewayConfig) -> MirrorPlan:
         """Read the referenced Secrets, write the mirror if it changed, return the plan (its
@@ -54,11 +59,17 @@ class ProviderKeysMirror:
         gate = asyncio.Semaphore(READS_IN_FLIGHT)
 
         async def read(namespace: str, name: str) -> tuple[tuple[str, str], SecretRead]:
+            cached = self._reads.get((namespace, name))
+            if cached is not None and time.monotonic() - cached[0] < REREAD_SECONDS:
+                return (namespace, name), cached[1]
             async with gate:
-                return (namespace, name), await asyncio.to_thread(self._read, namespace, name)
+                result = await asyncio.to_thread(self._read, namespace, name)
+            self._reads[(namespace, name)] = (time.monotonic(), result)
+            return (namespace, name), result
 
         wanted = secrets_to_read(config)
         reads = dict(await asyncio.gather(*(read(ns, name) for ns, name in wanted)))
+        self._reads = {k: v for k, v in self._reads.items() if k in reads}
         try:
             current = await asyncio.to_thread(self._current)
         except ApiException as error:
