@@ -27,6 +27,8 @@ from costwarden.api.gatewayconfig import CredentialRef
 from costwarden.policy.provider_keys import credential_env_name, mirrored_key, secret_reference
 
 RECHECK_SECONDS = 30.0
+MISSING_RECHECK_SECONDS = 5.0
+"""A key found missing is looked for again sooner: calls to its model are being refused."""
 
 SHARED_HINT = (
     "the operator mirrors it into the gateway's provider-keys Secret once it exists and the "
@@ -56,8 +58,10 @@ class Credentials:
         cache_key = (ref.namespace, ref.name, ref.key)
         now = time.monotonic()
         cached = self._cache.get(cache_key)
-        if cached is not None and now - cached[0] < RECHECK_SECONDS:
-            return cached[1]
+        if cached is not None:
+            age, value = now - cached[0], cached[1]
+            if age < (RECHECK_SECONDS if value else MISSING_RECHECK_SECONDS):
+                return value
         value = self._read(ref)
         self._cache[cache_key] = (now, value)
         return value
