@@ -160,6 +160,8 @@ class Gateway:
     port: int = field(default_factory=free_port)
     keys: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()
+    """More `costwarden gateway` arguments, e.g. ("--credentials-dir", path)."""
 
     @property
     def url(self) -> str:
@@ -187,7 +189,7 @@ class Gateway:
                 "--mode", "shared", "--api-keys-file", str(self.workdir / "keys.yaml"),
                 "--ledger", str(self.ledger), "--ledger-fsync", "none",
                 "--report-to", self.report_to, "--report-token-file", str(self.token_file),
-                "--replica-id", "gw-test", "--log-level", "WARNING",
+                "--replica-id", "gw-test", "--log-level", "WARNING", *self.extra_args,
             ],
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

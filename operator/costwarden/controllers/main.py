@@ -27,6 +27,7 @@ from costwarden.controllers.apikeys import ApiKeyIssuer
 from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.kubeapi import KubeApi, load_client
 from costwarden.controllers.leadership import Leadership
+from costwarden.controllers.provider_keys import ProviderKeysMirror
 from costwarden.controllers.reconciler import Reconciler, load_settings
 from costwarden.controllers.world import ObservedWorld
 from costwarden.policy.injection import ALWAYS_EXCLUDED, InjectionSettings
@@ -86,6 +87,14 @@ def register(subparsers: Any) -> None:
         help=(
             "issue each Ready team a gateway API key (a Secret in --namespace) and publish "
             "their sha256 digests in the ConfigMap costwarden-api-keys (docs/gateway.md)"
+        ),
+    )
+    parser.add_argument(
+        "--provider-keys-secret",
+        help=(
+            "mirror the provider keys RoutingPolicies reference into this Secret in "
+            "--namespace, which the shared gateway mounts as --credentials-dir; a policy "
+            "whose key is missing or unreadable is Ready=False (docs/install-helm.md)"
         ),
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -195,6 +204,11 @@ def run(args: argparse.Namespace) -> int:
         Leadership(api_client, peering_name=peering, identity=identity, priority=priority),
         copies=copies,
         api_keys=ApiKeyIssuer(CoreV1Api(api_client), args.namespace) if args.api_keys else None,
+        provider_keys=(
+            ProviderKeysMirror(CoreV1Api(api_client), args.namespace, args.provider_keys_secret)
+            if args.provider_keys_secret
+            else None
+        ),
     )
     log.info(
         "starting: config map %s/%s, %s", args.namespace, args.config_map,

@@ -32,7 +32,9 @@ from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.events import event_body
 from costwarden.controllers.kubeapi import ConflictError, KubeApi
 from costwarden.controllers.leadership import Leadership
+from costwarden.controllers.provider_keys import ProviderKeysMirror
 from costwarden.controllers.world import ObservedWorld
+from costwarden.policy.provider_keys import with_credential_problems
 from costwarden.policy.render import (
     BudgetVerdict,
     ObservedObject,
@@ -74,6 +76,7 @@ class Reconciler:
         leadership: Leadership,
         copies: ConfigCopies | None = None,
         api_keys: ApiKeyIssuer | None = None,
+        provider_keys: ProviderKeysMirror | None = None,
     ) -> None:
         self.api = api
         self.world = world
@@ -81,6 +84,7 @@ class Reconciler:
         self.leadership = leadership
         self.copies = copies  # sidecar injection on: config copies in opted-in namespaces
         self.api_keys = api_keys  # --api-keys: a key per Ready team, digests for gateways
+        self.provider_keys = provider_keys  # --provider-keys-secret: the gateway's keys
         self._last_list = 0.0
 
     async def run_forever(self) -> None:
@@ -122,6 +126,9 @@ class Reconciler:
         policies = list(self.world.policies.values())
         result = reconcile(budgets, policies, self.settings.catalog, now)
         await self._publish_config(result)
+        if self.provider_keys is not None:  # before status: its problems are part of Ready
+            plan = await self.provider_keys.sync(result.config)
+            result.policies = with_credential_problems(result.policies, plan.problems)
         await _bounded_all(
             [self._write_policy_status(p, result.policies[p.id], now) for p in policies]
             + [self._write_budget_status(b, result.budgets[b.id], now) for b in budgets]

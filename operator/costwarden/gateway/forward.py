@@ -6,6 +6,12 @@
   usage: the client gets a 502 in the API's error shape and the record says
   ``UpstreamMalformed`` with ``usageReported: false``. In a stream the headers are already
   sent, so the client gets an error event (which both SDKs raise) instead.
+- A model whose ``credentials`` resolve to no key is never called (an upstream would
+  answer 401, or, worse, an unauthenticated endpoint would serve it): the attempt is
+  skipped like an unreachable backend, counted in
+  ``costwarden_gateway_missing_credentials_total{model}``, and if no candidate is left the
+  call is refused with **503** ``missing_credentials`` naming the Secret reference (a
+  gateway misconfiguration the caller cannot fix: not a 401, and ``x-should-retry: false``).
 - A client that disconnects mid-stream does not stop metering: the gateway keeps reading
   the upstream (at most :data:`DRAIN_SECONDS`) to get the usage it reports at the end, and
   records ``ClientDisconnected`` with that usage.
@@ -20,7 +26,7 @@ import orjson
 from aiohttp import web
 
 from costwarden.api.gatewayconfig import ModelRoute
-from costwarden.api.usage import Outcome
+from costwarden.api.usage import Outcome, RefusalReason
 from costwarden.gateway.call import Call
 from costwarden.gateway.config import CompiledConfig
 from costwarden.gateway.upstream import UpstreamResponse, UpstreamUnavailableError
@@ -48,11 +54,16 @@ async def forward(
     decision: RouteDecision,
     wants_usage: bool,
 ) -> web.StreamResponse:
-    answer = await _attempt(gw, request, call, compiled, body, decision)
+    missing: list[str] = []
+    answer = await _attempt(gw, request, call, compiled, body, decision, missing)
     if answer is None:
+        if len(missing) == len(decision.candidates):
+            call.served = None
+            return gw.refuse(call, 503, RefusalReason.MISSING_CREDENTIALS, " ".join(missing))
         call.outcome, call.error = Outcome.UPSTREAM_ERROR, "upstream_unavailable"
         tried = ", ".join(m.name for m in decision.candidates)
-        return _error(call, 502, "upstream_unavailable", f"no backend answered (tried {tried})")
+        message = f"no backend answered (tried {tried})"
+        return _error(call, 502, "upstream_unavailable", " ".join([message, *missing]))
     response, route = answer
     if response.status >= 400:
         return await _pass_error(call, response)
@@ -68,15 +79,21 @@ async def _attempt(
     compiled: CompiledConfig,
     body: dict[str, Any],
     decision: RouteDecision,
+    missing: list[str],
 ) -> tuple[UpstreamResponse, ModelRoute] | None:
+    """The first answer worth relaying; ``missing`` collects why keyless candidates were
+    skipped (never sent: see the module docstring)."""
     candidates = decision.candidates
     for index, route in enumerate(candidates):
+        api_key = gw.credentials.api_key(route.credentials)
+        if route.credentials is not None and not api_key:
+            gw.metrics.missing_credentials.labels(route.name).inc()
+            missing.append(gw.credentials.missing_message(route.name, route.credentials))
+            continue
         call.served = route
         call.attempts += 1
         body["model"] = route.upstream_model
-        headers = call.fmt.upstream_headers(
-            gw.credentials.api_key(route.credentials), request.headers
-        )
+        headers = call.fmt.upstream_headers(api_key, request.headers)
         url = compiled.url(call.policy_id, route, call.endpoint)
         started = time.perf_counter()
         try:

@@ -56,6 +56,13 @@ class GatewayMetrics:
             ["model", "provider", "kind"],
             registry=r,
         )
+        self.missing_credentials = Counter(
+            "costwarden_gateway_missing_credentials_total",
+            "Attempts not sent because the model's provider key (a Secret reference in the "
+            "RoutingPolicy) resolved to nothing in this gateway, by model.",
+            ["model"],
+            registry=r,
+        )
         self.latency = Histogram(
             "costwarden_gateway_request_duration_seconds",
             "Time from request arrival to the last byte sent.",
