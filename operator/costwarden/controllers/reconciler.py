@@ -24,7 +24,7 @@ from typing import Any
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog, load_catalog
 from costwarden.api.conditions import ConditionType, find_condition
-from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
+from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, GatewayConfig
 from costwarden.api.meta import API_VERSION, Condition
 from costwarden.controllers import clock, metrics
 from costwarden.controllers.apikeys import ApiKeyIssuer
@@ -82,6 +82,8 @@ class Reconciler:
         self.copies = copies  # sidecar injection on: config copies in opted-in namespaces
         self.api_keys = api_keys  # --api-keys: a key per Ready team, digests for gateways
         self._last_list = 0.0
+        self.last_config: GatewayConfig | None = None
+        """The configuration of the last pass: ingestion checks usage against it."""
 
     async def run_forever(self) -> None:
         """Reconcile whenever the world changes (Kopf's watch events) or the resync is due."""
@@ -121,6 +123,7 @@ class Reconciler:
         budgets = list(self.world.budgets.values())
         policies = list(self.world.policies.values())
         result = reconcile(budgets, policies, self.settings.catalog, now)
+        self.last_config = result.config
         await self._publish_config(result)
         await _bounded_all(
             [self._write_policy_status(p, result.policies[p.id], now) for p in policies]
