@@ -62,10 +62,21 @@ def agent(control_plane: LocalControlPlane, api_client: client.ApiClient, namesp
             ),
         ),
     )
-    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+    custom = client.CustomObjectsApi(api_client)
+    custom.create_namespaced_custom_object(
+        "costwarden.io", "v1alpha1", namespace, "routingpolicies",
+        {"apiVersion": "costwarden.io/v1alpha1", "kind": "RoutingPolicy",
+         "metadata": {"name": "routing"},
+         "spec": {"models": [{"name": "m", "provider": "OpenAI",
+                              "endpoint": "https://api.openai.com/v1",
+                              "pricing": {"inputPerMTokUSD": "1", "outputPerMTokUSD": "2"}}],
+                  "defaultModel": "m"}},
+    )  # fmt: skip
+    custom.create_namespaced_custom_object(
         "costwarden.io", "v1alpha1", namespace, "teambudgets",
         {"apiVersion": "costwarden.io/v1alpha1", "kind": "TeamBudget",
-         "metadata": {"name": "team"}, "spec": {"hardCapUSD": 5}},
+         "metadata": {"name": "team"},
+         "spec": {"hardCapUSD": 5, "routingPolicyRef": {"name": "routing"}}},
     )  # fmt: skip
     return namespace
 
@@ -77,11 +88,12 @@ def _token(control_plane: LocalControlPlane, namespace: str, *bound: str) -> str
 
 
 def _batch(namespace: str, pod: str, cost: str, seq: int = 1) -> dict[str, Any]:
+    """A record of ``cost`` USD: input tokens at the policy's 1 USD per million."""
     record = UsageRecord(
         time=datetime.now(UTC), team=f"{namespace}/team", namespace=namespace, pod=pod,
         caller="sidecar", endpoint=Endpoint.CHAT_COMPLETIONS, served_model="m",
-        usage_reported=True, tokens=TokenUsage(input=10), cost_usd=Decimal(cost),
-        outcome=Outcome.OK,
+        usage_reported=True, tokens=TokenUsage(input=int(Decimal(cost) * 1_000_000)),
+        cost_usd=Decimal(cost), outcome=Outcome.OK,
     )  # fmt: skip
     batch = UsageBatch(source=f"{namespace}/{pod}", items=[BatchItem(seq=seq, record=record)])
     return batch.to_wire()

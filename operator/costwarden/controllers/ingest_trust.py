@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 
@@ -95,16 +95,19 @@ class PriceMemory:
     """What each team's policy priced each model at, in the configuration now and in the
     last PRICE_MEMORY seconds (fed with every configuration ingestion sees)."""
 
-    def __init__(self, keep: float = PRICE_MEMORY) -> None:
+    def __init__(
+        self, keep: float = PRICE_MEMORY, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._keep = keep
+        self._clock = clock
         self._revision = ""
         self._current: dict[tuple[str, str], ResolvedPricing] = {}
         self._past: dict[tuple[str, str], dict[PriceKey, tuple[float, ResolvedPricing]]] = {}
 
-    def observe(self, config: GatewayConfig, now: float | None = None) -> None:
+    def observe(self, config: GatewayConfig) -> None:
         if config.revision and config.revision == self._revision:
             return
-        moment = time.monotonic() if now is None else now
+        moment = self._clock()
         current: dict[tuple[str, str], ResolvedPricing] = {}
         for team in config.teams:
             policy = config.policy(team.routing_policy)
@@ -125,7 +128,7 @@ class PriceMemory:
     def prices(self, team: TeamConfig, model: str) -> Sequence[ResolvedPricing]:
         key = (team.id, model)
         found = [self._current[key]] if key in self._current else []
-        moment = time.monotonic()
+        moment = self._clock()
         for since, pricing in self._past.get(key, {}).values():
             if moment - since < self._keep and pricing not in found:
                 found.append(pricing)

@@ -241,20 +241,20 @@ def test_owner_job_reads_owner_references_not_labels():
 
 
 def test_recent_prices_are_remembered_so_a_price_change_does_not_refuse_in_flight_records():
-    memory = PriceMemory(keep=600)
-    memory.observe(config(), now=0)
+    clock = [0.0]
+    memory = PriceMemory(keep=600, clock=lambda: clock[0])
+    memory.observe(config())
     raised = PRICES.model_copy(update={"output_per_m_tok_usd": Decimal("1.20")})
     new = config(raised).model_copy(update={"revision": "r2"})
-    memory.observe(new, now=1)
+    clock[0] = 1.0
+    memory.observe(new)
     alpha = new.team("shared/alpha")
     assert alpha is not None
     assert memory.prices(alpha, "mini") == [raised, PRICES]
     after = Check(SIDECAR, new, NOW, memory.prices, POD)
     assert check_record(1, record(), after).refusal is None  # priced at the old prices
-    forgetful = PriceMemory(keep=0)
-    forgetful.observe(config(), now=0)
-    forgetful.observe(new, now=1)
-    after = Check(SIDECAR, new, NOW, forgetful.prices, POD)
+    clock[0] = 601.0  # ten minutes later the old prices are forgotten
+    assert memory.prices(alpha, "mini") == [raised]
     assert check_record(1, record(), after).refusal is Refusal.COST_MISMATCH
 
 
