@@ -165,6 +165,9 @@ def current_prices(config: GatewayConfig) -> PricesOf:
     return prices
 
 
+Attribution = Callable[[str, Mapping[str, str]], TeamConfig | None]
+
+
 @dataclass(frozen=True)
 class Checked:
     """An entry ingestion will apply, as the operator recomputed it, or why it will not."""
@@ -188,6 +191,14 @@ class Check:
     pod: PodFacts | None = None
     """The pod the entry is about, as the API server has it; None when the entry names no
     pod (a trusted gateway's per-team-key or namespace-only caller)."""
+    attribute: Attribution | None = None
+    """The attribution to use (a memo of ``config.team_for_workload`` over one batch);
+    None: ``config.team_for_workload`` itself."""
+
+    def team_for(self, namespace: str, labels: Mapping[str, str]) -> TeamConfig | None:
+        if self.attribute is not None:
+            return self.attribute(namespace, labels)
+        return self.config.team_for_workload(namespace, dict(labels))
 
 
 def refuse(seq: int, refusal: Refusal, message: str) -> Checked:
@@ -319,7 +330,7 @@ def _team(
                     f"seq {seq}: namespace {namespace} is not governed by {named}",
                 )
             return team, job
-        team = check.config.team_for_workload(namespace, {})
+        team = check.team_for(namespace, {})
         job = ""
     else:
         if reporter.is_sidecar and reporter.pod_uid and facts.uid != reporter.pod_uid:
@@ -329,7 +340,7 @@ def _team(
                 f"seq {seq}: pod {namespace}/{pod} is not the pod the token was "
                 "issued for (uid differs)",
             )
-        team = check.config.team_for_workload(facts.namespace, dict(facts.labels))
+        team = check.team_for(facts.namespace, facts.labels)
         if job != facts.job:
             return refuse(
                 seq,

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 
 from costwarden.accounting.batch import UsageBatch
 from costwarden.accounting.trust import (
+    Attribution,
     Check,
     Checked,
     PodFacts,
@@ -159,10 +160,11 @@ async def check_batch(
     found = await asyncio.gather(*(pods.get(ns, name, uid) for ns, name in sorted(wanted)))
     facts = dict(zip(sorted(wanted), found, strict=True))
     results: list[Checked] = []
+    attribute = _memo(config)
     for item in batch.items:
         entry = item.record or item.loop_signal
         pod = facts.get((entry.namespace, entry.pod)) if entry is not None else None
-        check = Check(reporter, config, now, prices.prices, pod)
+        check = Check(reporter, config, now, prices.prices, pod, attribute)
         if item.record is not None:
             results.append(check_record(item.seq, item.record, check))
         elif item.loop_signal is not None:
@@ -170,6 +172,21 @@ async def check_batch(
         else:
             results.append(Checked(seq=item.seq))  # an empty entry: nothing to count
     return results
+
+
+def _memo(config: GatewayConfig) -> Attribution:
+    """``config.team_for_workload`` remembered per (namespace, labels) over one batch: a
+    shared gateway's batch holds up to 2,000 entries of a few pods, and attribution walks
+    every team."""
+    seen: dict[tuple[str, frozenset[tuple[str, str]]], TeamConfig | None] = {}
+
+    def attribute(namespace: str, labels: Mapping[str, str]) -> TeamConfig | None:
+        key = (namespace, frozenset(labels.items()))
+        if key not in seen:
+            seen[key] = config.team_for_workload(namespace, dict(labels))
+        return seen[key]
+
+    return attribute
 
 
 __all__ = ["PodView", "PriceMemory", "TransientError", "check_batch"]
