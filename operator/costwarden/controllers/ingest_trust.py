@@ -64,7 +64,11 @@ class PodView:
             body = await self._rest.get(f"/api/v1/namespaces/{namespace}/pods/{name}")
         except ApiError as error:
             if error.status == 404:
-                if cached is not None and now - cached[0] < POD_REMEMBERED and not uid:
+                if (
+                    cached is not None
+                    and now - cached[0] < POD_REMEMBERED
+                    and (not uid or cached[1].uid == uid)
+                ):
                     return cached[1]  # deleted since: its last calls still count
                 self._pods.pop(key, None)
                 return None

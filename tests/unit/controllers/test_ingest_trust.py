@@ -67,7 +67,8 @@ def test_a_deleted_pod_is_remembered_for_gateways_but_unknown_pods_are_none():
         del fake.pods["p"]
         view._pods[("ns", "p")] = (view._pods[("ns", "p")][0] - 60, view._pods[("ns", "p")][1])
         assert await view.get("ns", "p") is not None  # its last calls still count
-        assert await view.get("ns", "p", "u9") is None  # a sidecar's pod must exist
+        assert await view.get("ns", "p", "u1") is not None  # its own sidecar's too
+        assert await view.get("ns", "p", "u9") is None  # another incarnation must exist
         assert await view.get("ns", "never") is None
 
     asyncio.run(run())
