@@ -24,7 +24,7 @@ from typing import Any
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog, load_catalog
 from costwarden.api.conditions import ConditionType, find_condition
-from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
+from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, GatewayConfig
 from costwarden.api.meta import API_VERSION, Condition
 from costwarden.controllers import clock, metrics
 from costwarden.controllers.apikeys import ApiKeyIssuer
@@ -86,6 +86,8 @@ class Reconciler:
         self.api_keys = api_keys  # --api-keys: a key per Ready team, digests for gateways
         self.provider_keys = provider_keys  # --provider-keys-secret: the gateway's keys
         self._last_list = 0.0
+        self.last_config: GatewayConfig | None = None
+        """The configuration of the last pass: ingestion checks usage against it."""
 
     async def run_forever(self) -> None:
         """Reconcile whenever the world changes (Kopf's watch events) or the resync is due."""
@@ -125,6 +127,7 @@ class Reconciler:
         budgets = list(self.world.budgets.values())
         policies = list(self.world.policies.values())
         result = reconcile(budgets, policies, self.settings.catalog, now)
+        self.last_config = result.config
         await self._publish_config(result)
         if self.provider_keys is not None:  # before status: its problems are part of Ready
             plan = await self.provider_keys.sync(result.config)

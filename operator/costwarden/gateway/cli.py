@@ -20,6 +20,7 @@ from costwarden.api.usage import UsageSink
 from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import SHARED_HINT, SIDECAR_HINT, Credentials
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
+from costwarden.gateway.metrics import rejected_reason
 from costwarden.gateway.proxy import Gateway
 from costwarden.gateway.server import serve
 from costwarden.gateway.sinks import FanoutSink, FsyncPolicy, JsonlLedgerSink
@@ -183,6 +184,11 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
     if hasattr(gateway.sink, "on_phases"):
         # Learn Exhausted from the operator's acknowledgement, before the config reload.
         gateway.sink.on_phases = gateway.limits.note_operator_phases
+    if hasattr(gateway.sink, "on_rejected"):
+        rejected = gateway.metrics.usage_rejected
+        gateway.sink.on_rejected = lambda reason: rejected.labels(
+            reason=rejected_reason(reason)
+        ).inc()
     return gateway
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from costwarden.accounting.trust import Refusal
 from costwarden.api.usage import UsageRecord
 
 # Gateway overhead lives well under a millisecond; upstream calls take seconds.
@@ -89,6 +90,13 @@ class GatewayMetrics:
             ["team", "loop"],
             registry=r,
         )
+        self.usage_rejected = Counter(
+            "costwarden_gateway_usage_rejected_total",
+            "Usage entries the operator refused for good (they disagree with what it "
+            "recomputes; docs/security-ingestion.md): dropped from the queue, never counted.",
+            ["reason"],
+            registry=r,
+        )
         self.config_info = Gauge(
             "costwarden_gateway_config_info",
             "1 for the configuration revision in force.",
@@ -134,3 +142,8 @@ class GatewayMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def rejected_reason(reason: str) -> str:
+    """A refusal reason from the operator, as a bounded label value."""
+    return reason if reason in {r.value for r in Refusal} else "other"
