@@ -30,6 +30,8 @@ class Reason(StrEnum):
     """Ready=False: spec.routingPolicyRef names no RoutingPolicy."""
     ROUTING_POLICY_NOT_READY = "RoutingPolicyNotReady"
     """Ready=False: the referenced RoutingPolicy is itself invalid."""
+    PROVIDER_HOST_NOT_ALLOWED = "ProviderHostNotAllowed"
+    """Ready=False: an External model's endpoint is not one of the admin's provider hosts."""
     NO_ROUTING_POLICY = "NoRoutingPolicy"
     """Ready=True, but the team has no RoutingPolicy: every call will be refused."""
     WITHIN_LIMIT = "WithinLimit"

@@ -104,6 +104,7 @@ class RefusalReason(StrEnum):
     CONFIDENTIAL = "confidential_requires_in_cluster"
     INCOMPATIBLE_ROUTE = "incompatible_route"
     BAD_REQUEST = "invalid_request"
+    PROVIDER_HOST_NOT_ALLOWED = "provider_host_not_allowed"
 
 
 class UsageRecord(WireModel):

@@ -24,6 +24,7 @@ from typing import Any
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog, load_catalog
 from costwarden.api.conditions import ConditionType, find_condition
+from costwarden.api.endpoints import ANY_HOST, ProviderHosts
 from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
 from costwarden.api.meta import API_VERSION, Condition
 from costwarden.controllers import clock, metrics
@@ -63,6 +64,7 @@ class ReconcilerSettings:
     namespace: str
     config_map: str
     catalog: PriceCatalog
+    provider_hosts: ProviderHosts = ANY_HOST
 
 
 class Reconciler:
@@ -120,7 +122,9 @@ class Reconciler:
         now = clock.now().replace(microsecond=0)  # shiftable in tests (clock.py)
         budgets = list(self.world.budgets.values())
         policies = list(self.world.policies.values())
-        result = reconcile(budgets, policies, self.settings.catalog, now)
+        result = reconcile(
+            budgets, policies, self.settings.catalog, now, self.settings.provider_hosts
+        )
         await self._publish_config(result)
         await _bounded_all(
             [self._write_policy_status(p, result.policies[p.id], now) for p in policies]
@@ -216,5 +220,10 @@ async def _bounded_all(writes: list[Coroutine[Any, Any, None]]) -> None:
             raise outcome
 
 
-def load_settings(namespace: str, config_map: str, catalog_path: Path | None) -> ReconcilerSettings:
-    return ReconcilerSettings(namespace, config_map, load_catalog(catalog_path))
+def load_settings(
+    namespace: str,
+    config_map: str,
+    catalog_path: Path | None,
+    provider_hosts: ProviderHosts = ANY_HOST,
+) -> ReconcilerSettings:
+    return ReconcilerSettings(namespace, config_map, load_catalog(catalog_path), provider_hosts)
