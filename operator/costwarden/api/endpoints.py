@@ -40,8 +40,25 @@ from costwarden.api.rules import CelRule
 
 # --- the pieces of CEL the rules share ----------------------------------------------------
 
-_HOST = "url(self).getHostname().lowerAscii()"
-_MODEL_HOST = "url(self.endpoint).getHostname().lowerAscii()"
+
+
+def _host_of(url: str) -> str:
+    """CEL for the lower-cased host of a plain URL (no port, no brackets).
+
+    Written with ``find`` and ``substring`` rather than ``url(...).getHostname()``: the URL
+    library's accessors carry no size estimate, so the API server prices any string
+    function on their result as if it were megabytes long and refuses the CRD. ``find``
+    results are bounded by the endpoint's maxLength.
+    """
+    authority = f"{url}.find('//[^/]*').substring(2)"
+    return (
+        f"({authority}.startsWith('[') ? {authority}.find('[^\\\\[\\\\]]+') : "
+        f"{authority}.find('^[^:]*')).lowerAscii()"
+    )
+
+
+_HOST = _host_of("self")
+_MODEL_HOST = _host_of("self.endpoint")
 _EXTERNAL = "(!has(self.locality) || self.locality == 'External')"
 
 # An authority of letters, digits, dots and hyphens, or a bracketed IPv6 literal, and a
@@ -84,11 +101,17 @@ def _any_cidr(cidrs: Iterable[str], host: str) -> str:
 
 
 def url_hostname(value: str) -> str:
-    """``url(value).getHostname().lowerAscii()``: the host without port or brackets."""
-    try:
-        return (urlsplit(value).hostname or "").lower()
-    except ValueError:
+    """The host of a URL without port or brackets, lower-cased, found exactly as the CEL
+    rules find it (:func:`_host_of`): after the first ``//``, up to ``/``, then up to ``:``
+    (or inside ``[...]``)."""
+    _, sep, rest = value.partition("//")
+    if not sep:
         return ""
+    authority = rest.split("/", 1)[0]
+    if authority.startswith("["):
+        match = re.search(r"[^\[\]]+", authority)
+        return match.group(0).lower() if match else ""
+    return authority.split(":", 1)[0].lower()
 
 
 def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -132,11 +155,9 @@ def _link_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 def _is_url(value: str) -> bool:
-    try:
-        parsed = urlsplit(value)
-    except ValueError:
-        return False
-    return bool(parsed.scheme) and bool(parsed.netloc)
+    """The guard of the host rules: only a plain URL has a host they can judge (any other
+    endpoint is refused by the plain-URL rule already)."""
+    return is_plain_url(value)
 
 
 # --- the predicates (Python twins) --------------------------------------------------------
@@ -242,7 +263,7 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
     ),
     CelRule(
         cel=(
-            f"!isURL(self) || isIP({_HOST}) || "
+            f"!self.matches({PLAIN_URL_PATTERN!r}) || isIP({_HOST}) || "
             f"(!{_HOST}.contains(':') && !{_HOST}.matches({NUMERIC_HOST_PATTERN!r}))"
         ),
         message=(
@@ -254,7 +275,8 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
     ),
     CelRule(
         cel=(
-            f"!isURL(self) || (isIP({_HOST}) ? !(ip({_HOST}).isLinkLocalUnicast() || "
+            f"!self.matches({PLAIN_URL_PATTERN!r}) || "
+            f"(isIP({_HOST}) ? !(ip({_HOST}).isLinkLocalUnicast() || "
             f"ip({_HOST}).isLinkLocalMulticast() || ip({_HOST}).isUnspecified() || "
             f"{_any_cidr(FORBIDDEN_CIDRS, _HOST)}) : "
             f"!{_HOST}.matches({METADATA_NAME_PATTERN!r}))"
@@ -271,7 +293,7 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
 
 def _model_rule(cel: str, message: str, holds: Any) -> CelRule:
     return CelRule(
-        cel=f"!{_EXTERNAL} || !isURL(self.endpoint) || {cel}",
+        cel=f"!{_EXTERNAL} || !self.endpoint.matches({PLAIN_URL_PATTERN!r}) || {cel}",
         message=message,
         holds=holds,
         field_path=".endpoint",
@@ -314,13 +336,13 @@ MODEL_ENDPOINT_RULES: tuple[CelRule, ...] = (
         lambda m: (h := _external_host(m)) is None or external_host_is_public(h),
     ),
     _model_rule(
-        "!has(self.credentials) || url(self.endpoint).getScheme() == 'https'",
+        "!has(self.credentials) || self.endpoint.lowerAscii().startsWith('https://')",
         "an External model with credentials must use an https endpoint: its provider key "
         "would cross the network in clear",
         lambda m: (
             _external_host(m) is None
             or m.credentials is None
-            or urlsplit(m.endpoint).scheme == "https"
+            or m.endpoint.lower().startswith("https://")
         ),
     ),
 )
