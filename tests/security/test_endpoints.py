@@ -39,7 +39,7 @@ POLICIES = "routingpolicies"
 
 
 @pytest.fixture(scope="module")
-def hosts_stack(control_plane, api_client, crds, tmp_path_factory) -> Iterator[Stack]:  # noqa: F811
+def hosts_stack(control_plane, api_client, crds, tmp_path_factory) -> Iterator[Stack]:
     """The operator and gateway as an admin who set ``providerHosts.allowed`` runs them."""
     flags = [f"--allowed-provider-host={host}" for host in ALLOWED]
     workdir = tmp_path_factory.mktemp("endpoints")
@@ -48,7 +48,7 @@ def hosts_stack(control_plane, api_client, crds, tmp_path_factory) -> Iterator[S
 
 
 @pytest.fixture(scope="module")
-def victim(hosts_stack: Stack, api_client) -> Iterator[str]:  # noqa: F811
+def victim(hosts_stack: Stack, api_client) -> Iterator[str]:
     """A team with a working policy ("routing", InCluster) served by the local upstream."""
     name = "cw-victim-endpoints"
     core = client.CoreV1Api(api_client)
@@ -150,7 +150,8 @@ def test_the_api_server_refuses_an_endpoint_attack_and_nothing_changes(
         assert refusal.status == 422, refusal.body
         assert "spec.models[0].endpoint" in refusal.body
         assert message in refusal.body
-    names = [o["metadata"]["name"] for o in api.list_namespaced_custom_object(GROUP, VERSION, victim, POLICIES)["items"]]  # fmt: skip
+    listed = api.list_namespaced_custom_object(GROUP, VERSION, victim, POLICIES)["items"]
+    names = [o["metadata"]["name"] for o in listed]
     assert names == ["routing"]
     after = api.get_namespaced_custom_object(GROUP, VERSION, victim, POLICIES, "routing")
     assert after["spec"] == before["spec"]
@@ -275,14 +276,16 @@ def test_an_upstream_echoing_the_key_in_a_stream_error_never_hands_it_to_the_ant
     fake.script("claude-fake-sonnet", "stream-echo-key")
     sdk = anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0)
 
-    with pytest.raises(anthropic.APIStatusError) as raised:
-        with sdk.messages.stream(
+    with (
+        pytest.raises(anthropic.APIStatusError) as raised,
+        sdk.messages.stream(
             model="claude-fake-sonnet",
             max_tokens=20,
             messages=[{"role": "user", "content": "hi"}],
-        ) as stream:
-            for _ in stream:
-                pass
+        ) as stream,
+    ):
+        for _ in stream:
+            pass
 
     assert fake.calls[-1].api_key == PROVIDER_KEY
     assert _leaks(str(raised.value)) == []
@@ -363,6 +366,19 @@ VERDICTS = [
 ]
 
 
+def _dry_run_refusal(api: client.CustomObjectsApi, namespace: str, body: dict[str, Any]) -> str:
+    """The API server's refusal of ``body`` (server-side dry run), or "" if it accepts it."""
+    try:
+        api.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, POLICIES, body, dry_run="All"
+        )
+    except ApiException as refusal:
+        if refusal.status != 422:
+            raise
+        return str(refusal.body)
+    return ""
+
+
 @pytest.mark.parametrize(
     ("endpoint", "locality", "credentials", "accepted"),
     VERDICTS,
@@ -375,7 +391,7 @@ def test_the_api_server_and_the_models_agree_on_each_endpoint(
     endpoint: str,
     locality: str,
     credentials,
-    accepted: bool,  # noqa: F811
+    accepted: bool,
 ) -> None:
     model: dict[str, Any] = {"endpoint": endpoint, "locality": locality}
     if credentials:
@@ -384,14 +400,7 @@ def test_the_api_server_and_the_models_agree_on_each_endpoint(
         model["pricing"] = {"inputPerMTokUSD": "0.1", "outputPerMTokUSD": "0.1"}
     body = _policy("verdict", model)
     api = client.CustomObjectsApi(api_client)
-    try:
-        api.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, POLICIES, body, dry_run="All"
-        )
-        server_refusal = ""
-    except ApiException as refusal:
-        assert refusal.status == 422, refusal.body
-        server_refusal = refusal.body
+    server_refusal = _dry_run_refusal(api, namespace, body)
     python = parse_routing_policy_spec(body["spec"])
 
     assert (server_refusal == "") is accepted, server_refusal

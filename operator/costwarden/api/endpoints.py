@@ -41,7 +41,6 @@ from costwarden.api.rules import CelRule
 # --- the pieces of CEL the rules share ----------------------------------------------------
 
 
-
 def _host_of(url: str) -> str:
     """CEL for the lower-cased host of a plain URL (no port, no brackets).
 
