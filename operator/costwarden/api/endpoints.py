@@ -29,6 +29,7 @@ outside it makes the policy Ready=False, and the gateway refuses to connect to i
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -401,6 +402,15 @@ class ProviderHosts:
 
     def describe(self) -> str:
         return ", ".join(self.allowed) if self.allowed else "any host"
+
+
+def provider_host_argument(value: str) -> str:
+    """argparse ``type`` of ``--allowed-provider-host``: refuses what is not a host entry."""
+    try:
+        ProviderHosts.parse([value])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return value
 
 
 ANY_HOST = ProviderHosts()

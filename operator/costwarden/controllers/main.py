@@ -17,7 +17,7 @@ from kubernetes.client import CoreV1Api
 from prometheus_client import start_http_server
 
 from costwarden import __version__
-from costwarden.api.endpoints import ProviderHosts
+from costwarden.api.endpoints import ProviderHosts, provider_host_argument
 from costwarden.api.gatewayconfig import CONFIG_MAP_NAME
 from costwarden.controllers import (
     accounting_main,
@@ -61,6 +61,7 @@ def register(subparsers: Any) -> None:
         "--allowed-provider-host",
         dest="allowed_provider_hosts",
         action="append",
+        type=provider_host_argument,
         default=[],
         metavar="HOST",
         help=(

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from costwarden.api.catalog import load_catalog
-from costwarden.api.endpoints import ProviderHosts
+from costwarden.api.endpoints import ProviderHosts, provider_host_argument
 from costwarden.gitops.args import (
     EXIT_INVALID,
     EXIT_OK,
@@ -69,6 +69,7 @@ def _register_validate(subparsers: Any) -> None:
         "--allowed-provider-host",
         dest="allowed_provider_hosts",
         action="append",
+        type=provider_host_argument,
         default=[],
         metavar="HOST",
         help=(
