@@ -57,7 +57,16 @@ def policy_manifest(upstream_url: str) -> dict[str, Any]:
         "kind": "RoutingPolicy",
         "metadata": {"name": "routing"},
         "spec": {
-            "models": [{"name": MODEL, "provider": "OpenAI", "endpoint": f"{upstream_url}/v1"}],
+            # The local upstream stands in for a model served inside the cluster: an External
+            # model may not live on a loopback or private address (api/endpoints.py).
+            "models": [
+                {
+                    "name": MODEL,
+                    "provider": "OpenAI",
+                    "endpoint": f"{upstream_url}/v1",
+                    "locality": "InCluster",
+                }
+            ],
             "defaultModel": MODEL,
         },
     }
@@ -84,7 +93,9 @@ def job_manifest(name: str, team: str) -> dict[str, Any]:
 
 def upstream_cost(upstream: FakeUpstream) -> Decimal:
     """The exact price of every usage the upstream reported (the bill costwarden must match)."""
-    backend = ModelBackend(name=MODEL, provider=Provider.OPENAI, endpoint="http://upstream/v1")
+    backend = ModelBackend(
+        name=MODEL, provider=Provider.OPENAI, endpoint="https://api.example.com/v1"
+    )
     resolved = resolve_pricing(backend, default_catalog())
     assert resolved is not None
     total = Decimal(0)

@@ -36,6 +36,8 @@ class Reason(StrEnum):
     CREDENTIALS_NOT_READABLE = "CredentialsNotReadable"
     """Ready=False (RoutingPolicy): the operator may not read Secrets in the policy's
     namespace; the cluster admin adds it to the chart's providerKeys.namespaces."""
+    PROVIDER_HOST_NOT_ALLOWED = "ProviderHostNotAllowed"
+    """Ready=False: an External model's endpoint is not one of the admin's provider hosts."""
     NO_ROUTING_POLICY = "NoRoutingPolicy"
     """Ready=True, but the team has no RoutingPolicy: every call will be refused."""
     WITHIN_LIMIT = "WithinLimit"

@@ -106,6 +106,7 @@ class RefusalReason(StrEnum):
     BAD_REQUEST = "invalid_request"
     MISSING_CREDENTIALS = "missing_credentials"
     """The model needs a provider key this gateway does not have (never sent without it)."""
+    PROVIDER_HOST_NOT_ALLOWED = "provider_host_not_allowed"
 
 
 class UsageRecord(WireModel):

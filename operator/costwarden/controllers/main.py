@@ -17,6 +17,7 @@ from kubernetes.client import CoreV1Api
 from prometheus_client import start_http_server
 
 from costwarden import __version__
+from costwarden.api.endpoints import ProviderHosts, provider_host_argument
 from costwarden.api.gatewayconfig import CONFIG_MAP_NAME
 from costwarden.controllers import (
     accounting_main,
@@ -56,6 +57,19 @@ def register(subparsers: Any) -> None:
         "--price-catalog",
         type=Path,
         help="YAML price catalogue overriding the built-in one (the chart mounts one)",
+    )
+    parser.add_argument(
+        "--allowed-provider-host",
+        dest="allowed_provider_hosts",
+        action="append",
+        type=provider_host_argument,
+        default=[],
+        metavar="HOST",
+        help=(
+            "a host External models may use: exact (api.openai.com) or *.suffix; repeat or "
+            "comma-separate. Unset: any host the endpoint rules accept. The chart sets it "
+            "from providerHosts.allowed"
+        ),
     )
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
     parser.add_argument(
@@ -200,7 +214,12 @@ def run(args: argparse.Namespace) -> int:
     reconciler = Reconciler(
         KubeApi(api_client),
         ObservedWorld(),
-        load_settings(args.namespace, args.config_map, args.price_catalog),
+        load_settings(
+            args.namespace,
+            args.config_map,
+            args.price_catalog,
+            ProviderHosts.parse(args.allowed_provider_hosts),
+        ),
         Leadership(api_client, peering_name=peering, identity=identity, priority=priority),
         copies=copies,
         api_keys=ApiKeyIssuer(CoreV1Api(api_client), args.namespace) if args.api_keys else None,

@@ -24,6 +24,7 @@ from typing import Any
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog, load_catalog
 from costwarden.api.conditions import ConditionType, find_condition
+from costwarden.api.endpoints import ANY_HOST, ProviderHosts
 from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, GatewayConfig
 from costwarden.api.meta import API_VERSION, Condition
 from costwarden.controllers import clock, metrics
@@ -65,6 +66,7 @@ class ReconcilerSettings:
     namespace: str
     config_map: str
     catalog: PriceCatalog
+    provider_hosts: ProviderHosts = ANY_HOST
 
 
 class Reconciler:
@@ -126,7 +128,9 @@ class Reconciler:
         now = clock.now().replace(microsecond=0)  # shiftable in tests (clock.py)
         budgets = list(self.world.budgets.values())
         policies = list(self.world.policies.values())
-        result = reconcile(budgets, policies, self.settings.catalog, now)
+        result = reconcile(
+            budgets, policies, self.settings.catalog, now, self.settings.provider_hosts
+        )
         self.last_config = result.config
         await self._publish_config(result)
         if self.provider_keys is not None:  # before status: its problems are part of Ready
@@ -226,5 +230,10 @@ async def _bounded_all(writes: list[Coroutine[Any, Any, None]]) -> None:
             raise outcome
 
 
-def load_settings(namespace: str, config_map: str, catalog_path: Path | None) -> ReconcilerSettings:
-    return ReconcilerSettings(namespace, config_map, load_catalog(catalog_path))
+def load_settings(
+    namespace: str,
+    config_map: str,
+    catalog_path: Path | None,
+    provider_hosts: ProviderHosts = ANY_HOST,
+) -> ReconcilerSettings:
+    return ReconcilerSettings(namespace, config_map, load_catalog(catalog_path), provider_hosts)

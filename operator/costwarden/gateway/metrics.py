@@ -53,7 +53,7 @@ class GatewayMetrics:
         )
         self.upstream_errors = Counter(
             "costwarden_gateway_upstream_errors_total",
-            "Upstream failures (unreachable, 429, 5xx, malformed), per attempt.",
+            "Upstream failures (unreachable, 429, 5xx, malformed, host_not_allowed), per attempt.",
             ["model", "provider", "kind"],
             registry=r,
         )

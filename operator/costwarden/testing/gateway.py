@@ -59,7 +59,7 @@ def _pricing(upstream_model: str, declared: ModelPricing | None = None) -> Resol
     backend = ModelBackend(
         name="x",
         provider=Provider.OPENAI,
-        endpoint="http://x",
+        endpoint="https://api.example.com/v1",
         upstream_model=upstream_model,
         pricing=declared,
     )
