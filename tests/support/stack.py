@@ -57,7 +57,16 @@ def policy_manifest(upstream_url: str) -> dict[str, Any]:
         "kind": "RoutingPolicy",
         "metadata": {"name": "routing"},
         "spec": {
-            "models": [{"name": MODEL, "provider": "OpenAI", "endpoint": f"{upstream_url}/v1"}],
+            # The local upstream stands in for a model served inside the cluster: an External
+            # model may not live on a loopback or private address (api/endpoints.py).
+            "models": [
+                {
+                    "name": MODEL,
+                    "provider": "OpenAI",
+                    "endpoint": f"{upstream_url}/v1",
+                    "locality": "InCluster",
+                }
+            ],
             "defaultModel": MODEL,
         },
     }
@@ -84,7 +93,9 @@ def job_manifest(name: str, team: str) -> dict[str, Any]:
 
 def upstream_cost(upstream: FakeUpstream) -> Decimal:
     """The exact price of every usage the upstream reported (the bill costwarden must match)."""
-    backend = ModelBackend(name=MODEL, provider=Provider.OPENAI, endpoint="http://upstream/v1")
+    backend = ModelBackend(
+        name=MODEL, provider=Provider.OPENAI, endpoint="https://api.example.com/v1"
+    )
     resolved = resolve_pricing(backend, default_catalog())
     assert resolved is not None
     total = Decimal(0)
@@ -160,6 +171,8 @@ class Gateway:
     port: int = field(default_factory=free_port)
     keys: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()
+    """More `costwarden gateway` arguments, e.g. ("--credentials-dir", path)."""
 
     @property
     def url(self) -> str:
@@ -187,7 +200,7 @@ class Gateway:
                 "--mode", "shared", "--api-keys-file", str(self.workdir / "keys.yaml"),
                 "--ledger", str(self.ledger), "--ledger-fsync", "none",
                 "--report-to", self.report_to, "--report-token-file", str(self.token_file),
-                "--replica-id", "gw-test", "--log-level", "WARNING",
+                "--replica-id", "gw-test", "--log-level", "WARNING", *self.extra_args,
             ],
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

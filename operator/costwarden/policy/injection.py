@@ -7,11 +7,13 @@ look like; the same function serves the unit tests. See docs/sidecar-injection.m
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from costwarden.api.gatewayconfig import CredentialRef
 from costwarden.api.usage import SIDECAR_REPORT_AUDIENCE
+from costwarden.policy.provider_keys import credential_env
 
 INJECT_LABEL = "costwarden.io/inject"
 """On a pod: "true" opts in, "false" opts out. On a namespace: "enabled" opts its pods in."""
@@ -107,12 +109,16 @@ def inject(
     *,
     namespace: str,
     namespace_opted_in: bool = False,
+    credentials: Sequence[CredentialRef] = (),
 ) -> Injection:
     """The pod with the sidecar and base-URL environment, or None if nothing changes.
 
     Idempotent: a pod that already has the sidecar gets no second one, and a pod already in
     the desired state is returned as None. Reinvocation (``reinvocationPolicy: IfNeeded``)
     relies on this: containers another webhook added after us still get the environment.
+
+    ``credentials`` (:func:`costwarden.policy.provider_keys.sidecar_credentials`: keys in
+    Secrets of the pod's own namespace) become ``secretKeyRef`` env of the sidecar only.
     """
     wanted, reason = wants_injection(pod, namespace, namespace_opted_in, settings)
     if not wanted:
@@ -124,7 +130,7 @@ def inject(
     init = spec.setdefault("initContainers", [])
     if not any(c.get("name") == SIDECAR_NAME for c in init + spec.get("containers", [])):
         # First, so that init containers after it can call models through it, too.
-        init.insert(0, sidecar_container(settings))
+        init.insert(0, sidecar_container(settings, credentials))
         volumes = spec.setdefault("volumes", [])
         volumes.extend(v for v in sidecar_volumes(settings) if v["name"] not in _names(volumes))
     env = base_url_env(settings.port)
@@ -157,7 +163,9 @@ def with_env(current: list[dict[str, Any]], wanted: Mapping[str, str]) -> list[d
     return out
 
 
-def sidecar_container(settings: InjectionSettings) -> dict[str, Any]:
+def sidecar_container(
+    settings: InjectionSettings, credentials: Sequence[CredentialRef] = ()
+) -> dict[str, Any]:
     """The gateway as a native sidecar: an init container with ``restartPolicy: Always``
     (Kubernetes >= 1.29). Why native: a regular second container would keep a Job's pod
     running after the agent exits, so the Job would never complete; a native sidecar is
@@ -199,6 +207,8 @@ def sidecar_container(settings: InjectionSettings) -> dict[str, Any]:
                 "name": "POD_NAMESPACE",
                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
             },
+            # Provider keys from the pod's own namespace, to this container only.
+            *credential_env(credentials),
         ],
         # The agent containers start once this passes, so their first call finds the
         # gateway listening. An exec probe because the listener is loopback-only, where
