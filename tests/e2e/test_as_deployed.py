@@ -1,20 +1,27 @@
-"""Issue #9's done-when: costwarden as a platform team installs it. `helm install` of the
-chart on the real control plane, the provider-key Secret created by the command
-docs/install-helm.md shows, examples/ applied (the RoutingPolicy pointed at a local fake
-provider, the caps lowered to test size), then agent Jobs using the official openai SDK.
+"""Issue #9's done-when: costwarden as a platform team installs it. On the real control
+plane, in docs/install-helm.md's order: examples/' namespaces, `helm install` of the chart
+(webhook on, `providerKeys.namespaces={ai-platform}`), the provider-key Secrets created by
+the commands the docs show, examples/ applied (caps lowered to test size; the payments team
+owns its policy and key, as the docs say a sidecar team does), then agent Jobs using the
+official openai SDK.
 
 Every pod (the operator, both shared-gateway replicas, the agent pods and their injected
 sidecars) is run by the process kubelet from what the API server holds: the chart's
 manifests, the webhook's mutation, the Job's template. Nothing here wires a pod by hand, so
-a chart whose wiring is broken fails these tests.
+a chart whose wiring is broken fails these tests. The examples' endpoints are unchanged:
+pods resolve api.openai.com / api.anthropic.com to a fake provider serving HTTPS with a
+private CA that the project image trusts (SSL_CERT_FILE), as an egress-controlled cluster
+with its own CA would.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import secrets
 import shlex
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +38,8 @@ from costwarden.api.catalog import default_catalog
 from costwarden.api.routingpolicy import ModelBackend, Provider
 from costwarden.api.teambudget import TokenUsage
 from costwarden.cluster import LocalControlPlane
-from costwarden.cluster.kubelet import ProcessKubelet
+from costwarden.cluster.kubelet import ProcessKubelet, default_image_map
+from costwarden.pki import PrivateCA
 from costwarden.policy.pricing import call_cost, resolve_pricing
 from costwarden.testing.threads import ServerThread
 from costwarden.testing.upstream import FakeUpstream, ServedCall
@@ -41,7 +49,6 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "costwarden"
 RELEASE = "costwarden"
 MODEL = "gpt-4.1-mini"
-PROVIDER_KEY = f"sk-test-{secrets.token_hex(8)}"
 TEAM_NAMESPACES = ("ai-platform", "team-payments", "team-support")
 GATEWAY_AUDIENCE = "costwarden.io/gateway"
 
@@ -112,37 +119,86 @@ class Deployed:
 # -- the installation ------------------------------------------------------------------------
 
 
-def documented_secret_command(namespace: str) -> list[str]:
-    """The `kubectl create secret` line of docs/install-helm.md, with the key filled in and
-    the release namespace this test installs into."""
+KEYS = {
+    "$OPENAI_API_KEY": f"sk-platform-openai-{secrets.token_hex(6)}",
+    "$ANTHROPIC_API_KEY": f"sk-platform-anthropic-{secrets.token_hex(6)}",
+    "$TEAM_PAYMENTS_OPENAI_KEY": f"sk-payments-openai-{secrets.token_hex(6)}",
+}
+PROVIDER_HOSTS = ("api.openai.com", "api.anthropic.com")
+TEAM_POLICY = "payments-openai"
+
+
+def documented_secret_commands() -> list[list[str]]:
+    """Every `kubectl ... create secret generic` of docs/install-helm.md's shell blocks,
+    the keys' environment variables filled in: the keys go exactly where the docs say."""
     text = (REPO / "docs" / "install-helm.md").read_text()
-    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
-    command = next(b for b in blocks if "create secret" in b)
-    words = shlex.split(command.replace("\\\n", " ").replace("$OPENAI_API_KEY", PROVIDER_KEY))
-    assert words[0] == "kubectl", words
-    return [namespace if w == "costwarden-system" else w for w in words[1:]]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("kubectl") and "create secret generic" in line:
+                for variable, key in KEYS.items():
+                    line = line.replace(f'"{variable}"', key)
+                commands.append(shlex.split(line.split("#")[0])[1:])
+    assert commands, "docs/install-helm.md shows no `kubectl create secret generic`"
+    return commands
 
 
-def examples_for(upstream_url: str) -> list[dict[str, Any]]:
-    """examples/ as a user applies them, with two edits a test needs: the policy's models
-    point at the fake provider, and the caps are a few calls' worth."""
+def examples() -> list[dict[str, Any]]:
+    """examples/ as a user applies them, the caps lowered to a few calls' worth (money caps
+    may not exceed the team's, and a job's own cap would trip first)."""
     documents = []
     for path in sorted((REPO / "examples").glob("*.yaml")):
         documents += [d for d in yaml.safe_load_all(path.read_text()) if d]
     for document in documents:
-        if document["kind"] == "RoutingPolicy":
-            for model in document["spec"]["models"]:
-                openai_style = model["provider"] == "OpenAI"
-                model["endpoint"] = f"{upstream_url}/v1" if openai_style else upstream_url
         if document["kind"] == "TeamBudget":
             spec = document["spec"]
             spec["hardCapUSD"] = "0.0004"
             spec["softLimit"] = {"percent": 90}
-            # Money caps may not exceed the team's; a job's own cap would trip first.
             spec.get("perJob", {}).pop("maxCostUSD", None)
             for cap in spec.get("modelCaps", []):
                 cap["maxCostUSD"] = "0.0004"
+            if document["metadata"]["name"] == "payments":
+                # docs/install-helm.md: a team using sidecars owns its policy and key.
+                spec["routingPolicyRef"] = {"name": TEAM_POLICY, "namespace": "team-payments"}
     return documents
+
+
+def team_policy() -> dict[str, Any]:
+    """The payments team's own RoutingPolicy, with the key it holds in its namespace."""
+    model = {
+        "name": MODEL,
+        "provider": "OpenAI",
+        "endpoint": "https://api.openai.com/v1",
+        "credentials": {"name": "openai-credentials", "key": "api-key"},
+    }
+    return {
+        "apiVersion": "costwarden.io/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": TEAM_POLICY, "namespace": "team-payments"},
+        "spec": {"models": [model], "defaultModel": MODEL},
+    }
+
+
+def fake_provider(kubelet: ProcessKubelet, workdir: Path) -> tuple[FakeUpstream, ServerThread]:
+    """The fake provider on https://api.openai.com and api.anthropic.com as pods resolve
+    them (the kubelet's stand-in for upstream DNS), its certificate from a private CA that
+    the project image trusts (SSL_CERT_FILE, as an image built with a private CA would)."""
+    authority = PrivateCA("costwarden-e2e-provider-ca", datetime.timedelta(days=1))
+    serving = authority.issue_server(list(PROVIDER_HOSTS))
+    for name, pem in (
+        ("ca.pem", authority.cert_pem),
+        ("tls.crt", serving.cert_pem),
+        ("tls.key", serving.key_pem),
+    ):
+        (workdir / name).write_bytes(pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(workdir / "tls.crt", workdir / "tls.key")
+    kubelet.images = default_image_map({"SSL_CERT_FILE": str(workdir / "ca.pem")})
+    for host in PROVIDER_HOSTS:
+        kubelet.extra_hosts[host] = kubelet.host_ip
+    upstream = FakeUpstream()
+    server = ServerThread(upstream.app, host=kubelet.host_ip, port=443, ssl_context=context)
+    return upstream, server.__enter__()
 
 
 @pytest.fixture(scope="module")
@@ -158,39 +214,51 @@ def deployed(
     kubelet = ProcessKubelet(
         control_plane.kubeconfig_path, namespaces={namespace, *TEAM_NAMESPACES}
     ).start()
-    upstream = FakeUpstream()
-    server = ServerThread(upstream.app, host=kubelet.host_ip).__enter__()
-    values = ["--set", "webhook.enabled=true", "--set", f"webhook.configurationName={webhook_name}"]
-    documents: list[dict[str, Any]] = []
+    # Under the kubelet's state dir: pods mount emptyDirs over /tmp, hiding pytest's tmp.
+    workdir = kubelet.state_dir / "e2e"
+    workdir.mkdir()
+    upstream, server = fake_provider(kubelet, workdir)
+    values = [
+        "--set",
+        "webhook.enabled=true",
+        "--set",
+        f"webhook.configurationName={webhook_name}",
+        "--set",
+        "providerKeys.namespaces={ai-platform}",
+    ]
+    documents = examples()
     try:
         started = time.monotonic()
         rendered = control_plane.helm(
             "template", RELEASE, str(CHART), "-n", namespace, *values
         ).stdout
+        # docs/install-helm.md's order: the namespaces, the chart, the keys, examples/.
+        apply(control_plane, [d for d in documents if d["kind"] == "Namespace"])
         control_plane.helm(
             "install", RELEASE, str(CHART), "--namespace", namespace, "--create-namespace", *values
         )
-        control_plane.kubectl(*documented_secret_command(namespace))
-        documents = examples_for(server.url)
-        applied = control_plane.kubectl(
-            "apply", "-f", "-", input=yaml.safe_dump_all(documents), check=False
-        )
-        assert applied.returncode == 0, applied.stderr
+        for command in documented_secret_commands():
+            control_plane.kubectl(*command)
+        apply(control_plane, [*documents, team_policy()])
         deployment = Deployed(control_plane, api_client, kubelet, upstream, namespace, rendered)
         _wait_until_serving(deployment, webhook_name)
         print(f"installed and serving in {time.monotonic() - started:.1f}s")
         yield deployment
-        print(
-            f"pod start latencies (s): {sorted(round(x, 2) for x in kubelet.pod_start_latencies)}"
-        )
+        latencies = sorted(round(x, 2) for x in kubelet.pod_start_latencies)
+        print(f"pod start latencies (s): {latencies}")
     finally:
         try:
-            _uninstall(control_plane, namespace, webhook_name, documents)
+            _uninstall(control_plane, namespace, webhook_name, [*documents, team_policy()])
         finally:
             if request.session.testsfailed > failures_before:
                 print(kubelet.all_logs())  # every container's log, for the failure
             kubelet.stop()
             server.stop()
+
+
+def apply(plane: LocalControlPlane, documents: list[dict[str, Any]]) -> None:
+    applied = plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents), check=False)
+    assert applied.returncode == 0, applied.stderr
 
 
 def _wait_until_serving(deployed: Deployed, webhook_name: str) -> None:
@@ -320,7 +388,9 @@ def shared_gateway_env(deployed: Deployed) -> list[dict[str, Any]]:
 
 def billed(calls: Iterable[ServedCall]) -> Decimal:
     """The exact price of the usage the provider reported: the bill costwarden must match."""
-    backend = ModelBackend(name=MODEL, provider=Provider.OPENAI, endpoint="http://upstream/v1")
+    backend = ModelBackend(
+        name=MODEL, provider=Provider.OPENAI, endpoint="https://api.openai.com/v1"
+    )
     pricing = resolve_pricing(backend, default_catalog())
     assert pricing is not None
     total = Decimal(0)
@@ -378,6 +448,13 @@ def test_injected_agent_job_is_metered_and_suspended_at_the_hard_cap(deployed: D
         timeout=60,
         what="the suspended Job's pods gone",
     )
+    # The team's own key (its Secret in team-payments, on the sidecar only) reached the
+    # provider on every call.
+    calls = calls_tagged(deployed.upstream, "payments call")
+    assert calls
+    assert {c.authorization for c in calls} == {f"Bearer {KEYS['$TEAM_PAYMENTS_OPENAI_KEY']}"}
+    agent_env = [e.name for c in pod.spec.containers for e in c.env or []]
+    assert not [name for name in agent_env if name.startswith("COSTWARDEN_CREDENTIAL_")]
     # Every call the provider billed reached the operator, once.
     wait_for(
         lambda: spend_matches(deployed, "team-payments", "payments", "payments call"),
@@ -408,6 +485,10 @@ def test_shared_gateway_agent_is_metered_and_deleted_at_the_hard_cap(deployed: D
         timeout=60,
         what="the deleted Job's pods gone",
     )
+    # The platform's key (ai-platform's Secret, mirrored by the operator) reached the provider.
+    calls = calls_tagged(deployed.upstream, "support call")
+    assert calls
+    assert {c.authorization for c in calls} == {f"Bearer {KEYS['$OPENAI_API_KEY']}"}
     wait_for(
         lambda: spend_matches(deployed, "team-support", "support", "support call"),
         timeout=30,
@@ -487,21 +568,3 @@ def test_shared_gateway_accepts_an_audience_bound_service_account_token(deployed
     assert _one_call_job(deployed, "audience", env, [volume], [mount]) == "Succeeded", (
         deployed.kubelet.all_logs()[-4000:]
     )
-
-
-@pytest.mark.xfail(
-    reason="K1/K2 not landed: the chart mounts its credentials Secret flat at "
-    "/etc/costwarden/credentials/<key> while gateway/credentials.py reads "
-    "<dir>/<namespace>/<secret>/<key>, and sidecars get no provider key at all",
-    strict=True,
-)
-def test_the_provider_saw_the_documented_key_on_every_call(deployed: Deployed):
-    if not deployed.upstream.calls:
-        token = {
-            "name": "TOKEN_FILE",
-            "value": "/var/run/secrets/kubernetes.io/serviceaccount/token",
-        }
-        _one_call_job(deployed, "keyed", [*shared_gateway_env(deployed), token])
-    calls = list(deployed.upstream.calls)
-    assert calls, "no call reached the provider"
-    assert {c.authorization for c in calls} == {f"Bearer {PROVIDER_KEY}"}

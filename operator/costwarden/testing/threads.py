@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -31,9 +32,14 @@ class ServerThread:
         self,
         make_app: Callable[[], Awaitable[web.Application | web.Server] | web.Application],
         host: str = "127.0.0.1",
+        *,
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         self._make_app = make_app
         self.host = host
+        self._port = port
+        self._ssl = ssl_context
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner: web.BaseRunner | None = None
@@ -41,7 +47,7 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self._ssl else 'http'}://{self.host}:{self.port}"
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
@@ -63,7 +69,7 @@ class ServerThread:
             else web.ServerRunner(app)
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
+        site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self._ssl)
         await site.start()
         self.port = self._runner.addresses[0][1]
 

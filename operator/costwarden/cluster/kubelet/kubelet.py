@@ -53,17 +53,18 @@ NODE_NAME = "costwarden-local"
 TOKEN_REFRESH_FRACTION = 0.8  # the kubelet renews a projected token at 80% of its life
 
 
-def default_image_map() -> ImageMap:
+def default_image_map(project_env: Mapping[str, str] | None = None) -> ImageMap:
     """The project image runs the venv's ``costwarden`` console script (the Dockerfile's
     ENTRYPOINT and CMD); ``python:*`` images run the venv's python; anything else runs its
-    ``command`` with the host's PATH."""
+    ``command`` with the host's PATH. ``project_env`` adds ENV to the project image (e.g.
+    ``SSL_CERT_FILE``: an image built with a private CA in its trust store)."""
     bin_dir = str(Path(sys.executable).parent)
     path = f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     project = LocalImage(
         entrypoint=(f"{bin_dir}/costwarden",),
         cmd=("operator",),
         workdir="/tmp",  # noqa: S108  (the Dockerfile's WORKDIR)
-        env={"PATH": path},
+        env={"PATH": path, **(project_env or {})},
     )
     python = LocalImage(cmd=("python3",), env={"PATH": path})
     other = LocalImage(env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
@@ -122,6 +123,7 @@ class ProcessKubelet:
         sync_period: float = 1.0,
         max_grace_seconds: float = 5.0,
         namespaces: Collection[str] | None = None,
+        extra_hosts: Mapping[str, str] | None = None,
     ) -> None:
         self.kubelet_id = secrets.token_hex(3)
         self.node_name = node_name
@@ -129,6 +131,9 @@ class ProcessKubelet:
         self.images = images or default_image_map()
         self.sync_period = sync_period
         self.max_grace_seconds = max_grace_seconds
+        # Names every pod resolves to these addresses, standing in for the cluster's upstream
+        # DNS (a test points api.openai.com at its fake provider on the host).
+        self.extra_hosts = dict(extra_hosts or {})
         # Tests sharing a control plane with other tests run only their own namespaces' pods.
         self.namespaces = set(namespaces) if namespaces is not None else None
         self.network = PodNetwork(self.kubelet_id, self.state_dir)

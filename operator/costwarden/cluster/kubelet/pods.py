@@ -50,6 +50,7 @@ class PodHost(Protocol):
     images: ImageMap
     network: PodNetwork
     state_dir: Path
+    extra_hosts: dict[str, str]
 
     def sources(self) -> Sources: ...
 
@@ -476,7 +477,7 @@ class PodWorker:
                 log.debug("%s: volume %s updated", self.key, volume["name"])
 
     def refresh_hosts(self) -> None:
-        text = hosts_file(self.pod, self.pod_ip, self.host.services())
+        text = hosts_file(self.pod, self.pod_ip, self.host.services(), self.host.extra_hosts)
         hosts = self.dir / "etc-hosts"
         # Rewritten in place: the file is bind-mounted, a rename would leave the old inode.
         if not hosts.exists() or hosts.read_text() != text:

@@ -359,9 +359,12 @@ def _projected_files(pod: Json, spec: Json, sources: Sources, node: NodeInfo) ->
 # -- /etc/hosts ------------------------------------------------------------------------------
 
 
-def hosts_file(pod: Json, pod_ip: str, services: Iterable[Json]) -> str:
+def hosts_file(
+    pod: Json, pod_ip: str, services: Iterable[Json], extra: Mapping[str, str] | None = None
+) -> str:
     """The pod's /etc/hosts: itself, then every Service with a ClusterIP under the names
-    cluster DNS would answer (short names only for the pod's own namespace)."""
+    cluster DNS would answer (short names only for the pod's own namespace), then ``extra``
+    (name -> address: what the cluster's upstream DNS answers, e.g. a test's provider)."""
     meta = pod["metadata"]
     hostname = pod["spec"].get("hostname") or meta["name"]
     lines = [
@@ -384,6 +387,7 @@ def hosts_file(pod: Json, pod_ip: str, services: Iterable[Json]) -> str:
         if namespace == meta["namespace"]:
             names.insert(0, name)
         lines.append(f"{ip}\t{' '.join(names)}")
+    lines += [f"{address}\t{name}" for name, address in sorted((extra or {}).items())]
     return "\n".join(lines) + "\n"
 
 
