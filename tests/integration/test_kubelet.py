@@ -337,3 +337,41 @@ def _alive(pid: int) -> bool:
     # A zombie is gone for our purposes.
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split()[2] != "Z"
+
+
+def test_a_crashing_container_is_restarted_with_backoff(
+    control_plane: LocalControlPlane,
+    api_client: client.ApiClient,
+    kubelet: ProcessKubelet,
+    kubelet_namespace: str,
+):
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "crasher"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "python:3.12",
+                    "command": ["python", "-c", "raise SystemExit(7)"],
+                }
+            ]
+        },
+    }
+    apply(control_plane, kubelet_namespace, pod)
+    core = client.CoreV1Api(api_client)
+    status = wait_for(
+        lambda: (
+            (s := core.read_namespaced_pod("crasher", kubelet_namespace).status)
+            and s.container_statuses
+            and s.container_statuses[0].restart_count >= 2
+            and s
+        ),
+        timeout=30,
+        what="two restarts (restartPolicy Always)",
+    )
+    container = status.container_statuses[0]
+    last = container.last_state.terminated
+    assert last is not None and last.exit_code == 7
+    assert status.phase == "Running"

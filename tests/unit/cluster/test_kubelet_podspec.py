@@ -253,6 +253,11 @@ def test_hosts_file_names_services_as_cluster_dns_would():
     assert "headless" not in text
 
 
+def test_hosts_file_adds_the_upstream_dns_stand_in():
+    text = hosts_file(pod(), "10.1.2.7", [], {"api.openai.com": "10.1.2.1"})
+    assert text.splitlines()[-1] == "10.1.2.1\tapi.openai.com"
+
+
 def test_named_container_ports_resolve():
     spec = pod()
     spec["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8000}]
