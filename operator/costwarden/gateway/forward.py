@@ -48,11 +48,14 @@ async def forward(
     decision: RouteDecision,
     wants_usage: bool,
 ) -> web.StreamResponse:
-    answer = await _attempt(gw, request, call, compiled, body, decision)
+    unreachable: list[str] = []
+    answer = await _attempt(gw, request, call, compiled, body, decision, unreachable)
     if answer is None:
         call.outcome, call.error = Outcome.UPSTREAM_ERROR, "upstream_unavailable"
-        tried = ", ".join(m.name for m in decision.candidates)
-        return _error(call, 502, "upstream_unavailable", f"no backend answered (tried {tried})")
+        # Why each backend failed (connection refused, TLS certificate rejected, proxy
+        # refused...): the gateway's own words, no upstream bytes, so nothing to sanitise.
+        tried = "; ".join(unreachable)
+        return _error(call, 502, "upstream_unavailable", f"no backend answered ({tried})")
     response, route = answer
     if response.status >= 400:
         return await _pass_error(call, response)
@@ -68,6 +71,7 @@ async def _attempt(
     compiled: CompiledConfig,
     body: dict[str, Any],
     decision: RouteDecision,
+    unreachable: list[str],
 ) -> tuple[UpstreamResponse, ModelRoute] | None:
     candidates = decision.candidates
     for index, route in enumerate(candidates):
@@ -81,9 +85,10 @@ async def _attempt(
         started = time.perf_counter()
         try:
             response = await gw.upstream.post(url, headers, orjson.dumps(body))
-        except UpstreamUnavailableError:
+        except UpstreamUnavailableError as exc:
             call.upstream_seconds += time.perf_counter() - started
             _count_error(gw, route, "unreachable")
+            unreachable.append(f"{route.name}: {exc}")
             continue
         call.upstream_seconds += time.perf_counter() - started
         last = index == len(candidates) - 1
