@@ -319,7 +319,6 @@ class Http1Upstream:
 
     async def _tunnel(self, proxy: Proxy, origin: _Origin, context: ssl.SSLContext) -> _Connection:
         """``CONNECT host:port`` through ``proxy``, then TLS to the upstream inside it."""
-        _, host, port = origin
         loop = asyncio.get_running_loop()
         try:
             transport, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
@@ -327,27 +326,41 @@ class Http1Upstream:
             raise UpstreamUnavailableError(
                 f"{describe_error(exc, proxy.host, proxy.port)} (the proxy)"
             ) from exc
+        try:  # a timeout (the caller's wait_for) or a refusal must not leak the socket
+            return await self._through(transport, tunnel, proxy, origin, context)
+        except BaseException:
+            transport.close()
+            raise
+
+    async def _through(
+        self, transport: asyncio.BaseTransport, tunnel: _Tunnel, proxy: Proxy, origin: _Origin,
+        context: ssl.SSLContext,
+    ) -> _Connection:  # fmt: skip
+        _, host, port = origin
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         lines = [f"CONNECT {netloc} HTTP/1.1", f"Host: {netloc}"]
         if proxy.authorization:
             lines.append(f"Proxy-Authorization: {proxy.authorization}")
-        transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        cast(asyncio.Transport, transport).write(
+            ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        )
         try:
             head = await tunnel.head
         except OSError as exc:
-            transport.close()
             raise UpstreamUnavailableError(
                 f"proxy {proxy.url} dropped the CONNECT to {netloc}: {exc}"
             ) from exc
         status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         status = status_line.split(" ", 2)
         if len(status) < 2 or not status[1].startswith("2"):
-            transport.close()
             raise UpstreamUnavailableError(
                 f"proxy {proxy.url} refused CONNECT to {netloc}: {status_line}"
             )
         conn = _Connection(self, origin)
-        tls = await loop.start_tls(transport, conn, context, server_hostname=host)
+        loop = asyncio.get_running_loop()
+        tls = await loop.start_tls(
+            cast(asyncio.Transport, transport), conn, context, server_hostname=host
+        )
         if tls is None:  # pragma: no cover - only when the transport closed meanwhile
             raise UpstreamUnavailableError(f"proxy {proxy.url} closed the tunnel to {netloc}")
         conn.connection_made(tls)
