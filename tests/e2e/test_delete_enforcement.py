@@ -43,9 +43,14 @@ def held_pod(core: client.CoreV1Api, namespace: str, job: str) -> Iterator[str]:
     """Wait for the Job's pod, add the test finalizer; remove it on the way out."""
     pod = wait_for(lambda: _pods(core, namespace, job), timeout=60, what=f"a pod of {job}")[0]
     name = pod.metadata.name
-    core.patch_namespaced_pod(
-        name, namespace, [{"op": "add", "path": "/metadata/finalizers/-", "value": HOLD}]
+    # The Job controller's own tracking finalizer is normally there already; JSON patch
+    # appends to the list, or creates it.
+    add = (
+        {"op": "add", "path": "/metadata/finalizers/-", "value": HOLD}
+        if pod.metadata.finalizers
+        else {"op": "add", "path": "/metadata/finalizers", "value": [HOLD]}
     )
+    core.patch_namespaced_pod(name, namespace, [add])
     try:
         yield name
     finally:
