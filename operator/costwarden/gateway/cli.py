@@ -19,6 +19,7 @@ from pathlib import Path
 from costwarden.api.usage import UsageSink
 from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import SHARED_HINT, SIDECAR_HINT, Credentials
+from costwarden.gateway.egress import CA_FILE_ENV, Egress
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
 from costwarden.gateway.metrics import rejected_reason
 from costwarden.gateway.proxy import Gateway
@@ -115,7 +116,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--upstream-client",
         choices=CLIENTS,
         default="http1",
-        help="HTTP client for upstream calls (default http1: see benchmarks/README.md)",
+        help="HTTP client for upstream calls (default http1: see benchmarks/README.md); "
+        "all of them honour HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY",
+    )
+    parser.add_argument(
+        "--upstream-ca-file",
+        type=Path,
+        default=env(CA_FILE_ENV),
+        help="PEM bundle of CAs trusted for upstreams in addition to the system ones "
+        f"(SSL_CERT_FILE replaces those), e.g. a TLS-inspecting proxy's; env {CA_FILE_ENV}",
     )
     parser.add_argument(
         "--log-level",
@@ -171,10 +180,12 @@ def _sink(args: argparse.Namespace) -> UsageSink:
 def build_gateway(args: argparse.Namespace) -> Gateway:
     store = ConfigStore(args.config)
     store.poll()
+    egress = Egress.from_env(ca_file=args.upstream_ca_file)
+    logging.getLogger(__name__).info("%s", egress.describe())
     gateway = Gateway(
         config=store,
         identifier=_identifier(args),
-        upstream=make_upstream(args.upstream_client),
+        upstream=make_upstream(args.upstream_client, egress),
         sink=_sink(args),
         credentials=Credentials(
             args.credentials_dir, hint=SIDECAR_HINT if args.mode == "sidecar" else SHARED_HINT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -28,17 +29,27 @@ class ServerThread:
     """
 
     def __init__(
-        self, make_app: Callable[[], Awaitable[web.Application | web.Server] | web.Application]
+        self,
+        make_app: Callable[[], Awaitable[web.Application | web.Server] | web.Application],
+        *,
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        url_host: str = "127.0.0.1",
     ):
+        """``port`` 0 picks a free one (a fixed one lets a test restart a server in place);
+        ``url_host`` is the name :attr:`url` gives (the server listens on 127.0.0.1)."""
         self._make_app = make_app
+        self._ssl_context = ssl_context
+        self._url_host = url_host
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner: web.BaseRunner | None = None
-        self.port = 0
+        self.port = port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._url_host}:{self.port}"
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
@@ -60,7 +71,7 @@ class ServerThread:
             else web.ServerRunner(app)
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
