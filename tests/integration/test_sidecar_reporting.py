@@ -4,6 +4,7 @@ sidecar's own usage and refuses anything else it claims (nobody spends another's
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -37,10 +38,13 @@ def ingest_url(
     process = OperatorProcess(
         str(control_plane.kubeconfig_path), home, tmp_path / "operator.log",
         "--standalone", "--ingest-port", str(port), "--ingest-listen-address", "127.0.0.1",
-        "--ingest-allow-sidecars",
+        "--ingest-allow-sidecars", "--ingest-cert-dir", str(tmp_path / "ingest-tls"),
     ).start()  # fmt: skip
-    process.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60)
-    yield f"http://127.0.0.1:{port}/v1/usage"
+    ca = tmp_path / "ingest-tls" / "ca.crt"
+    wait_for(ca.exists, timeout=60, what="the ingestion certificate")
+    process.wait_http_ok(f"https://127.0.0.1:{port}/healthz", timeout=60, context=_tls(ca))
+    TLS["context"] = _tls(ca)
+    yield f"https://127.0.0.1:{port}/v1/usage"
     process.stop()
     core.delete_namespace(home)
 
@@ -87,13 +91,20 @@ def _batch(namespace: str, pod: str, cost: str, seq: int = 1) -> dict[str, Any]:
     return batch.to_wire()
 
 
+TLS: dict[str, ssl.SSLContext] = {}
+
+
+def _tls(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
 def _post(url: str, token: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )  # fmt: skip
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=TLS["context"]) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from costwarden.api.usage import SIDECAR_REPORT_AUDIENCE
+from costwarden.api.usage import INGEST_AUDIENCE, SIDECAR_REPORT_AUDIENCE
 from costwarden.controllers.rest import ApiError, Rest
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class IngestAuth:
     async def _review_gateway(self, token: str) -> AuthVerdict:
         if self._rest is None or not self._allowed:
             return AuthVerdict(401, "", "the credential is not a known gateway token")
-        status = await self._token_review(token, audiences=None)
+        status = await self._token_review(token, audiences=[INGEST_AUDIENCE])
         if status is None:
             return AuthVerdict(401, "", "the credential could not be reviewed")
         user = str((status.get("user") or {}).get("username") or "")
