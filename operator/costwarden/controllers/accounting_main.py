@@ -112,6 +112,9 @@ class AccountingRuntime:
     port: int
     tls: IngestTLS | None = None
     publish_ca: Callable[[bytes], Awaitable[str]] | None = None
+    after_start: Callable[[], None] | None = None
+    """Called on Kopf's loop once ingestion started (a reconciliation pass: the sidecar
+    config copies then carry the published CA)."""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     runner: Any = None
     thread: _LoopThread | None = None
@@ -157,6 +160,8 @@ def build(
             return bundle
 
         runtime.publish_ca = publish
+        if copies is not None:
+            runtime.after_start = reconciler.world.changed.set
     return runtime
 
 
@@ -227,6 +232,8 @@ async def start_accounting(memo: kopf.Memo, **_: Any) -> None:
         return
     runtime.thread = _LoopThread()
     await runtime.thread.run(_start(runtime))
+    if runtime.after_start is not None:
+        runtime.after_start()
     log.info("accounting started (ingestion port %s)", runtime.port or "off")
 
 
