@@ -170,7 +170,7 @@ def costwarden_config(work: Path, upstream: str) -> tuple[Path, Path]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
     from decimal import Decimal
 
-    from costwarden.testing.gateway import TEAM_ID, sample_config
+    from costwarden.testing.gateway import TEAM_ID, sample_config, write_credentials
 
     config = sample_config(
         upstream, hard_cap_usd=Decimal(1_000_000), soft_limit_usd=Decimal(999_999)
@@ -179,6 +179,9 @@ def costwarden_config(work: Path, upstream: str) -> tuple[Path, Path]:
     config_path.write_text(config.model_dump_json(by_alias=True))
     keys = work / "keys.yaml"
     keys.write_text(f"{hashlib.sha256(API_KEY.encode()).hexdigest()}: {TEAM_ID}\n")
+    # The models' provider key, as the mounted provider-keys Secret holds it: without it
+    # every call would be refused (missing_credentials) instead of forwarded.
+    write_credentials(work / "credentials")
     return config_path, keys
 
 
@@ -289,7 +292,8 @@ def run_all(bench: Bench, work: Path, args: argparse.Namespace) -> dict[str, obj
         cw_port = free_port()
         cw_args = [sys.executable, "-m", "costwarden.gateway", "--config", str(config),
                    "--host", "127.0.0.1", "--port", str(cw_port), "--api-keys-file", str(keys),
-                   "--ledger", str(work / "ledger.jsonl")]  # fmt: skip
+                   "--ledger", str(work / "ledger.jsonl"),
+                   "--credentials-dir", str(work / "credentials")]  # fmt: skip
         costwarden = Target("costwarden", f"http://127.0.0.1:{cw_port}/v1/chat/completions",
                             {"Authorization": f"Bearer {API_KEY}"}, work)  # fmt: skip
         phases = set(args.phases.split(","))

@@ -167,8 +167,9 @@ async def measure_crossings(
         async def cross(ns: str, team: str, seq: int) -> None:
             record = {
                 "time": datetime.now(UTC).isoformat(), "team": f"{ns}/{team}", "namespace": ns,
-                "job": f"{team}-agent-0", "endpoint": "chat.completions",
-                "servedModel": "gpt-4o-mini", "tokens": {"input": 1000, "output": 1000},
+                "job": f"{team}-agent-0", "endpoint": "chat.completions", "caller": "key",
+                # The operator recomputes the cost: 2.5M output tokens at 0.60/M are 1.5 USD.
+                "servedModel": "gpt-4o-mini", "tokens": {"input": 0, "output": 2_500_000},
                 "usageReported": True, "costUSD": "1.5", "outcome": "OK",
             }  # fmt: skip
             batch = {"source": "bench", "items": [{"seq": seq, "record": record}]}

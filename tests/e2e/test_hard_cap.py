@@ -83,7 +83,10 @@ def test_hard_cap_suspends_the_job_refuses_calls_and_raising_it_resumes(
     assert status["byJob"]["jobs"][0]["name"] == "agent-1"
     assert status["byModel"][0]["model"] == "gpt-4o-mini"
     wait_for(lambda: stack.status(namespace, "budget").get("phase") == "Exhausted", timeout=10)
-    actions = stack.status(namespace, "budget")["recentActions"]
+    actions = wait_for(
+        lambda: stack.status(namespace, "budget").get("recentActions"),
+        timeout=10, what="the suspension recorded in status.recentActions",
+    )  # fmt: skip
     assert [(a["action"], a["reason"], a["target"]) for a in actions] == [
         ("Suspended", "HardCapReached", f"Job/{namespace}/agent-1")
     ]

@@ -86,7 +86,10 @@ def test_rollover_resets_spend_keeps_history_and_resumes_the_job(
             lambda: stack.status(namespace, "budget").get("phase") == BudgetPhase.ACTIVE,
             timeout=15, what="Active again",
         )  # fmt: skip
-        actions = stack.status(namespace, "budget")["recentActions"]
+        actions = wait_for(
+            lambda: len(a := stack.status(namespace, "budget").get("recentActions", [])) >= 2 and a,
+            timeout=15, what="the resumption recorded in status.recentActions",
+        )  # fmt: skip
         assert [(a["action"], a["reason"]) for a in actions] == [
             ("Suspended", "HardCapReached"),
             ("Resumed", "PeriodRolledOver"),

@@ -114,7 +114,7 @@ def test_a_batch_delivered_again_after_an_operator_restart_is_counted_once(
         "source": "replayer",
         "items": [
             {"seq": seq, "record": {
-                "time": now, "team": team, "namespace": namespace, "job": "j",
+                "time": now, "team": team, "namespace": namespace, "job": "j", "caller": "key",
                 "endpoint": "chat.completions", "servedModel": "gpt-4o-mini",
                 "tokens": {"input": 10, "output": 5}, "usageReported": True,
                 "costUSD": "0.0000045", "outcome": "OK",

@@ -48,7 +48,11 @@ def test_a_retry_loop_suspends_that_job_alone(stack: Stack, namespace: str):
             model="gpt-4o-mini", messages=[{"role": "user", "content": f"Step {n}."}]
         )
     assert not stack.job(namespace, "worker").spec.suspend
-    actions = stack.status(namespace, "budget")["recentActions"]
+    # The Job is patched first and the budget's status after it: wait for the record.
+    actions = wait_for(
+        lambda: stack.status(namespace, "budget").get("recentActions"),
+        timeout=10, what="the suspension recorded in status.recentActions",
+    )  # fmt: skip
     assert [(a["action"], a["reason"], a["target"]) for a in actions] == [
         ("Suspended", "RetryLoopDetected", f"Job/{namespace}/looper")
     ]

@@ -339,7 +339,8 @@ def test_service_account_token_identifies_pod_job_and_team(
         config = sample_config(upstream.url, namespaces=[namespace])
         verifier = TokenReviewVerifier(api_client(kubeconfig))
         identifier = SharedIdentifier(None, verifier)
-        with GatewayThread(config, identifier=identifier) as gw:
+        keys = write_credentials(tmp_path / "credentials")
+        with GatewayThread(config, identifier=identifier, credentials_dir=keys) as gw:
             client = openai.OpenAI(base_url=gw.url + "/v1", api_key=token, max_retries=0)
             client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
             forged = openai.OpenAI(base_url=gw.url + "/v1", api_key=token[:-4] + "AAAA",

@@ -241,6 +241,21 @@ def test_install_with_optional_features(
     assert release.can("operator", "create", "mutatingwebhookconfigurations", None)
 
 
+def test_provider_keys_cluster_wide_grants_get_on_secrets_everywhere_and_nothing_more(
+    release_factory: Callable[..., Release], namespace: str
+) -> None:
+    release = release_factory("--set", "providerKeys.clusterWide=true")
+    release.install()
+    for ns in ("some-team", "kube-system"):
+        assert release.can("operator", "get", "secrets", ns)
+        assert not release.can("operator", "list", "secrets", ns), "get by name only"
+        assert not release.can("operator", "update", "secrets", ns)
+        assert not release.can("gateway", "get", "secrets", ns)
+    mirror = f"secrets/{release.fullname}-provider-keys"
+    assert release.can("operator", "update", mirror, namespace)
+    assert not release.can("gateway", "get", mirror, namespace)
+
+
 def test_install_without_the_gateway(release_factory: Callable[..., Release]) -> None:
     release = release_factory("--set", "gateway.enabled=false")
     release.install()

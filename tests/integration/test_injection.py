@@ -194,3 +194,74 @@ def test_system_namespaces_are_never_injected(injector: str, core: client.CoreV1
     for namespace in ("kube-system", injector):
         pod = _create(core, namespace, _pod("never", {INJECT_LABEL: "true"}), dry_run="All")
         _assert_untouched(pod)
+
+
+def _team(namespace: str, policy_ref: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "costwarden.io/v1alpha1",
+        "kind": "TeamBudget",
+        "metadata": {"name": "team"},
+        "spec": {"hardCapUSD": "10", "routingPolicyRef": policy_ref},
+    }
+
+
+def _credential_env(container: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in container.get("env") or [] if e["name"].startswith("COSTWARDEN_CREDENTIAL_")]
+
+
+def test_sidecars_get_only_keys_held_in_their_own_namespace(
+    injector: str, core: client.CoreV1Api, api_client: client.ApiClient, namespace: str
+) -> None:
+    custom = client.CustomObjectsApi(api_client)
+    other = f"cw-other-{secrets.token_hex(3)}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    try:
+        policy = {
+            "apiVersion": "costwarden.io/v1alpha1",
+            "kind": "RoutingPolicy",
+            "metadata": {"name": "own"},
+            "spec": {
+                "models": [
+                    {"name": "gpt-4o-mini", "provider": "OpenAI",
+                     "endpoint": "https://api.openai.com/v1",
+                     "credentials": {"name": "team-key", "key": "api-key"}},
+                ],
+                "defaultModel": "gpt-4o-mini",
+            },
+        }  # fmt: skip
+        group = ("costwarden.io", "v1alpha1")
+        custom.create_namespaced_custom_object(*group, namespace, "routingpolicies", policy)
+        custom.create_namespaced_custom_object(
+            *group, namespace, "teambudgets", _team(namespace, {"name": "own"})
+        )
+        # A team elsewhere routed by that policy: its key stays in the policy's namespace.
+        custom.create_namespaced_custom_object(
+            *group, other, "teambudgets", _team(other, {"name": "own", "namespace": namespace})
+        )
+
+        def teams_published() -> bool:
+            data = core.read_namespaced_config_map(CONFIG_MAP_NAME, injector).data or {}
+            text = data.get(CONFIG_MAP_KEY, "")
+            return f'"{namespace}/team"' in text and f'"{other}/team"' in text
+
+        wait_for(teams_published, timeout=60, what="both teams in the gateway configuration")
+
+        pod = _create(core, namespace, _pod("with-key", {INJECT_LABEL: "true"}))
+        _assert_injected(pod)
+        sidecar = pod["spec"]["initContainers"][0]
+        name = f"COSTWARDEN_CREDENTIAL_{namespace.upper().replace('-', '_')}_TEAM_KEY_API_KEY"
+        assert _credential_env(sidecar) == [
+            {
+                "name": name,
+                "valueFrom": {
+                    "secretKeyRef": {"name": "team-key", "key": "api-key", "optional": True}
+                },
+            }
+        ]
+        assert not _credential_env(pod["spec"]["containers"][0]), "the agent never gets a key"
+
+        elsewhere = _create(core, other, _pod("no-key", {INJECT_LABEL: "true"}))
+        _assert_injected(elsewhere)
+        assert not _credential_env(elsewhere["spec"]["initContainers"][0])
+    finally:
+        core.delete_namespace(other)

@@ -58,7 +58,16 @@ def policy_manifest(upstream_url: str) -> dict[str, Any]:
         "kind": "RoutingPolicy",
         "metadata": {"name": "routing"},
         "spec": {
-            "models": [{"name": MODEL, "provider": "OpenAI", "endpoint": f"{upstream_url}/v1"}],
+            # The local upstream stands in for a model served inside the cluster: an External
+            # model may not live on a loopback or private address (api/endpoints.py).
+            "models": [
+                {
+                    "name": MODEL,
+                    "provider": "OpenAI",
+                    "endpoint": f"{upstream_url}/v1",
+                    "locality": "InCluster",
+                }
+            ],
             "defaultModel": MODEL,
         },
     }
@@ -85,7 +94,9 @@ def job_manifest(name: str, team: str) -> dict[str, Any]:
 
 def upstream_cost(upstream: FakeUpstream) -> Decimal:
     """The exact price of every usage the upstream reported (the bill costwarden must match)."""
-    backend = ModelBackend(name=MODEL, provider=Provider.OPENAI, endpoint="http://upstream/v1")
+    backend = ModelBackend(
+        name=MODEL, provider=Provider.OPENAI, endpoint="https://api.example.com/v1"
+    )
     resolved = resolve_pricing(backend, default_catalog())
     assert resolved is not None
     total = Decimal(0)
@@ -162,6 +173,8 @@ class Gateway:
     port: int = field(default_factory=free_port)
     keys: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()
+    """More `costwarden gateway` arguments, e.g. ("--credentials-dir", path)."""
 
     @property
     def url(self) -> str:
@@ -190,7 +203,7 @@ class Gateway:
                 "--ledger", str(self.ledger), "--ledger-fsync", "none",
                 "--report-to", self.report_to, "--report-token-file", str(self.token_file),
                 "--report-ca-file", str(self.report_ca),
-                "--replica-id", "gw-test", "--log-level", "WARNING",
+                "--replica-id", "gw-test", "--log-level", "WARNING", *self.extra_args,
             ],
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

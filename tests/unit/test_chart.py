@@ -7,6 +7,7 @@ command lines the `costwarden` CLI accepts.
 
 from __future__ import annotations
 
+import base64
 import os
 import shlex
 import subprocess
@@ -18,8 +19,11 @@ import yaml
 
 from costwarden.api.catalog import PriceCatalog, default_catalog
 from costwarden.api.crd import all_crds
-from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
+from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, CredentialRef
 from costwarden.cluster import ensure_cli_tools
+from costwarden.gateway.credentials import Credentials
+from costwarden.policy.provider_keys import Access, SecretRead, plan_mirror
+from costwarden.testing.gateway import sample_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "costwarden"
@@ -364,19 +368,93 @@ def test_operator_cluster_role_grants_what_the_operator_needs(helm: Any) -> None
     assert not {g for g in granted if g[0] == "admissionregistration.k8s.io"}, "webhook is off"
 
 
-def test_operator_role_holds_config_maps_and_no_secrets_by_default(helm: Any) -> None:
-    granted = grants(operator_role(template(helm)))
+def unnamed(role: dict[str, Any]) -> dict[str, Any]:
+    """The role without its rules limited to resourceNames."""
+    return {**role, "rules": [r for r in rules_of(role) if not r.get("resourceNames")]}
+
+
+def test_operator_role_holds_config_maps_and_only_its_provider_keys_secret(helm: Any) -> None:
+    role = operator_role(template(helm))
+    granted = grants(role)
     for verb in ("get", "list", "watch", "create", "update", "patch"):
         assert ("", "configmaps", verb) in granted
-    assert not {g for g in granted if g[1] == "secrets"}
     assert ("", "configmaps", "delete") not in granted
+    # Secrets: create (cannot be limited by name), the rest only on the mirror it owns.
+    assert {g for g in grants(unnamed(role)) if g[1] == "secrets"} == {("", "secrets", "create")}
+    named_secrets = [r for r in rules_of(role) if r.get("resourceNames")]
+    assert named_secrets == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": [f"{RELEASE}-costwarden-provider-keys"],
+            "verbs": ["get", "update", "patch"],
+        }
+    ]
+    assert not of_kind(template(helm), "RoleBinding")[1:], "no Secret access elsewhere"
 
 
 def test_api_keys_grant_secrets_in_the_release_namespace_only(helm: Any) -> None:
     objects = template(helm, "--set", "apiKeys.enabled=true")
-    secrets = {g for g in grants(operator_role(objects)) if g[1] == "secrets"}
+    secrets = {g for g in grants(unnamed(operator_role(objects))) if g[1] == "secrets"}
     assert secrets == {("", "secrets", v) for v in ("get", "list", "create", "delete")}
     assert not {g for g in grants(operator_cluster_role(objects)) if g[1] == "secrets"}
+
+
+def provider_key_roles(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    name = f"{RELEASE}-costwarden-operator-provider-keys"
+    return {
+        r["metadata"]["namespace"]: r for r in of_kind(objects, "Role")
+        if r["metadata"]["name"] == name
+    }  # fmt: skip
+
+
+def test_provider_key_namespaces_get_a_role_with_get_on_secrets_only(helm: Any) -> None:
+    objects = template(helm, "--set", "providerKeys.namespaces={ai-platform,team-a}")
+    roles = provider_key_roles(objects)
+    assert sorted(roles) == ["ai-platform", "team-a"]
+    for role in roles.values():
+        assert grants(role) == {("", "secrets", "get")}, "get by name: no list, no watch"
+    bindings = {
+        b["metadata"]["namespace"]: b for b in of_kind(objects, "RoleBinding")
+        if b["metadata"]["name"] == f"{RELEASE}-costwarden-operator-provider-keys"
+    }  # fmt: skip
+    assert sorted(bindings) == ["ai-platform", "team-a"]
+    for binding in bindings.values():
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": f"{RELEASE}-costwarden-operator",
+             "namespace": NAMESPACE}
+        ]  # fmt: skip
+    assert not [c for c in of_kind(objects, "ClusterRole") if "secrets" in str(rules_of(c))], (
+        "no cluster-wide Secret access unless asked"
+    )
+
+
+def test_provider_keys_cluster_wide_is_one_cluster_role(helm: Any) -> None:
+    objects = template(
+        helm, "--set", "providerKeys.clusterWide=true,providerKeys.namespaces={ai-platform}"
+    )
+    assert provider_key_roles(objects) == {}
+    role = named(objects, "ClusterRole", f"{NAMESPACE}-{RELEASE}-costwarden-operator-provider-keys")
+    assert grants(role) == {("", "secrets", "get")}
+    binding = named(
+        objects, "ClusterRoleBinding", f"{NAMESPACE}-{RELEASE}-costwarden-operator-provider-keys"
+    )
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_without_the_gateway_nothing_is_mirrored(helm: Any) -> None:
+    objects = template(helm, "--set", "gateway.enabled=false,providerKeys.namespaces={ai-platform}")
+    assert provider_key_roles(objects) == {}
+    assert not [a for a in container_args(objects, "operator") if "provider-keys" in a]
+    assert not {g for g in grants(operator_role(objects)) if g[1] == "secrets"}
+
+
+def test_the_removed_credentials_secret_value_is_refused(helm: Any) -> None:
+    result = helm(
+        "template", RELEASE, str(CHART), "--set", "gateway.credentials.secretName=keys"
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "credentials" in result.stderr
 
 
 def test_webhook_rbac_is_limited_to_its_configuration(helm: Any) -> None:
@@ -450,6 +528,33 @@ def test_gateway_reads_the_config_map_the_operator_writes(helm: Any) -> None:
     assert volumes["gateway-config"]["configMap"] == {"name": config_map, "optional": True}
     assert mounts["credentials"]["mountPath"] == flag(gateway_args, "--credentials-dir")
     assert volumes["credentials"]["secret"]["optional"] is True
+
+
+def test_the_gateway_reads_the_provider_keys_the_operator_writes(helm: Any, tmp_path: Path) -> None:
+    """The Secret the operator mirrors into is the one the gateway mounts at its
+    --credentials-dir, each data key a file (no ``items``), and the file name the gateway
+    reads is the data key the operator writes: one function names both."""
+    objects = template(helm)
+    secret = flag(container_args(objects, "operator"), "--provider-keys-secret")
+    assert secret == f"{RELEASE}-costwarden-provider-keys"
+    gateway_args = container_args(objects, "gateway")
+    pod = deployment(objects, "gateway")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    mount = mounts[flag(gateway_args, "--credentials-dir")]
+    volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+    assert volume["secret"]["secretName"] == secret
+    assert "items" not in volume["secret"], "each data key must be its own file"
+    assert mount.get("subPath") is None, "a subPath mount would never see rotation"
+
+    ref = CredentialRef(namespace="ai-platform", name="openai-credentials", key="api-key")
+    config = sample_config("http://upstream")
+    config.policies[0].models[0].credentials = ref
+    read = SecretRead(Access.FOUND, {"api-key": base64.b64encode(b"sk-mirrored").decode()})
+    plan = plan_mirror(config, {("ai-platform", "openai-credentials"): read})
+    # Materialise the mirrored Secret as the kubelet does: one file per data key.
+    for key, value in plan.data.items():
+        (tmp_path / key).write_bytes(base64.b64decode(value))
+    assert Credentials(tmp_path).api_key(ref) == "sk-mirrored"
     assert flag(gateway_args, "--mode") == "shared"
 
 

@@ -91,8 +91,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-prices" (include "costwarden.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{- define "costwarden.credentialsSecretName" -}}
-{{- default (printf "%s-credentials" (include "costwarden.fullname" .)) .Values.gateway.credentials.secretName }}
+{{/* The Secret the operator mirrors provider keys into and the gateway mounts (costwarden-provider-keys for a release named costwarden). */}}
+{{- define "costwarden.providerKeysSecretName" -}}
+{{- printf "%s-provider-keys" (include "costwarden.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "costwarden.peeringName" -}}

@@ -47,10 +47,20 @@ class Applied:
         return bool(self.records or self.signals or self.late)
 
 
-def apply_entries(books: Books, source: str, entries: Sequence[Entry], now: datetime) -> Applied:
-    """Count every entry above the source's cursor once; advance the cursor."""
+def apply_entries(
+    books: Books, source: str, entries: Sequence[Entry], now: datetime, *, legacy: str = ""
+) -> Applied:
+    """Count every entry above the source's cursor once; advance the cursor.
+
+    ``source`` is the cursor key, ``<reporter>#<source id>`` (accounting.trust.Reporter):
+    a reporter advances only its own cursors. ``legacy`` is the bare source id that keyed
+    the cursor before reporters were part of the key: a cursor found under it is taken
+    over (moved to ``source``) once, so an upgrade neither re-counts nor loses anything.
+    """
     applied = Applied()
     cursor = books.cursors.get(source)
+    if cursor is None and legacy and "#" not in legacy and legacy in books.cursors:
+        cursor = books.cursors.pop(legacy)
     high = cursor.seq if cursor else 0
     for entry in sorted(entries, key=lambda e: e.seq):
         if entry.seq <= high:

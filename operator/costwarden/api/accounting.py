@@ -173,7 +173,10 @@ class ClosedPeriod(WireModel):
 class SourceCursor(WireModel):
     """The highest sequence number applied from one usage source (a gateway's ledger)."""
 
-    source: Annotated[str, Field(max_length=253)]
+    source: Annotated[str, Field(max_length=1024)] = Field(
+        description="<reporter>#<source id>: the authenticated reporter (pod:<ns>/<name>/<uid>, "
+        "sa:<ns>/<name> or token:shared) and the stream it numbers."
+    )
     seq: int = Field(ge=0)
     last_seen: datetime
 

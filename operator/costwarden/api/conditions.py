@@ -30,6 +30,14 @@ class Reason(StrEnum):
     """Ready=False: spec.routingPolicyRef names no RoutingPolicy."""
     ROUTING_POLICY_NOT_READY = "RoutingPolicyNotReady"
     """Ready=False: the referenced RoutingPolicy is itself invalid."""
+    CREDENTIALS_NOT_FOUND = "CredentialsNotFound"
+    """Ready=False (RoutingPolicy): a model's credentials Secret does not exist or lacks the
+    key; the gateway refuses that model's calls until it does (docs/install-helm.md)."""
+    CREDENTIALS_NOT_READABLE = "CredentialsNotReadable"
+    """Ready=False (RoutingPolicy): the operator may not read Secrets in the policy's
+    namespace; the cluster admin adds it to the chart's providerKeys.namespaces."""
+    PROVIDER_HOST_NOT_ALLOWED = "ProviderHostNotAllowed"
+    """Ready=False: an External model's endpoint is not one of the admin's provider hosts."""
     NO_ROUTING_POLICY = "NoRoutingPolicy"
     """Ready=True, but the team has no RoutingPolicy: every call will be refused."""
     WITHIN_LIMIT = "WithinLimit"

@@ -128,6 +128,14 @@ class GatewayConfig(WireModel):
     revision: str = Field(default="", description="sha256 of the document without this field.")
     teams: list[TeamConfig] = Field(default_factory=list)
     policies: list[PolicyConfig] = Field(default_factory=list)
+    allowed_provider_hosts: list[str] | None = Field(
+        default=None,
+        description=(
+            "The provider hosts External models may reach (exact host or *.suffix), as the "
+            "cluster admin set them; unset or empty allows any host. The gateway refuses to "
+            "connect an External model elsewhere."
+        ),
+    )
 
     def team(self, team_id: str) -> TeamConfig | None:
         return next((t for t in self.teams if t.id == team_id), None)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from costwarden.api.base import WireModel
+from costwarden.api.endpoints import ENDPOINT_RULES, MODEL_ENDPOINT_RULES
 from costwarden.api.meta import Condition, SecretKeyReference
 from costwarden.api.money import Money
 from costwarden.api.rules import CelRule
@@ -32,21 +32,16 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9]([-._:/A-Za-z0-9]*[A-Za-z0-9])?$"
 ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN)]
 TaskLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-_.a-z0-9]*)?$")]
 
-ENDPOINT_RULE = CelRule(
-    cel="isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHost() != ''",
-    message="must be an absolute http or https URL",
-    holds=lambda url: _is_http_url(url),
-)
-
-
-def _is_http_url(value: str) -> bool:
-    parsed = urlsplit(value)
-    return parsed.scheme in ("http", "https") and bool(parsed.hostname)
+# The endpoint's own rules (URL shape, no userinfo/query/fragment, no disguised or
+# metadata address), checked in order: Python reports the first that fails, the API server
+# every one. Rules that depend on locality and credentials are ModelBackend's.
+ENDPOINT_RULE = ENDPOINT_RULES[0]
 
 
 def _check_endpoint(value: str) -> str:
-    if not ENDPOINT_RULE.holds(value):
-        raise PydanticCustomError("cel_rule", ENDPOINT_RULE.message)
+    for rule in ENDPOINT_RULES:
+        if not rule.holds(value):
+            raise PydanticCustomError("cel_rule", rule.message)
     return value
 
 
@@ -59,7 +54,7 @@ EndpointURL = Annotated[
             "type": "string",
             "minLength": 1,
             "maxLength": 2048,
-            "x-kubernetes-validations": [ENDPOINT_RULE.to_schema()],
+            "x-kubernetes-validations": [rule.to_schema() for rule in ENDPOINT_RULES],
         }
     ),
 ]
@@ -120,7 +115,11 @@ class ModelBackend(WireModel):
     endpoint: EndpointURL = Field(
         description=(
             "Base URL of the upstream API, e.g. https://api.openai.com/v1 or "
-            "http://vllm.models.svc:8000/v1."
+            "http://vllm.models.svc:8000/v1: scheme://host[:port][/path], no userinfo, "
+            "query or fragment, never a link-local or metadata address. An External "
+            "model's host is a public DNS name or address (no loopback, private range or "
+            "in-cluster name), https when it has credentials, and one of the provider "
+            "hosts the cluster admin allows (if the admin set a list)."
         ),
     )
     upstream_model: ModelName | None = Field(
@@ -145,6 +144,8 @@ class ModelBackend(WireModel):
             "(the chart ships a table of common models); required for models not in it."
         ),
     )
+
+    cel_rules = MODEL_ENDPOINT_RULES
 
     @property
     def upstream_id(self) -> str:

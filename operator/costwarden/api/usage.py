@@ -111,6 +111,9 @@ class RefusalReason(StrEnum):
     CONFIDENTIAL = "confidential_requires_in_cluster"
     INCOMPATIBLE_ROUTE = "incompatible_route"
     BAD_REQUEST = "invalid_request"
+    MISSING_CREDENTIALS = "missing_credentials"
+    """The model needs a provider key this gateway does not have (never sent without it)."""
+    PROVIDER_HOST_NOT_ALLOWED = "provider_host_not_allowed"
 
 
 class UsageRecord(WireModel):

@@ -139,7 +139,9 @@ def build(
             rest=rest,
             allow_sidecars=args.ingest_allow_sidecars,
         )
-        ingestion = Ingestion(accountant, auth, reconciler.leadership)
+        ingestion = Ingestion(
+            accountant, auth, reconciler.leadership, lambda: reconciler.last_config, rest
+        )
     runtime = AccountingRuntime(
         rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
         args.ingest_port,

@@ -7,7 +7,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 BATCHES = Counter(
     "costwarden_ingest_batches_total",
-    "Usage batches received, by result (applied, failed, invalid, unauthorized, not_leader).",
+    "Usage batches received, by result (applied, refused, failed, invalid, unauthorized, "
+    "not_leader, not_ready).",
     ["result"],
 )
 RECORDS_APPLIED = Counter(
@@ -24,6 +25,13 @@ RECORDS_LATE = Counter(
 RECORDS_UNATTRIBUTED = Counter(
     "costwarden_ingest_records_unattributed_total",
     "Records without a (valid, existing) TeamBudget: nobody to charge.",
+)
+REFUSED = Counter(
+    "costwarden_ingest_refused_total",
+    "Usage entries refused because they disagree with what the operator recomputes "
+    "(team, job, cost, model, tokens, time, loop action; docs/security-ingestion.md), by "
+    "reason. Never charged to anyone.",
+    ["reason"],
 )
 INGESTION_LAG = Histogram(
     "costwarden_ingest_lag_seconds",

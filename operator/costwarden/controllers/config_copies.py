@@ -63,6 +63,7 @@ class ConfigCopies:
         excluded_namespaces: frozenset[str],
     ) -> None:
         self._core = core
+        self.core = core  # the webhook reads the source through it (provider keys)
         self.source = (source_namespace, source_name)
         self.excluded = excluded_namespaces | {source_namespace}
         self.pending: set[str] = set()

@@ -91,11 +91,14 @@ class Enforcer:
                 self._runaway_jobs(budget, commit.books, result)
 
     def _runaway_jobs(self, budget: Budget, books: Books, applied: Applied) -> None:
+        # The action is the budget's own (loopDetection.action), never the signal's; the
+        # job is the reporting pod's owning Job, as ingestion recomputed it.
+        loop_action = budget.spec.loop_detection.action
         for signal in applied.signals:
-            if signal.action is not JobAction.NONE and signal.job:
+            if loop_action is not JobAction.NONE and signal.job:
                 self._spawn(self.stop_named(budget, signal.namespace, signal.job,
                                             StopReason.RETRY_LOOP_DETECTED, _loop_message(signal),
-                                            signal.action))  # fmt: skip
+                                            loop_action))  # fmt: skip
         for key in applied.jobs:
             entry = books.jobs.get(key)
             message = over_job_cap(entry, budget.spec.per_job) if entry else None

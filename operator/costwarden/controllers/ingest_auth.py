@@ -8,8 +8,9 @@ Two ways, either or both:
 - a shared bearer token read from a file (``--ingest-token-file``, a mounted Secret),
   compared in constant time;
 - with ``--ingest-allow-sidecars``: an injected sidecar's token, bound to its pod and
-  minted for the audience ``costwarden.io/ingest``. The verdict is scoped to that pod: the
-  batch is refused unless every entry is that pod's own usage.
+  minted for the audience ``costwarden.io/ingest``. The verdict is scoped to that pod (name
+  and uid from the token's extra claims): the batch is refused unless every entry is that
+  pod's own usage (``accounting.trust``).
 
 Anything else is refused: 401 without a credential or with one nobody vouches for, 403
 for a valid service account that is not a gateway. Usage is money: a forged batch would
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from costwarden.accounting.trust import Reporter
 from costwarden.api.usage import INGEST_AUDIENCE, SIDECAR_REPORT_AUDIENCE
 from costwarden.controllers.rest import ApiError, Rest
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 VERDICT_TTL = 60.0
 SA_PREFIX = "system:serviceaccount:"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+SHARED_TOKEN = "shared-token"
 
 
 @dataclass(frozen=True)
@@ -45,14 +49,27 @@ class AuthVerdict:
     namespace: str = ""
     pod: str = ""
     """Set for a sidecar: the only pod whose usage this sender may report."""
-
-    def covers(self, namespace: str, pod: str) -> bool:
-        """Whether an entry of ``namespace``/``pod`` is this sender's to report."""
-        return not self.pod or (namespace, pod) == (self.namespace, self.pod)
+    pod_uid: str = ""
+    """A sidecar's pod uid, from the token (a recreated pod of the same name is another)."""
 
     @property
     def allowed(self) -> bool:
         return self.status == 200
+
+    @property
+    def reporter(self) -> Reporter:
+        """The authenticated identity that keys this sender's cursors (docs/accounting.md)."""
+        if self.pod:
+            return Reporter(
+                f"pod:{self.namespace}/{self.pod}/{self.pod_uid}",
+                namespace=self.namespace,
+                pod=self.pod,
+                pod_uid=self.pod_uid,
+            )
+        if self.who.startswith(SA_PREFIX):
+            namespace, _, name = self.who[len(SA_PREFIX) :].partition(":")
+            return Reporter(f"sa:{namespace}/{name}")
+        return Reporter("token:shared")
 
 
 class IngestAuth:
@@ -85,7 +102,7 @@ class IngestAuth:
         token = authorization[7:].strip()
         candidate = token.encode()
         if any(hmac.compare_digest(candidate, shared) for shared in self._shared_tokens()):
-            return AuthVerdict(200, "shared-token")
+            return AuthVerdict(200, SHARED_TOKEN)
         key = hashlib.sha256(candidate).hexdigest()
         cached = self._cache.get(key)
         if cached is not None and cached[0] > time.monotonic():
@@ -122,11 +139,15 @@ class IngestAuth:
             return AuthVerdict(401, "", "the API server does not accept this token")
         user = status.get("user") or {}
         username = str(user.get("username") or "")
-        pods = (user.get("extra") or {}).get(POD_NAME_EXTRA) or []
+        extra = user.get("extra") or {}
+        pods = extra.get(POD_NAME_EXTRA) or []
+        uids = extra.get(POD_UID_EXTRA) or []
         namespace = username[len(SA_PREFIX) :].partition(":")[0]
-        if not username.startswith(SA_PREFIX) or not pods:
+        if not username.startswith(SA_PREFIX) or not pods or not uids:
             return AuthVerdict(403, username, "a sidecar token must be bound to its pod")
-        return AuthVerdict(200, username, namespace=namespace, pod=str(pods[0]))
+        return AuthVerdict(
+            200, username, namespace=namespace, pod=str(pods[0]), pod_uid=str(uids[0])
+        )
 
     async def _token_review(self, token: str, audiences: list[str] | None) -> dict[str, Any] | None:
         if self._rest is None:

@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.kubeapi import MANAGED_BY
+from costwarden.controllers.provider_keys import sidecar_credentials
 from costwarden.controllers.webhook_tls import service_hostnames, serving_tls
 from costwarden.policy.injection import InjectionSettings, inject, webhook_entries
 
@@ -67,9 +68,12 @@ def configure(
     ) -> None:
         namespace = body.metadata.namespace or ""
         creator = str((userinfo or {}).get("username") or "")
+        keys = await sidecar_credentials(
+            copies.core, copies.source, namespace, dict(body.metadata.labels or {})
+        )
         decision = inject(
             dict(body), wanted, namespace=namespace, namespace_opted_in=namespace_opted_in,
-            creator=creator,
+            creator=creator, credentials=keys,
         )  # fmt: skip
         name = body.metadata.name or f"{body.metadata.get('generateName', '')}*"
         if decision.denied:

@@ -17,6 +17,7 @@ from kubernetes.client import CoreV1Api
 from prometheus_client import start_http_server
 
 from costwarden import __version__
+from costwarden.api.endpoints import ProviderHosts, provider_host_argument
 from costwarden.api.gatewayconfig import CONFIG_MAP_NAME
 from costwarden.controllers import (
     accounting_main,
@@ -27,6 +28,7 @@ from costwarden.controllers.apikeys import ApiKeyIssuer
 from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.kubeapi import KubeApi, load_client
 from costwarden.controllers.leadership import Leadership
+from costwarden.controllers.provider_keys import ProviderKeysMirror
 from costwarden.controllers.reconciler import Reconciler, load_settings
 from costwarden.controllers.world import ObservedWorld
 from costwarden.policy.injection import ALWAYS_EXCLUDED, JOB_CONTROLLER_USERS, InjectionSettings
@@ -55,6 +57,19 @@ def register(subparsers: Any) -> None:
         "--price-catalog",
         type=Path,
         help="YAML price catalogue overriding the built-in one (the chart mounts one)",
+    )
+    parser.add_argument(
+        "--allowed-provider-host",
+        dest="allowed_provider_hosts",
+        action="append",
+        type=provider_host_argument,
+        default=[],
+        metavar="HOST",
+        help=(
+            "a host External models may use: exact (api.openai.com) or *.suffix; repeat or "
+            "comma-separate. Unset: any host the endpoint rules accept. The chart sets it "
+            "from providerHosts.allowed"
+        ),
     )
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
     parser.add_argument(
@@ -86,6 +101,14 @@ def register(subparsers: Any) -> None:
         help=(
             "issue each Ready team a gateway API key (a Secret in --namespace) and publish "
             "their sha256 digests in the ConfigMap costwarden-api-keys (docs/gateway.md)"
+        ),
+    )
+    parser.add_argument(
+        "--provider-keys-secret",
+        help=(
+            "mirror the provider keys RoutingPolicies reference into this Secret in "
+            "--namespace, which the shared gateway mounts as --credentials-dir; a policy "
+            "whose key is missing or unreadable is Ready=False (docs/install-helm.md)"
         ),
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -201,10 +224,20 @@ def run(args: argparse.Namespace) -> int:
     reconciler = Reconciler(
         KubeApi(api_client),
         ObservedWorld(),
-        load_settings(args.namespace, args.config_map, args.price_catalog),
+        load_settings(
+            args.namespace,
+            args.config_map,
+            args.price_catalog,
+            ProviderHosts.parse(args.allowed_provider_hosts),
+        ),
         Leadership(api_client, peering_name=peering, identity=identity, priority=priority),
         copies=copies,
         api_keys=ApiKeyIssuer(CoreV1Api(api_client), args.namespace) if args.api_keys else None,
+        provider_keys=(
+            ProviderKeysMirror(CoreV1Api(api_client), args.namespace, args.provider_keys_secret)
+            if args.provider_keys_secret
+            else None
+        ),
     )
     log.info(
         "starting: config map %s/%s, %s", args.namespace, args.config_map,

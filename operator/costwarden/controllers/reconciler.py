@@ -24,7 +24,8 @@ from typing import Any
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog, load_catalog
 from costwarden.api.conditions import ConditionType, find_condition
-from costwarden.api.gatewayconfig import CONFIG_MAP_KEY
+from costwarden.api.endpoints import ANY_HOST, ProviderHosts
+from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, GatewayConfig
 from costwarden.api.meta import API_VERSION, Condition
 from costwarden.controllers import clock, metrics
 from costwarden.controllers.apikeys import ApiKeyIssuer
@@ -32,7 +33,9 @@ from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.controllers.events import event_body
 from costwarden.controllers.kubeapi import ConflictError, KubeApi
 from costwarden.controllers.leadership import Leadership
+from costwarden.controllers.provider_keys import ProviderKeysMirror
 from costwarden.controllers.world import ObservedWorld
+from costwarden.policy.provider_keys import with_credential_problems
 from costwarden.policy.render import (
     BudgetVerdict,
     ObservedObject,
@@ -63,6 +66,7 @@ class ReconcilerSettings:
     namespace: str
     config_map: str
     catalog: PriceCatalog
+    provider_hosts: ProviderHosts = ANY_HOST
 
 
 class Reconciler:
@@ -74,6 +78,7 @@ class Reconciler:
         leadership: Leadership,
         copies: ConfigCopies | None = None,
         api_keys: ApiKeyIssuer | None = None,
+        provider_keys: ProviderKeysMirror | None = None,
     ) -> None:
         self.api = api
         self.world = world
@@ -81,7 +86,10 @@ class Reconciler:
         self.leadership = leadership
         self.copies = copies  # sidecar injection on: config copies in opted-in namespaces
         self.api_keys = api_keys  # --api-keys: a key per Ready team, digests for gateways
+        self.provider_keys = provider_keys  # --provider-keys-secret: the gateway's keys
         self._last_list = 0.0
+        self.last_config: GatewayConfig | None = None
+        """The configuration of the last pass: ingestion checks usage against it."""
 
     async def run_forever(self) -> None:
         """Reconcile whenever the world changes (Kopf's watch events) or the resync is due."""
@@ -120,8 +128,14 @@ class Reconciler:
         now = clock.now().replace(microsecond=0)  # shiftable in tests (clock.py)
         budgets = list(self.world.budgets.values())
         policies = list(self.world.policies.values())
-        result = reconcile(budgets, policies, self.settings.catalog, now)
+        result = reconcile(
+            budgets, policies, self.settings.catalog, now, self.settings.provider_hosts
+        )
+        self.last_config = result.config
         await self._publish_config(result)
+        if self.provider_keys is not None:  # before status: its problems are part of Ready
+            plan = await self.provider_keys.sync(result.config)
+            result.policies = with_credential_problems(result.policies, plan.problems)
         await _bounded_all(
             [self._write_policy_status(p, result.policies[p.id], now) for p in policies]
             + [self._write_budget_status(b, result.budgets[b.id], now) for b in budgets]
@@ -216,5 +230,10 @@ async def _bounded_all(writes: list[Coroutine[Any, Any, None]]) -> None:
             raise outcome
 
 
-def load_settings(namespace: str, config_map: str, catalog_path: Path | None) -> ReconcilerSettings:
-    return ReconcilerSettings(namespace, config_map, load_catalog(catalog_path))
+def load_settings(
+    namespace: str,
+    config_map: str,
+    catalog_path: Path | None,
+    provider_hosts: ProviderHosts = ANY_HOST,
+) -> ReconcilerSettings:
+    return ReconcilerSettings(namespace, config_map, load_catalog(catalog_path), provider_hosts)

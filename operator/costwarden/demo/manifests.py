@@ -21,9 +21,16 @@ def namespace() -> dict[str, Any]:
 
 def routing_policy(upstream_url: str) -> dict[str, Any]:
     """Frontier model for code review with tools, a cheap one otherwise and past the soft
-    limit; both served by the local upstream, priced from the catalogue."""
+    limit; both served by the local upstream, priced from the catalogue. The upstream runs
+    beside the cluster on a local address, so the models are InCluster: an External model
+    may not live on a loopback or private address (api/endpoints.py)."""
     models = [
-        {"name": name, "provider": "OpenAI", "endpoint": f"{upstream_url}/v1"}
+        {
+            "name": name,
+            "provider": "OpenAI",
+            "endpoint": f"{upstream_url}/v1",
+            "locality": "InCluster",
+        }
         for name in (FRONTIER, CHEAP)
     ]
     return {

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from costwarden.api.usage import UsageSink
 from costwarden.gateway.config import ConfigStore
-from costwarden.gateway.credentials import Credentials
+from costwarden.gateway.credentials import SHARED_HINT, SIDECAR_HINT, Credentials
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
+from costwarden.gateway.metrics import rejected_reason
 from costwarden.gateway.proxy import Gateway
 from costwarden.gateway.server import serve
 from costwarden.gateway.sinks import FanoutSink, FsyncPolicy, JsonlLedgerSink
@@ -100,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--credentials-dir",
         type=Path,
-        help="provider keys as <dir>/<namespace>/<secret>/<key> (Secret mounts); "
-        "else env COSTWARDEN_CREDENTIAL_<NS>_<NAME>_<KEY>",
+        help="provider keys as files <dir>/<namespace>_<secret>_<key> (the operator's "
+        "provider-keys Secret, mounted); else env COSTWARDEN_CREDENTIAL_<NS>_<NAME>_<KEY>",
     )
     parser.add_argument("--ledger", type=Path, help="append usage records to this JSON Lines file")
     parser.add_argument(
@@ -202,12 +203,19 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         identifier=_identifier(args),
         upstream=make_upstream(args.upstream_client),
         sink=_sink(args),
-        credentials=Credentials(args.credentials_dir),
+        credentials=Credentials(
+            args.credentials_dir, hint=SIDECAR_HINT if args.mode == "sidecar" else SHARED_HINT
+        ),
         replica_id=args.replica_id,
     )
     if hasattr(gateway.sink, "on_phases"):
         # Learn Exhausted from the operator's acknowledgement, before the config reload.
         gateway.sink.on_phases = gateway.limits.note_operator_phases
+    if hasattr(gateway.sink, "on_rejected"):
+        rejected = gateway.metrics.usage_rejected
+        gateway.sink.on_rejected = lambda reason: rejected.labels(
+            reason=rejected_reason(reason)
+        ).inc()
     return gateway
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from costwarden.api.endpoints import ProviderHosts
 from costwarden.api.gatewayconfig import GatewayConfig, ModelRoute, TeamConfig
-from costwarden.api.routingpolicy import Provider
+from costwarden.api.routingpolicy import Locality, Provider
 from costwarden.api.usage import Endpoint
 from costwarden.policy.routing import CompiledPolicy, compile_policy
 
@@ -53,6 +54,11 @@ class CompiledConfig:
     teams: dict[str, TeamConfig]
     policies: dict[str, CompiledPolicy]
     urls: dict[tuple[str, str, Endpoint], str]
+    # (policy id, model name) of External models whose host the admin does not allow.
+    blocked: frozenset[tuple[str, str]] = frozenset()
+
+    def host_allowed(self, policy_id: str, model: ModelRoute) -> bool:
+        return (policy_id, model.name) not in self.blocked
 
     def team_for(self, namespace: str, labels: dict[str, str]) -> TeamConfig | None:
         return self.config.team_for_workload(namespace, labels)
@@ -69,12 +75,20 @@ def compile_config(config: GatewayConfig, raw: bytes) -> CompiledConfig:
         for m in p.models
         for e in Endpoint
     }
+    hosts = ProviderHosts.parse(config.allowed_provider_hosts or ())
+    blocked = frozenset(
+        (p.id, m.name)
+        for p in config.policies
+        for m in p.models
+        if m.locality is Locality.EXTERNAL and not hosts.allows_url(m.endpoint)
+    )
     return CompiledConfig(
         config=config,
         revision=revision,
         teams={t.id: t for t in config.teams},
         policies={p.id: compile_policy(p) for p in config.policies},
         urls=urls,
+        blocked=blocked,
     )
 
 

@@ -1,11 +1,20 @@
 """Sending a routed call upstream (with fallbacks) and relaying the answer, metered.
 
 - Fallbacks: an unreachable backend, a 429 or a 5xx moves on to the next candidate; the
-  last candidate's error is passed to the client as it came.
+  last candidate's error is passed to the client in the provider's error shape, rebuilt
+  and scrubbed of key material (gateway/sanitize.py); a body without that shape is
+  withheld. A candidate whose host the admin's provider hosts do not allow is never
+  tried; with none left the call is refused (403, ``provider_host_not_allowed``).
 - A 2xx answer without valid usage (not JSON, no usage object) is never passed on as free
   usage: the client gets a 502 in the API's error shape and the record says
   ``UpstreamMalformed`` with ``usageReported: false``. In a stream the headers are already
   sent, so the client gets an error event (which both SDKs raise) instead.
+- A model whose ``credentials`` resolve to no key is never called (an upstream would
+  answer 401, or, worse, an unauthenticated endpoint would serve it): the attempt is
+  skipped like an unreachable backend, counted in
+  ``costwarden_gateway_missing_credentials_total{model}``, and if no candidate is left the
+  call is refused with **503** ``missing_credentials`` naming the Secret reference (a
+  gateway misconfiguration the caller cannot fix: not a 401, and ``x-should-retry: false``).
 - A client that disconnects mid-stream does not stop metering: the gateway keeps reading
   the upstream (at most :data:`DRAIN_SECONDS`) to get the usage it reports at the end, and
   records ``ClientDisconnected`` with that usage.
@@ -20,9 +29,10 @@ import orjson
 from aiohttp import web
 
 from costwarden.api.gatewayconfig import ModelRoute
-from costwarden.api.usage import Outcome
+from costwarden.api.usage import Outcome, RefusalReason
 from costwarden.gateway.call import Call
 from costwarden.gateway.config import CompiledConfig
+from costwarden.gateway.sanitize import generic_message, sanitize_error, sanitize_stream_events
 from costwarden.gateway.upstream import UpstreamResponse, UpstreamUnavailableError
 from costwarden.gateway.wire import MalformedUsageError
 from costwarden.policy.pricing import call_cost
@@ -48,16 +58,34 @@ async def forward(
     decision: RouteDecision,
     wants_usage: bool,
 ) -> web.StreamResponse:
-    answer = await _attempt(gw, request, call, compiled, body, decision)
+    allowed = [r for r in decision.candidates if compiled.host_allowed(call.policy_id, r)]
+    if not allowed:
+        for route in decision.candidates:
+            _count_error(gw, route, "host_not_allowed")
+        names = ", ".join(m.name for m in decision.candidates)
+        return gw.refuse(
+            call,
+            403,
+            RefusalReason.PROVIDER_HOST_NOT_ALLOWED,
+            f"the endpoint of {names} is not one of the provider hosts the cluster admin "
+            "allows; costwarden does not connect to it",
+        )
+    missing: list[str] = []
+    answer = await _attempt(gw, request, call, compiled, body, decision, allowed, missing)
     if answer is None:
+        if len(missing) == len(allowed):
+            call.served = None
+            return gw.refuse(call, 503, RefusalReason.MISSING_CREDENTIALS, " ".join(missing))
         call.outcome, call.error = Outcome.UPSTREAM_ERROR, "upstream_unavailable"
         tried = ", ".join(m.name for m in decision.candidates)
-        return _error(call, 502, "upstream_unavailable", f"no backend answered (tried {tried})")
+        message = f"no backend answered (tried {tried})"
+        return _error(call, 502, "upstream_unavailable", " ".join([message, *missing]))
     response, route = answer
+    secrets = _secrets(gw, route)
     if response.status >= 400:
-        return await _pass_error(call, response)
+        return await _pass_error(call, response, secrets)
     if call.streaming and response.content_type.startswith("text/event-stream"):
-        return await _relay_stream(gw, request, call, response, route, wants_usage)
+        return await _relay_stream(gw, request, call, response, route, wants_usage, secrets)
     return await _relay_plain(gw, call, response, route)
 
 
@@ -68,15 +96,25 @@ async def _attempt(
     compiled: CompiledConfig,
     body: dict[str, Any],
     decision: RouteDecision,
+    candidates: list[ModelRoute],
+    missing: list[str],
 ) -> tuple[UpstreamResponse, ModelRoute] | None:
-    candidates = decision.candidates
+    """The first answer worth relaying, trying the candidates the admin's provider hosts
+    allow in order; ``missing`` collects why keyless candidates were skipped (never sent:
+    see the module docstring)."""
+    for route in decision.candidates:
+        if route not in candidates:
+            _count_error(gw, route, "host_not_allowed")
     for index, route in enumerate(candidates):
+        api_key = gw.credentials.api_key(route.credentials)
+        if route.credentials is not None and not api_key:
+            gw.metrics.missing_credentials.labels(route.name).inc()
+            missing.append(gw.credentials.missing_message(route.name, route.credentials))
+            continue
         call.served = route
         call.attempts += 1
         body["model"] = route.upstream_model
-        headers = call.fmt.upstream_headers(
-            gw.credentials.api_key(route.credentials), request.headers
-        )
+        headers = call.fmt.upstream_headers(api_key, request.headers)
         url = compiled.url(call.policy_id, route, call.endpoint)
         started = time.perf_counter()
         try:
@@ -122,8 +160,16 @@ def _error(call: Call, status: int, code: str, message: str) -> web.Response:
     )
 
 
-async def _pass_error(call: Call, response: UpstreamResponse) -> web.Response:
-    """The upstream's own error, as it sent it (it is already in the API's error shape)."""
+def _secrets(gw: Gateway, route: ModelRoute) -> tuple[str, ...]:
+    key = gw.credentials.api_key(route.credentials)
+    return (key,) if key else ()
+
+
+async def _pass_error(
+    call: Call, response: UpstreamResponse, secrets: tuple[str, ...]
+) -> web.Response:
+    """The upstream's own error, rebuilt from the provider's error shape with anything
+    key-like removed (gateway/sanitize.py); any other body is withheld."""
     started = time.perf_counter()
     try:
         data = await response.read()
@@ -135,13 +181,11 @@ async def _pass_error(call: Call, response: UpstreamResponse) -> web.Response:
         f"upstream_{response.status}",
         response.status,
     )
-    try:
-        orjson.loads(data)
-    except orjson.JSONDecodeError:
-        message = f"the upstream answered HTTP {response.status} without a JSON error body"
-        return _error(call, 502, "upstream_error", message)
+    clean = sanitize_error(call.fmt.provider, response.status, data, secrets)
+    if clean is None:
+        return _error(call, 502, "upstream_error", generic_message(response.status))
     headers = route_headers(call, "application/json")
-    return web.Response(status=response.status, body=data, headers=headers)
+    return web.Response(status=response.status, body=clean, headers=headers)
 
 
 def _malformed(gw: Gateway, call: Call, route: ModelRoute, problem: str) -> str:
@@ -184,8 +228,10 @@ async def _relay_stream(
     response: UpstreamResponse,
     route: ModelRoute,
     wants_usage: bool,
+    secrets: tuple[str, ...],
 ) -> web.StreamResponse:
     meter = call.fmt.stream_meter(wants_usage)
+    provider = call.fmt.provider
     out = web.StreamResponse(
         status=response.status, headers=route_headers(call, "text/event-stream")
     )
@@ -204,14 +250,14 @@ async def _relay_stream(
             break
         finally:
             call.upstream_seconds += time.perf_counter() - started
-        data = meter.feed(chunk)
+        data = sanitize_stream_events(provider, meter.feed(chunk), secrets)
         if gone_at:
             if time.perf_counter() - gone_at > DRAIN_SECONDS:
                 break
         elif data:
             gone_at = await _write(out, data)
     await response.aclose()
-    return await _finish_stream(gw, call, out, meter, route, gone_at)
+    return await _finish_stream(gw, call, out, meter, route, gone_at, secrets)
 
 
 async def _write(out: web.StreamResponse, data: bytes) -> float:
@@ -224,9 +270,15 @@ async def _write(out: web.StreamResponse, data: bytes) -> float:
 
 
 async def _finish_stream(
-    gw: Gateway, call: Call, out: web.StreamResponse, meter: Any, route: ModelRoute, gone_at: float
+    gw: Gateway,
+    call: Call,
+    out: web.StreamResponse,
+    meter: Any,
+    route: ModelRoute,
+    gone_at: float,
+    secrets: tuple[str, ...],
 ) -> web.StreamResponse:
-    rest = meter.end()
+    rest = sanitize_stream_events(call.fmt.provider, meter.end(), secrets)
     if meter.usage is not None:
         call.tokens, call.cost = meter.usage, call_cost(meter.usage, route.pricing)
         call.outcome = Outcome.CLIENT_DISCONNECTED if gone_at else Outcome.OK

@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from costwarden.accounting.trust import Refusal
 from costwarden.api.usage import UsageRecord
 
 # Gateway overhead lives well under a millisecond; upstream calls take seconds.
@@ -52,8 +53,15 @@ class GatewayMetrics:
         )
         self.upstream_errors = Counter(
             "costwarden_gateway_upstream_errors_total",
-            "Upstream failures (unreachable, 429, 5xx, malformed), per attempt.",
+            "Upstream failures (unreachable, 429, 5xx, malformed, host_not_allowed), per attempt.",
             ["model", "provider", "kind"],
+            registry=r,
+        )
+        self.missing_credentials = Counter(
+            "costwarden_gateway_missing_credentials_total",
+            "Attempts not sent because the model's provider key (a Secret reference in the "
+            "RoutingPolicy) resolved to nothing in this gateway, by model.",
+            ["model"],
             registry=r,
         )
         self.latency = Histogram(
@@ -80,6 +88,13 @@ class GatewayMetrics:
             "costwarden_gateway_loop_signals_total",
             "Jobs that tripped the retry-loop heuristic.",
             ["team", "loop"],
+            registry=r,
+        )
+        self.usage_rejected = Counter(
+            "costwarden_gateway_usage_rejected_total",
+            "Usage entries the operator refused for good (they disagree with what it "
+            "recomputes; docs/security-ingestion.md): dropped from the queue, never counted.",
+            ["reason"],
             registry=r,
         )
         self.config_info = Gauge(
@@ -127,3 +142,8 @@ class GatewayMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def rejected_reason(reason: str) -> str:
+    """A refusal reason from the operator, as a bounded label value."""
+    return reason if reason in {r.value for r in Refusal} else "other"

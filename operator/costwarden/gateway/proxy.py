@@ -49,6 +49,7 @@ _FINAL = {
     RefusalReason.JOB_COST_CAP,
     RefusalReason.JOB_TOKEN_CAP,
     RefusalReason.RETRY_LOOP,
+    RefusalReason.MISSING_CREDENTIALS,  # until an admin fixes the Secret
 }
 _ROUTE_STATUS = {"incompatible_route": 400, "confidential_requires_in_cluster": 403}
 

@@ -60,6 +60,7 @@ class OperatorReportingSink:
         token_file: Path | None = None,
         token: str | None = None,
         on_phases: PhaseListener | None = None,
+        on_rejected: Callable[[str], None] | None = None,
         send_seconds: float = SEND_SECONDS,
         ca_file: Path | None = None,
     ) -> None:
@@ -69,6 +70,7 @@ class OperatorReportingSink:
         self._token_file = token_file
         self._token = token
         self.on_phases = on_phases
+        self.on_rejected = on_rejected
         self._send_seconds = send_seconds
         self._fsync = fsync
         self._queue: deque[tuple[int, bytes, bytes]] = deque()  # seq, item key, raw JSON
@@ -80,6 +82,8 @@ class OperatorReportingSink:
         self._session: aiohttp.ClientSession | None = None
         self.acked = 0
         self.dropped = 0
+        self.rejected = 0
+        """Entries the operator refused for good (dropped, never counted)."""
         self.failures = 0
         if ledger is None:
             self.source = f"{replica_id}/{secrets.token_hex(4)}"
@@ -189,6 +193,8 @@ class OperatorReportingSink:
             self.failures += 1
             log.warning("usage report to %s failed (%s); retrying", self.url, exc)
             return False
+        if status == 403 and self._drop_rejected(answer):
+            return True  # the rest goes out at once; its acknowledgement moves the cursor
         if status != 200:
             self.failures += 1
             log.warning("usage report refused: HTTP %s %s", status, answer[:200])
@@ -228,6 +234,31 @@ class OperatorReportingSink:
         st = os.stat(self._ca_file)  # missing: OSError, the send is retried
         self._ca_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         return ssl.create_default_context(cafile=str(self._ca_file))
+
+    def _drop_rejected(self, answer: bytes) -> bool:
+        """The operator refused some entries for good (they disagree with what it recomputes:
+        docs/security-ingestion.md) and applied nothing of the batch. Drop those entries, so
+        the batch is not re-sent forever, and keep the rest for the next send. True if any
+        entry was dropped."""
+        try:
+            rejected = orjson.loads(answer).get("rejected") or []
+            seqs = {int(entry["seq"]): str(entry.get("reason", "")) for entry in rejected}
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            return False
+        before = len(self._queue)
+        kept = deque(entry for entry in self._queue if entry[0] not in seqs)
+        dropped = before - len(kept)
+        if not dropped:
+            return False
+        self._queue = kept
+        self.rejected += dropped
+        for seq, reason in sorted(seqs.items())[:10]:
+            log.error("usage entry seq %d of %s refused by the operator (%s); not counted",
+                      seq, self.source, reason)  # fmt: skip
+        if self.on_rejected is not None:
+            for reason in seqs.values():
+                self.on_rejected(reason)
+        return True
 
     async def _post(self, body: bytes) -> tuple[int, bytes]:
         if self._session is not None and not self._session.closed and self._ca_changed():

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from costwarden.api.catalog import load_catalog
+from costwarden.api.endpoints import ProviderHosts, provider_host_argument
 from costwarden.gitops.args import (
     EXIT_INVALID,
     EXIT_OK,
@@ -64,6 +65,18 @@ def _register_validate(subparsers: Any) -> None:
         action="store_true",
         help="do not report references to RoutingPolicies outside these manifests",
     )
+    parser.add_argument(
+        "--allowed-provider-host",
+        dest="allowed_provider_hosts",
+        action="append",
+        type=provider_host_argument,
+        default=[],
+        metavar="HOST",
+        help=(
+            "a provider host External models may use, as the operator's flag of that name "
+            "(exact or *.suffix; repeatable; default: any)"
+        ),
+    )
     parser.set_defaults(func=run_validate)
 
 
@@ -91,11 +104,18 @@ def run_validate(args: argparse.Namespace) -> int:
     try:
         documents = load_paths(args.paths)
         catalog = load_catalog(args.price_catalog)
+        hosts = ProviderHosts.parse(args.allowed_provider_hosts)
     except (ReadError, OSError, ValueError) as error:
         print(f"costwarden validate: {error}", file=sys.stderr)
         return EXIT_UNREADABLE
     refs = RefPolicy(frozenset(args.assume_exists), args.allow_external_refs)
-    report = validate(documents, catalog=catalog, default_namespace=args.namespace, refs=refs)
+    report = validate(
+        documents,
+        catalog=catalog,
+        default_namespace=args.namespace,
+        refs=refs,
+        provider_hosts=hosts,
+    )
     sys.stdout.write(render_report(report, args.output))
     return EXIT_OK if report.valid else EXIT_INVALID
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog
 from costwarden.api.conditions import Reason
+from costwarden.api.endpoints import ANY_HOST, ProviderHosts
 from costwarden.api.routingpolicy import RoutingPolicySpec
 from costwarden.api.teambudget import TeamBudgetSpec
 from costwarden.gitops.loader import Document
@@ -82,6 +83,7 @@ def validate(
     catalog: PriceCatalog,
     default_namespace: str = DEFAULT_NAMESPACE,
     refs: RefPolicy | None = None,
+    provider_hosts: ProviderHosts = ANY_HOST,
 ) -> Report:
     refs = refs or RefPolicy()
     objects = read_objects(documents, default_namespace)
@@ -99,7 +101,7 @@ def validate(
             report.findings.extend(Finding(obj, p) for p in problems)
             continue
         if obj.kind == routingpolicy.KIND:
-            policies[obj.id] = _check_policy(obj, catalog, report)
+            policies[obj.id] = _check_policy(obj, catalog, report, provider_hosts)
         else:
             parsed = parse_team_budget_spec(obj.spec)
             if isinstance(parsed, list):
@@ -122,10 +124,14 @@ def validate(
 
 
 def _check_policy(
-    obj: ManifestObject, catalog: PriceCatalog, report: Report
+    obj: ManifestObject, catalog: PriceCatalog, report: Report, provider_hosts: ProviderHosts
 ) -> RoutingPolicySpec | None:
     parsed = parse_routing_policy_spec(obj.spec)
-    problems = parsed if isinstance(parsed, list) else routing_policy_problems(parsed, catalog)
+    problems = (
+        parsed
+        if isinstance(parsed, list)
+        else routing_policy_problems(parsed, catalog, provider_hosts)
+    )
     report.findings.extend(Finding(obj, p) for p in problems)
     return None if problems or isinstance(parsed, list) else parsed
 

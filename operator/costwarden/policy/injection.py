@@ -7,11 +7,13 @@ look like; the same function serves the unit tests. See docs/sidecar-injection.m
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from costwarden.api.gatewayconfig import CredentialRef
 from costwarden.api.usage import SIDECAR_REPORT_AUDIENCE
+from costwarden.policy.provider_keys import credential_env
 
 INJECT_LABEL = "costwarden.io/inject"
 """On a pod: "true" opts in, "false" opts out. On a namespace: "enabled" opts its pods in."""
@@ -134,11 +136,17 @@ def inject(
     namespace: str,
     namespace_opted_in: bool = False,
     creator: str = "",
+    credentials: Sequence[CredentialRef] = (),
 ) -> Injection:
     """The pod with the sidecar and base-URL environment, or None if nothing changes.
 
     ``creator`` is the user creating the pod (the admission request's userInfo): the sidecar
     is told the pod's Job only when the Job controller created it (:func:`trusted_job`).
+
+    ``credentials`` (:func:`costwarden.policy.provider_keys.sidecar_credentials`: keys in
+    Secrets of the pod's own namespace) become ``secretKeyRef`` env of the sidecar only.
+    They are part of the sidecar this function computes, before the ownership check below:
+    a second call recognises its own prior injection only if it expects the same env.
 
     The injector owns its names (:func:`owned_name_violations`): a pod that brings its own
     ``costwarden-gateway`` container, ``costwarden-*`` volume, ``COSTWARDEN_*`` or base-URL
@@ -146,12 +154,13 @@ def inject(
     That exception is what makes a second call idempotent (the other webhook entry, a
     reinvocation): the injector recognises its own work by content, not by a marker a pod
     could forge; a pod that copies the injection byte for byte gets the same pod as one
-    injected, so forging it gains nothing.
+    injected, so forging it gains nothing. Reinvocation (``reinvocationPolicy: IfNeeded``)
+    relies on this: containers another webhook added after us still get the environment.
     """
     wanted, reason = wants_injection(pod, namespace, namespace_opted_in, settings)
     if not wanted:
         return Injection(None, reason)
-    sidecar = sidecar_container(settings, job=trusted_job(pod, creator, settings))
+    sidecar = sidecar_container(settings, credentials, job=trusted_job(pod, creator, settings))
     volumes_wanted = sidecar_volumes(settings)
     env = base_url_env(settings.port)
     problems = owned_name_violations(pod, sidecar, volumes_wanted, env)
@@ -322,7 +331,9 @@ def with_env(current: list[dict[str, Any]], wanted: Mapping[str, str]) -> list[d
     return out
 
 
-def sidecar_container(settings: InjectionSettings, *, job: str = "") -> dict[str, Any]:
+def sidecar_container(
+    settings: InjectionSettings, credentials: Sequence[CredentialRef] = (), *, job: str = ""
+) -> dict[str, Any]:
     """The gateway as a native sidecar: an init container with ``restartPolicy: Always``
     (Kubernetes >= 1.29). Why native: a regular second container would keep a Job's pod
     running after the agent exits, so the Job would never complete; a native sidecar is
@@ -367,6 +378,8 @@ def sidecar_container(settings: InjectionSettings, *, job: str = "") -> dict[str
                 "name": "POD_NAMESPACE",
                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
             },
+            # Provider keys from the pod's own namespace, to this container only.
+            *credential_env(credentials),
         ],
         # The agent containers start once this passes, so their first call finds the
         # gateway listening. An exec probe because the listener is loopback-only, where

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from costwarden.api.catalog import PriceCatalog
 from costwarden.api.conditions import Reason
+from costwarden.api.endpoints import ANY_HOST, ProviderHosts
 from costwarden.api.gatewayconfig import (
     CredentialRef,
     GatewayConfig,
@@ -96,8 +97,12 @@ def reconcile(
     policies: Sequence[ObservedObject],
     catalog: PriceCatalog,
     now: datetime,
+    provider_hosts: ProviderHosts = ANY_HOST,
 ) -> Reconciliation:
-    policy_specs, policy_verdicts, policy_configs = _reconcile_policies(policies, catalog)
+    """``provider_hosts``: the admin's allow-list of External hosts (empty: any)."""
+    policy_specs, policy_verdicts, policy_configs = _reconcile_policies(
+        policies, catalog, provider_hosts
+    )
     budget_verdicts: dict[str, BudgetVerdict] = {}
     teams: list[TeamConfig] = []
     for budget in sorted(budgets, key=lambda o: o.id):
@@ -107,7 +112,11 @@ def reconcile(
             teams.append(team)
     used = [t.routing_policy for t in teams]
     policy_verdicts = {pid: _with_teams(v, used.count(pid)) for pid, v in policy_verdicts.items()}
-    config = GatewayConfig(teams=teams, policies=policy_configs)
+    config = GatewayConfig(
+        teams=teams,
+        policies=policy_configs,
+        allowed_provider_hosts=list(provider_hosts.allowed) or None,
+    )
     return Reconciliation(with_revision(config), budget_verdicts, policy_verdicts)
 
 
@@ -118,18 +127,22 @@ def _with_teams(verdict: PolicyVerdict, teams: int) -> PolicyVerdict:
 
 
 def _reconcile_policies(
-    policies: Sequence[ObservedObject], catalog: PriceCatalog
+    policies: Sequence[ObservedObject], catalog: PriceCatalog, provider_hosts: ProviderHosts
 ) -> tuple[dict[str, RoutingPolicySpec | None], dict[str, PolicyVerdict], list[PolicyConfig]]:
     specs: dict[str, RoutingPolicySpec | None] = {}
     verdicts: dict[str, PolicyVerdict] = {}
     configs: list[PolicyConfig] = []
     for policy in sorted(policies, key=lambda o: o.id):
         parsed = parse_routing_policy_spec(policy.spec)
-        problems = parsed if isinstance(parsed, list) else routing_policy_problems(parsed, catalog)
+        problems = (
+            parsed
+            if isinstance(parsed, list)
+            else routing_policy_problems(parsed, catalog, provider_hosts)
+        )
         if problems or isinstance(parsed, list):
             specs[policy.id] = None
             verdicts[policy.id] = PolicyVerdict(
-                False, Reason.INVALID_SPEC, _summary(problems), tuple(problems)
+                False, problems[0].reason, _summary(problems), tuple(problems)
             )
             continue
         specs[policy.id] = parsed

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from costwarden.api.catalog import PriceCatalog
 from costwarden.api.conditions import Reason
-from costwarden.api.routingpolicy import RoutingPolicySpec
+from costwarden.api.endpoints import ANY_HOST, ProviderHosts, url_hostname
+from costwarden.api.routingpolicy import Locality, RoutingPolicySpec
 from costwarden.api.teambudget import TeamBudgetSpec
 from costwarden.policy.periods import is_valid_time_zone
 from costwarden.policy.pricing import resolve_pricing
@@ -66,9 +67,24 @@ def parse_routing_policy_spec(raw: Mapping[str, Any]) -> RoutingPolicySpec | lis
         return schema_problems(error)
 
 
-def routing_policy_problems(spec: RoutingPolicySpec, catalog: PriceCatalog) -> list[Problem]:
+def routing_policy_problems(
+    spec: RoutingPolicySpec,
+    catalog: PriceCatalog,
+    provider_hosts: ProviderHosts = ANY_HOST,
+) -> list[Problem]:
     """What the API server's schema cannot check in a RoutingPolicy."""
     problems: list[Problem] = []
+    for index, model in enumerate(spec.models):
+        if model.locality is Locality.EXTERNAL and not provider_hosts.allows_url(model.endpoint):
+            problems.append(
+                Problem(
+                    f"spec.models[{index}].endpoint",
+                    f"host {url_hostname(model.endpoint)!r} of External model {model.name!r} "
+                    "is not one of the provider hosts the cluster admin allows "
+                    f"({provider_hosts.describe()})",
+                    Reason.PROVIDER_HOST_NOT_ALLOWED,
+                )
+            )
     for index, model in enumerate(spec.models):
         if resolve_pricing(model, catalog) is None:
             problems.append(

@@ -35,6 +35,7 @@ from costwarden.gateway.server import GatewayServer
 from costwarden.gateway.sinks import MemorySink
 from costwarden.gateway.upstream import make_upstream
 from costwarden.policy.pricing import resolve_pricing
+from costwarden.policy.provider_keys import mirrored_key
 from costwarden.testing.upstream import ServerThread
 
 TEAM_ID = "team-a/budget"
@@ -58,7 +59,7 @@ def _pricing(upstream_model: str, declared: ModelPricing | None = None) -> Resol
     backend = ModelBackend(
         name="x",
         provider=Provider.OPENAI,
-        endpoint="http://x",
+        endpoint="https://api.example.com/v1",
         upstream_model=upstream_model,
         pricing=declared,
     )
@@ -208,7 +209,8 @@ def sidecar_identity(job: str = "agent-1", pod: str = "agent-1-x") -> SidecarIde
 
 
 def write_credentials(directory: Path, key: str = PROVIDER_KEY) -> Path:
-    path = directory / NAMESPACE / "llm-keys" / "api-key"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(key + "\n")
+    """The key of :func:`sample_config`'s models as the mounted provider-keys Secret holds it."""
+    ref = CredentialRef(namespace=NAMESPACE, name="llm-keys", key="api-key")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / mirrored_key(ref)).write_text(key + "\n")
     return directory

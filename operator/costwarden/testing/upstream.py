@@ -11,7 +11,11 @@ usage exactly as reported.
 Faults, for fallback and loop tests: a model id ``fault-<name>`` always fails that way, and
 :meth:`FakeUpstream.script` (or ``POST /_fake/faults``) queues faults for a model. Fault
 names: ``500``/``503``/``429`` (error status), ``malformed`` (200, not JSON), ``no-usage``
-(200, no usage), ``slow`` (streams one chunk per 50 ms).
+(200, no usage), ``slow`` (streams one chunk per 50 ms); hostile upstreams, for the
+error-body sanitiser: ``echo-key`` (401 in the provider's shape, the key it was sent in the
+message), ``echo-key-fragment`` (the same with 12 characters of it), ``echo-key-text``
+(401 text/plain with the key), ``html`` (502 with an internal HTML page) and
+``stream-echo-key`` (a stream that ends in an error event carrying the key).
 
 Run it as a process: ``python -m costwarden.testing.upstream --port 9000``.
 """
@@ -106,11 +110,13 @@ class FakeUpstream:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         fault = self._fault(str(body.get("model", "")))
-        if early := _early_fault(fault, openai=True):
+        if early := _early_fault(fault, openai=True, key=_sent_key(request)):
             self._log(request, body, None)
             return early
         usage: dict[str, Any] | None = None if fault == "no-usage" else answers.openai_usage(body)
         self._log(request, body, usage)
+        if body.get("stream") and fault == "stream-echo-key":
+            return await _stream_echoing_key(request, body, openai=True)
         if body.get("stream"):
             return await self._chat_stream(request, body, usage, slow=fault == "slow")
         return web.json_response(answers.chat_completion(body, usage))
@@ -137,7 +143,7 @@ class FakeUpstream:
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
         fault = self._fault(str(body.get("model", "")))
-        if early := _early_fault(fault, openai=True):
+        if early := _early_fault(fault, openai=True, key=_sent_key(request)):
             self._log(request, body, None)
             return early
         inputs = body.get("input")
@@ -158,11 +164,13 @@ class FakeUpstream:
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         fault = self._fault(str(body.get("model", "")))
-        if early := _early_fault(fault, openai=False):
+        if early := _early_fault(fault, openai=False, key=_sent_key(request)):
             self._log(request, body, None)
             return early
         usage = answers.anthropic_usage(body)
         self._log(request, body, None if fault == "no-usage" else usage)
+        if body.get("stream") and fault == "stream-echo-key":
+            return await _stream_echoing_key(request, body, openai=False)
         if body.get("stream"):
             return await self._messages_stream(
                 request, body, usage, slow=fault == "slow", no_usage=fault == "no-usage"
@@ -188,8 +196,47 @@ class FakeUpstream:
         return response
 
 
-def _early_fault(fault: str, *, openai: bool) -> web.Response | None:
+def _sent_key(request: web.Request) -> str:
+    bearer = request.headers.get("Authorization", "")
+    return request.headers.get("x-api-key") or bearer.removeprefix("Bearer ").strip()
+
+
+def _error_body(message: str, *, openai: bool, kind: str = "api_error") -> dict[str, Any]:
+    if openai:
+        return {"error": {"message": message, "type": kind, "code": None, "param": None}}
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+async def _stream_echoing_key(
+    request: web.Request, body: dict[str, Any], *, openai: bool
+) -> web.StreamResponse:
+    response = await _sse_response(request)
+    error = _error_body(f"stream aborted for key {_sent_key(request)}", openai=openai)
+    if openai:
+        first = answers.chat_chunks(body, False)[0]
+        await response.write(f"data: {json.dumps(first)}\n\n".encode())
+        await response.write(f"data: {json.dumps(error)}\n\n".encode())
+    else:
+        await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
+    return response
+
+
+def _early_fault(fault: str, *, openai: bool, key: str = "") -> web.Response | None:
     """The error answers that replace a whole response."""
+    if fault == "echo-key":
+        message = f"Incorrect API key provided: {key}. You can find your API key at ..."
+        body = _error_body(message, openai=openai, kind="invalid_request_error")
+        return web.json_response(body, status=401)
+    if fault == "echo-key-fragment":
+        message = f"invalid api key ending in ...{key[-14:-2]}"
+        return web.json_response(_error_body(message, openai=openai), status=401)
+    if fault == "echo-key-text":
+        return web.Response(text=f"401 Unauthorized: bad key {key}", status=401)
+    if fault == "html":
+        page = (
+            "<html><body><h1>502</h1>internal-lb-7.corp.example: upstream pool empty</body></html>"
+        )
+        return web.Response(text=page, status=502, content_type="text/html")
     if fault in ("500", "503", "429"):
         status = int(fault)
         message = f"fake upstream fault {fault}"

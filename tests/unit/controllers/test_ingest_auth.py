@@ -67,3 +67,39 @@ def test_gateway_tokens_are_reviewed_for_the_ingest_audience_only():
     auth = IngestAuth(allowed_service_accounts=["cw:gateway"], rest=reviews)  # type: ignore[arg-type]
     assert check(auth, "Bearer sa-cw-gateway") == 200
     assert audiences == [["costwarden.io/ingest"]]
+
+
+class FakeSidecarReviews:
+    """TokenReview of pod-bound tokens: ``pod-<ns>-<name>-<uid>``; audience-bound reviews only."""
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        token = body["spec"]["token"]
+        if not token.startswith("pod-") or not body["spec"].get("audiences"):
+            return {"status": {"authenticated": False}}
+        _, namespace, name, *uid = token.split("-")
+        extra: dict[str, list[str]] = {"authentication.kubernetes.io/pod-name": [name]}
+        if uid:
+            extra["authentication.kubernetes.io/pod-uid"] = uid
+        user = {"username": f"system:serviceaccount:{namespace}:agent", "extra": extra}
+        return {"status": {"authenticated": True, "user": user}}
+
+
+def test_reporters_are_named_by_what_their_credential_proves(tmp_path: Path):
+    token_file = tmp_path / "token"
+    token_file.write_text("shared\n")
+    auth = IngestAuth(
+        token_file=token_file, allowed_service_accounts=["cw:gateway"],
+        rest=FakeReviews(), allow_sidecars=False,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert asyncio.run(auth.check("Bearer shared")).reporter.identity == "token:shared"
+    assert asyncio.run(auth.check("Bearer sa-cw-gateway")).reporter.identity == "sa:cw/gateway"
+    sidecars = IngestAuth(rest=FakeSidecarReviews(), allow_sidecars=True)  # type: ignore[arg-type]
+    verdict = asyncio.run(sidecars.check("Bearer pod-team-p1-u1"))
+    assert verdict.status == 200
+    reporter = verdict.reporter
+    assert (reporter.identity, reporter.namespace, reporter.pod, reporter.pod_uid) == (
+        "pod:team/p1/u1", "team", "p1", "u1",
+    )  # fmt: skip
+    assert reporter.cursor_key("p1/abcd") == "pod:team/p1/u1#p1/abcd"
+    # A token that names its pod but not the pod's uid is not accepted as a sidecar's.
+    assert asyncio.run(sidecars.check("Bearer pod-team-p1")).status == 403

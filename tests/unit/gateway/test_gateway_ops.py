@@ -70,11 +70,13 @@ def write_config_map(root: Path, payload: bytes, generation: int) -> None:
 
 
 def test_config_reloads_on_configmap_swap_and_keeps_serving(
-    upstream: ServerThread, tmp_path: Path
+    upstream: ServerThread, tmp_path: Path, credentials_dir: Path
 ) -> None:
     config = sample_config(upstream.url)
     write_config_map(tmp_path, config.model_dump_json(by_alias=True).encode(), 1)
-    with GatewayThread(None, config_path=tmp_path / "gateway-config.json") as gateway:
+    with GatewayThread(
+        None, config_path=tmp_path / "gateway-config.json", credentials_dir=credentials_dir
+    ) as gateway:
         first = httpx.post(gateway.url + "/v1/chat/completions", json=CHAT)
         config.revision = "rev-2"
         config.policies[0].default_model = "gpt-4o"
@@ -95,10 +97,12 @@ def test_config_reloads_on_configmap_swap_and_keeps_serving(
     assert second.headers["x-costwarden-model"] == "gpt-4o"
 
 
-def test_invalid_config_keeps_the_previous_one(upstream: ServerThread, tmp_path: Path) -> None:
+def test_invalid_config_keeps_the_previous_one(
+    upstream: ServerThread, tmp_path: Path, credentials_dir: Path
+) -> None:
     path = tmp_path / "config.json"
     path.write_text(sample_config(upstream.url).model_dump_json(by_alias=True))
-    with GatewayThread(None, config_path=path) as gateway:
+    with GatewayThread(None, config_path=path, credentials_dir=credentials_dir) as gateway:
         path.write_text('{"teams": "not a list"}')
         wait_for(lambda: gateway.gateway.config.errors, what="the rejected reload")
 

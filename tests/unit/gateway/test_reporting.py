@@ -32,12 +32,22 @@ class FakeOperator:
         self.batches: list[UsageBatch] = []
         self.down = False
         self.auth: list[str] = []
+        self.reject: set[int] = set()
+        self.forbidden = False
 
     async def handle(self, request: web.Request) -> web.Response:
         self.auth.append(request.headers.get("Authorization", ""))
         if self.down:
             return web.json_response({"error": {"code": "not_leader"}}, status=503)
+        if self.forbidden:
+            return web.json_response({"error": {"code": "unauthorized"}}, status=403)
         batch = UsageBatch.model_validate(json.loads(await request.read()))
+        refused = [{"seq": i.seq, "reason": "cost_mismatch"} for i in batch.items
+                   if i.seq in self.reject]  # fmt: skip
+        if refused:  # as the operator does: nothing applied, the refused entries listed
+            return web.json_response(
+                {"error": {"code": "cost_mismatch"}, "rejected": refused}, status=403
+            )
         self.batches.append(batch)
         top = max((i.seq for i in batch.items), default=0)
         return web.json_response({"source": batch.source, "ackedSeq": top,
@@ -108,6 +118,43 @@ def test_refused_batches_are_resent_until_acknowledged(tmp_path: Path):
         fake.down = False
         await drained(reporter)
         assert fake.seqs() == [1]
+        await reporter.close()
+
+    asyncio.run(with_operator(test))
+
+
+def test_entries_the_operator_refuses_for_good_are_dropped_and_the_rest_delivered(
+    tmp_path: Path,
+):
+    reasons: list[str] = []
+
+    async def test(fake: FakeOperator, url: str) -> None:
+        fake.reject = {2, 4}
+        reporter = sink(url, tmp_path / "ledger.jsonl", on_rejected=reasons.append)
+        for n in range(5):
+            reporter.emit(record(n))
+        await drained(reporter)  # never wedged on the refused batch
+        assert fake.seqs() == [1, 3, 5]
+        assert reporter.rejected == 2
+        await reporter.close()
+
+    asyncio.run(with_operator(test))
+    assert reasons == ["cost_mismatch", "cost_mismatch"]
+    cursor = json.loads((tmp_path / "ledger.jsonl.cursor").read_text())
+    assert cursor["ackedSeq"] == 5  # the cursor moved past the refused entries
+
+
+def test_a_403_without_a_list_of_refused_entries_is_retried(tmp_path: Path):
+    async def test(fake: FakeOperator, url: str) -> None:
+        reporter = sink(url, None)
+        fake.forbidden = True
+        reporter.emit(record(1))
+        while len(fake.auth) < 2:
+            await asyncio.sleep(0.01)
+        assert reporter.pending == 1
+        assert reporter.rejected == 0
+        fake.forbidden = False
+        await drained(reporter)
         await reporter.close()
 
     asyncio.run(with_operator(test))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from costwarden.api.gatewayconfig import CredentialRef
 from costwarden.api.usage import SIDECAR_REPORT_AUDIENCE
 from costwarden.policy.injection import (
     CONFIG_COPY_NAME,
@@ -230,7 +231,8 @@ def _as_stored(p: dict[str, Any]) -> dict[str, Any]:
     sidecar["terminationMessagePolicy"] = "File"
     sidecar["startupProbe"].update(timeoutSeconds=1, successThreshold=1)
     for entry in sidecar["env"]:
-        entry["valueFrom"]["fieldRef"]["apiVersion"] = "v1"
+        if "fieldRef" in entry["valueFrom"]:
+            entry["valueFrom"]["fieldRef"]["apiVersion"] = "v1"
     sidecar["volumeMounts"].append(
         {"name": "kube-api-access-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
          "readOnly": True})  # fmt: skip
@@ -247,6 +249,31 @@ def test_its_own_injection_as_the_api_server_stores_it_is_recognised() -> None:
     assert first is not None
     again = inject(_as_stored(first), settings, namespace="team-a", namespace_opted_in=True)
     assert (again.pod, again.denied) == (None, "")
+
+
+def test_its_own_injection_with_provider_key_env_is_recognised() -> None:
+    """The provider keys' secretKeyRef env is part of the sidecar the injector expects, so
+    the second call (the other webhook entry, a reinvocation) finds its own work unchanged."""
+    settings = replace(SETTINGS, report_to="https://operator:8081")
+    keys = [
+        CredentialRef(namespace="team-a", name="openai", key="api-key"),
+        CredentialRef(namespace="team-a", name="anthropic", key="key"),
+    ]
+    first = inject(pod({INJECT_LABEL: "true"}), settings, namespace="team-a", credentials=keys)
+    assert first.pod is not None
+    sidecar = first.pod["spec"]["initContainers"][0]
+    assert env_of(sidecar)["COSTWARDEN_CREDENTIAL_TEAM_A_OPENAI_API_KEY"] == {
+        "secretKeyRef": {"name": "openai", "key": "api-key", "optional": True}
+    }
+    again = inject(
+        _as_stored(first.pod), settings, namespace="team-a", namespace_opted_in=True,
+        credentials=keys,
+    )  # fmt: skip
+    assert (again.pod, again.denied) == (None, "")
+    # A sidecar whose keys differ from what the injector would write now is not its own.
+    other = [CredentialRef(namespace="team-a", name="stolen", key="k")]
+    changed = inject(_as_stored(first.pod), settings, namespace="team-a", credentials=other)
+    assert "spec.initContainers[0].name" in changed.denied
 
 
 def test_a_copy_of_the_sidecar_with_one_argument_changed_is_denied() -> None:
