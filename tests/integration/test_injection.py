@@ -260,6 +260,19 @@ def test_sidecars_get_only_keys_held_in_their_own_namespace(
         ]
         assert not _credential_env(pod["spec"]["containers"][0]), "the agent never gets a key"
 
+        # Called by both webhook entries (pod label and namespace opt-in): the second call
+        # expects the key env the first one wrote, so it recognises its own sidecar.
+        core.patch_namespace(namespace, {"metadata": {"labels": {INJECT_LABEL: "enabled"}}})
+        wait_for(
+            lambda: _create(core, namespace, _pod("probe"), dry_run="All")["spec"].get(
+                "initContainers"
+            ),
+            timeout=30, what="namespace label seen by the API server",
+        )  # fmt: skip
+        both = _create(core, namespace, _pod("both-ways-key", {INJECT_LABEL: "true"}))
+        _assert_injected(both)
+        assert _credential_env(both["spec"]["initContainers"][0]) == _credential_env(sidecar)
+
         elsewhere = _create(core, other, _pod("no-key", {INJECT_LABEL: "true"}))
         _assert_injected(elsewhere)
         assert not _credential_env(elsewhere["spec"]["initContainers"][0])
