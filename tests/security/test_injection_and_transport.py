@@ -40,7 +40,7 @@ from costwarden.policy.injection import (
 )
 from costwarden.policy.render import serialize
 from costwarden.ports import free_port
-from costwarden.testing.gateway import GatewayThread, sample_config
+from costwarden.testing.gateway import GatewayThread, sample_config, write_credentials
 from costwarden.testing.upstream import FakeUpstream, ServerThread
 from tests.support.operator_process import OperatorProcess
 from tests.support.polling import wait_for
@@ -408,8 +408,9 @@ def agent_pod(
 
 
 def test_the_shared_gateway_refuses_tokens_not_minted_for_its_audience(
-    control_plane: LocalControlPlane, kubeconfig: str, namespace: str, agent_pod: str
-) -> None:
+    control_plane: LocalControlPlane, kubeconfig: str, namespace: str, agent_pod: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
     from costwarden.gateway.tokenreview import TokenReviewVerifier, api_client
 
     default = _pod_token(control_plane, namespace, agent_pod)  # the API server's audience
@@ -419,7 +420,9 @@ def test_the_shared_gateway_refuses_tokens_not_minted_for_its_audience(
     with ServerThread(fake.app) as upstream:
         config = sample_config(upstream.url, namespaces=[namespace])
         identifier = SharedIdentifier(None, TokenReviewVerifier(api_client(kubeconfig)))
-        with GatewayThread(config, identifier=identifier) as gateway:
+        # The models' provider key is mounted: a keyless model would be refused (503) anyway.
+        keys = write_credentials(tmp_path / "credentials")
+        with GatewayThread(config, identifier=identifier, credentials_dir=keys) as gateway:
             for token in (default, ingest):
                 sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=token, max_retries=0)
                 with pytest.raises(openai.AuthenticationError) as refused:
