@@ -2,9 +2,11 @@
 
 Two ways, either or both:
 
-- a service-account token (the gateway pod's projected token) that a TokenReview accepts
-  and whose user is one of the allowed service accounts (``--ingest-allowed-sa
-  NAMESPACE:NAME``); verdicts are cached by the token's sha256 for a minute;
+- a service-account token (the gateway pod's projected token) that a TokenReview for the
+  audience ``costwarden.io/ingest`` accepts (the pod's default token, or a token for the
+  gateway's own audience, is refused) and whose user is one of the allowed service
+  accounts (``--ingest-allowed-sa NAMESPACE:NAME``); verdicts are cached by the token's
+  sha256 for a minute;
 - a shared bearer token read from a file (``--ingest-token-file``, a mounted Secret),
   compared in constant time;
 - with ``--ingest-allow-sidecars``: an injected sidecar's token, bound to its pod and
