@@ -204,10 +204,11 @@ def test_rbac_as_the_api_server_evaluates_it(
     assert not can("operator", "create", "mutatingwebhookconfigurations", None), "webhook off"
     assert not can("operator", "create", "clusterroles", None)
 
-    # The gateway: TokenReviews and pods, nothing else.
+    # The gateway: TokenReviews and one pod by name, nothing else.
     assert can("gateway", "create", "tokenreviews.authentication.k8s.io", None)
     assert can("gateway", "get", "pods")
-    assert can("gateway", "watch", "pods")
+    assert not can("gateway", "watch", "pods")
+    assert not can("gateway", "list", "pods")
     for verb, resource in [
         ("get", "secrets"),
         ("get", "configmaps"),
