@@ -185,7 +185,7 @@ class Enforcer:
         started = time.monotonic()
         jobs = await self._team_jobs(budget)
         log.debug("%s: listed %d Job(s) in %.3fs", budget.id, len(jobs), time.monotonic() - started)
-        targets = jobs_to_stop(jobs, budget.spec, budget.namespace)
+        targets = jobs_to_stop(jobs, budget.spec, budget.governed)
         reason = stop_reason(cap_reason)
         await asyncio.gather(*(self._stop(budget, job, reason, message, action) for job in targets))
         if targets:
@@ -214,6 +214,7 @@ class Enforcer:
         await self._stop(budget, job, reason, message, action)
 
     async def _team_jobs(self, budget: Budget) -> list[dict[str, Any]]:
+        """One LIST per *governed* namespace (never a claimed one), by label selector."""
         selector = budget.spec.workloads.selector
         params = {"labelSelector": selector.to_query()} if selector else {}
         pages = await asyncio.gather(

@@ -106,7 +106,8 @@ class Reconciler:
     async def relist(self) -> None:
         budgets = await self.api.list_objects(teambudget.PLURAL)
         policies = await self.api.list_objects(routingpolicy.PLURAL)
-        self.world.replace(budgets, policies)
+        namespaces = await self.api.list_namespaces()
+        self.world.replace(budgets, policies, namespaces)
         self._last_list = time.monotonic()
 
     def relist_due(self) -> bool:
@@ -120,7 +121,8 @@ class Reconciler:
         now = clock.now().replace(microsecond=0)  # shiftable in tests (clock.py)
         budgets = list(self.world.budgets.values())
         policies = list(self.world.policies.values())
-        result = reconcile(budgets, policies, self.settings.catalog, now)
+        consents = self.world.consents
+        result = reconcile(budgets, policies, self.settings.catalog, now, consents)
         await self._publish_config(result)
         await _bounded_all(
             [self._write_policy_status(p, result.policies[p.id], now) for p in policies]
