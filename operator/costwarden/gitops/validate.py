@@ -4,13 +4,17 @@ One rule set: each object goes through the same pydantic models (schema plus the
 twins of the CRD's CEL rules) and the same ``policy.validation`` checks the operator runs
 for its Ready condition. On top come the checks only a whole set of manifests allows:
 references to objects that are not in the set, duplicated objects, and budgets that
-select the same workloads.
+select the same workloads, and tenancy (policy.tenancy): a budget's claim on another
+namespace is checked against the ``costwarden.io/budget`` annotation of that Namespace's
+manifest in the set (absent manifest: consent cannot be verified, an error), and a
+cross-namespace routingPolicyRef against the policy's ``spec.grants``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog
@@ -25,6 +29,7 @@ from costwarden.gitops.objects import (
     read_objects,
 )
 from costwarden.gitops.overlap import shared_namespaces
+from costwarden.policy.tenancy import consents_from_namespaces, tenancy_problems
 from costwarden.policy.validation import (
     Problem,
     parse_routing_policy_spec,
@@ -106,6 +111,9 @@ def validate(
                 report.findings.extend(Finding(obj, p) for p in parsed)
             else:
                 budgets.append((obj, parsed))
+    namespaces = _namespace_manifests(documents)
+    consents = consents_from_namespaces(namespaces)
+    known = {str(ns["metadata"].get("name")) for ns in namespaces}
     valid_budgets = []
     for obj, spec in budgets:
         problems = [
@@ -113,12 +121,27 @@ def validate(
             for p in team_budget_problems(spec, namespace=obj.namespace, policies=policies)
             if not _trusted_missing_ref(p, spec, obj, refs)
         ]
+        problems += tenancy_problems(
+            spec, obj.namespace, obj.name, consents=consents, policies=policies,
+            known_namespaces=known,
+        )  # fmt: skip
         report.findings.extend(Finding(obj, p) for p in problems)
         if not problems:
             valid_budgets.append((obj, spec))
     report.findings.extend(_overlaps(valid_budgets))
     report.findings.sort(key=lambda f: (f.source, f.object.document.index))
     return report
+
+
+def _namespace_manifests(documents: Iterable[Document]) -> list[dict[str, Any]]:
+    """The Namespace manifests in the set (their annotations carry consents)."""
+    return [
+        d.body
+        for d in documents
+        if d.body.get("apiVersion") == "v1"
+        and d.body.get("kind") == "Namespace"
+        and isinstance(d.body.get("metadata"), dict)
+    ]
 
 
 def _check_policy(
