@@ -140,15 +140,17 @@ def test_an_unconsented_namespace_is_not_ready_and_left_out_of_the_team():
     assert (verdict.ready, verdict.reason) == (False, "NamespaceNotGranted")
     assert verdict.problems[0].field == "spec.workloads.namespaces[0]"
     team = result.config.team("attacker/grab")
-    assert team is not None and team.namespaces == ["attacker"]  # its own stays capped
+    assert team is not None  # its own namespace stays capped
+    assert team.namespaces == ["attacker"]
     assert result.config.team_for_workload("kube-system", {}) is None
 
 
 def test_consent_lets_a_budget_govern_a_namespace_and_attribution_prefers_the_own_budget():
-    own = ObservedObject("batch", "own", 1, {
-        "hardCapUSD": 5, "workloads": {"selector": {"matchLabels": {"team": "batch"}}}})  # fmt: skip
-    platform = ObservedObject("platform", "all", 1, {
-        "hardCapUSD": 50, "workloads": {"namespaces": ["platform", "batch"]}})  # fmt: skip
+    selector = {"matchLabels": {"team": "batch"}}
+    own = ObservedObject("batch", "own", 1, {"hardCapUSD": 5, "workloads": {"selector": selector}})
+    platform = ObservedObject(
+        "platform", "all", 1, {"hardCapUSD": 50, "workloads": {"namespaces": ["platform", "batch"]}}
+    )
     consents = {"batch": "platform/all"}
     result = reconcile([own, platform], [], default_catalog(), NOW, consents)
     assert result.budgets["platform/all"].reason == "NoRoutingPolicy"
