@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog
@@ -26,6 +25,7 @@ from costwarden.gitops.objects import (
     DEFAULT_NAMESPACE,
     ManifestObject,
     envelope_problems,
+    namespace_manifests,
     read_objects,
 )
 from costwarden.gitops.overlap import shared_namespaces
@@ -111,7 +111,7 @@ def validate(
                 report.findings.extend(Finding(obj, p) for p in parsed)
             else:
                 budgets.append((obj, parsed))
-    namespaces = _namespace_manifests(documents)
+    namespaces = namespace_manifests(documents)
     consents = consents_from_namespaces(namespaces)
     known = {str(ns["metadata"].get("name")) for ns in namespaces}
     valid_budgets = []
@@ -131,17 +131,6 @@ def validate(
     report.findings.extend(_overlaps(valid_budgets))
     report.findings.sort(key=lambda f: (f.source, f.object.document.index))
     return report
-
-
-def _namespace_manifests(documents: Iterable[Document]) -> list[dict[str, Any]]:
-    """The Namespace manifests in the set (their annotations carry consents)."""
-    return [
-        d.body
-        for d in documents
-        if d.body.get("apiVersion") == "v1"
-        and d.body.get("kind") == "Namespace"
-        and isinstance(d.body.get("metadata"), dict)
-    ]
 
 
 def _check_policy(
