@@ -177,12 +177,20 @@ def _duplicates(objects: Iterable[ManifestObject]) -> list[Finding]:
 
 
 def _overlaps(budgets: list[tuple[ManifestObject, TeamBudgetSpec]]) -> list[Finding]:
-    """Each pair of budgets that can select one workload, reported on the later (by id)."""
+    """Each pair of budgets of one namespace that can select one workload there, reported
+    on the later (by id)."""
     ordered = sorted(budgets, key=lambda pair: pair[0].id)
     findings = []
     for position, (obj, spec) in enumerate(ordered):
         for other, other_spec in ordered[:position]:
-            common = shared_namespaces(spec, obj.namespace, other_spec, other.namespace)
+            # Attribution (policy.tenancy.attribute) prefers a budget in the workload's own
+            # namespace to one the namespace consented to: only two budgets of that same
+            # namespace are ambiguous, resolved silently by name.
+            common = {
+                ns
+                for ns in shared_namespaces(spec, obj.namespace, other_spec, other.namespace)
+                if ns == obj.namespace == other.namespace
+            }
             if common:
                 findings.append(
                     Finding(
