@@ -300,6 +300,42 @@ def test_a_namespace_admin_cannot_write_the_consent_annotation(
     assert BUDGET_ANNOTATION not in (core.read_namespace(victim).metadata.annotations or {})
 
 
+def test_forged_suspension_labels_write_nothing_into_another_teams_budget(
+    stack: Stack, new_namespace: NewNamespace
+):
+    attacker, victim = new_namespace("attacker"), new_namespace("victim")
+    stack.create(victim, budget("victim"))
+    wait_ready(stack, victim, "victim", "True", "NoRoutingPolicy")
+    victim_uid = stack.budget(victim, "victim")["metadata"]["uid"]
+    before = stack.status(victim, "victim")
+    # A suspended Job in the attacker's namespace, labelled as if the victim's budget had
+    # suspended it for its cap: the resume pass would record "Resumed" in the victim's
+    # status and Events.
+    forged = agent_job("forged")
+    forged["metadata"]["labels"].update(
+        {"costwarden.io/suspended-for": "cap", "costwarden.io/suspended-by": victim_uid}
+    )
+    forged["spec"]["suspend"] = True
+    stack.create(attacker, forged)
+    # Trigger a resume pass: the attacker's own budget goes over its cap (enforcement
+    # suspends its running Job, so it has seen the crossing) and back.
+    stack.create(attacker, agent_job("running"))
+    stack.create(attacker, budget("own", "0"))
+    wait_for(lambda: stopped(stack, attacker, "running"), timeout=30, what="own cap enforced")
+    stack.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, attacker, "teambudgets", "own", {"spec": {"hardCapUSD": "5"}}
+    )
+    wait_for(lambda: not stack.job(attacker, "forged").spec.suspend, timeout=30,
+             what="the resume pass reached the forged Job")  # fmt: skip
+    after = stack.status(victim, "victim")
+    assert after.get("recentActions") == before.get("recentActions")
+    core = client.CoreV1Api(stack.api_client)
+    events = core.list_namespaced_event(victim, field_selector="involvedObject.name=victim")
+    assert not [e for e in events.items if e.reason != "NoRoutingPolicy"], [
+        (e.reason, e.message) for e in events.items
+    ]
+
+
 # -- T2: cross-namespace routingPolicyRef --------------------------------------------------
 
 

@@ -126,6 +126,9 @@ class Enforcer:
         ):
             reason = stop_reason(standing.reason)
             action = budget.spec.on_hard_cap.jobs
+            # Remember the crossing: should the cap be raised before the next level check
+            # sees it, the relief must still trigger a resume pass for what this stops.
+            self._exhausted.add(budget.id)
             self._spawn(self._stop(budget, job, reason, standing.message, action))
 
     async def run(self) -> None:
@@ -261,6 +264,11 @@ class Enforcer:
         by_uid = self._budgets.by_uid()
         for job, reason in jobs_to_resume(listing.get("items") or [], standings):
             budget = by_uid.get(job["metadata"]["labels"].get("costwarden.io/suspended-by", ""))
+            if budget is not None and job["metadata"].get("namespace") not in budget.governed:
+                # Labels are the Job owner's to write: a Job outside the budget's governed
+                # namespaces (consent withdrawn, or labels forged) is resumed, never recorded
+                # in that budget's status or Events.
+                budget = None
             await self._resume(budget, job, reason)
 
     async def _resume(
