@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -22,6 +22,7 @@ from costwarden.api.gatewayconfig import GatewayConfig, ModelRoute, TeamConfig
 from costwarden.api.routingpolicy import Provider
 from costwarden.api.usage import Endpoint
 from costwarden.policy.routing import CompiledPolicy, compile_policy
+from costwarden.policy.tenancy import attribute
 
 log = logging.getLogger("costwarden.gateway.config")
 
@@ -53,9 +54,12 @@ class CompiledConfig:
     teams: dict[str, TeamConfig]
     policies: dict[str, CompiledPolicy]
     urls: dict[tuple[str, str, Endpoint], str]
+    by_namespace: dict[str, list[TeamConfig]] = field(default_factory=dict)
+    """Teams by governed namespace: attribution looks only at the caller's namespace."""
 
     def team_for(self, namespace: str, labels: dict[str, str]) -> TeamConfig | None:
-        return self.config.team_for_workload(namespace, labels)
+        """policy.tenancy.attribute over the teams governing ``namespace``."""
+        return attribute(self.by_namespace.get(namespace, ()), namespace, labels)
 
     def url(self, policy_id: str, model: ModelRoute, endpoint: Endpoint) -> str:
         return self.urls.get((policy_id, model.name, endpoint)) or upstream_url(model, endpoint)
@@ -69,12 +73,17 @@ def compile_config(config: GatewayConfig, raw: bytes) -> CompiledConfig:
         for m in p.models
         for e in Endpoint
     }
+    by_namespace: dict[str, list[TeamConfig]] = {}
+    for team in config.teams:
+        for namespace in team.namespaces:
+            by_namespace.setdefault(namespace, []).append(team)
     return CompiledConfig(
         config=config,
         revision=revision,
         teams={t.id: t for t in config.teams},
         policies={p.id: compile_policy(p) for p in config.policies},
         urls=urls,
+        by_namespace=by_namespace,
     )
 
 
