@@ -74,6 +74,7 @@ class Enforcer:
         self._leadership = leadership
         self._tasks: set[asyncio.Task[None]] = set()
         self._exhausted: set[str] = set()
+        self._stopped_by_watch: set[str] = set()
         self._last_resume = 0.0
         self._standings: dict[str, tuple[Budget, Mapping[str, Any], datetime, CapVerdict]] = {}
         accountant.on_commit = self.on_commit
@@ -128,7 +129,8 @@ class Enforcer:
             action = budget.spec.on_hard_cap.jobs
             # Remember the crossing: should the cap be raised before the next level check
             # sees it, the relief must still trigger a resume pass for what this stops.
-            self._exhausted.add(budget.id)
+            # (Not in _exhausted: the level check must still stop the team's other Jobs.)
+            self._stopped_by_watch.add(budget.id)
             self._spawn(self._stop(budget, job, reason, standing.message, action))
 
     async def run(self) -> None:
@@ -157,8 +159,9 @@ class Enforcer:
                 # Roll over now rather than at the reconciler's next pass: resumes and a
                 # fresh period should not wait for its resync.
                 self._spawn(self._mutate(budget, _no_change))
-        relieved = self._exhausted - exhausted
+        relieved = (self._exhausted | self._stopped_by_watch) - exhausted
         self._exhausted = exhausted
+        self._stopped_by_watch = set()
         if relieved or time.monotonic() - self._last_resume > FULL_RESUME_SECONDS:
             await self.resume_pass()
 
