@@ -358,10 +358,14 @@ def test_operator_cluster_role_grants_what_the_operator_needs(helm: Any) -> None
         ("events.k8s.io", "events", "create"),
         *(("batch", "jobs", verb) for verb in ("get", "list", "watch", "patch", "delete")),
         *(("", "pods", verb) for verb in ("get", "list", "watch")),
-        ("", "namespaces", "list"),
+        *(("", "namespaces", verb) for verb in ("get", "list", "watch")),  # consent (tenancy)
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     }  # fmt: skip
     assert needed <= granted, needed - granted
+    # Consent lives on Namespaces because only cluster admins write them: never the operator.
+    assert not {g for g in granted if g[1] == "namespaces"} - {
+        ("", "namespaces", verb) for verb in ("get", "list", "watch")
+    }
     # Nothing that could escalate: no create/delete of the operator's own kinds, no RBAC.
     assert not {g for g in granted if g[0] == "rbac.authorization.k8s.io"}
     assert ("costwarden.io", "teambudgets", "delete") not in granted
