@@ -16,14 +16,16 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, CONFIG_MAP_NAME
+from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, CONFIG_MAP_NAME, GatewayConfig
 from costwarden.cluster import LocalControlPlane
+from costwarden.policy.config_scope import config_for_namespace
 from costwarden.policy.injection import (
     CONFIG_COPY_NAME,
     INJECT_LABEL,
     INJECTED_LABEL,
     SIDECAR_NAME,
 )
+from costwarden.policy.render import serialize
 from costwarden.ports import free_port
 from tests.support.operator_process import OperatorProcess
 from tests.support.polling import wait_for
@@ -164,10 +166,12 @@ def test_a_labelled_pod_is_injected_and_an_unlabelled_one_is_not(
     _assert_injected(stored)
     _assert_untouched(_create(core, namespace, _pod("plain")))
     # The sidecar's ConfigMap volume can only come from its own namespace: the webhook
-    # created a copy of the operator's rendered configuration there.
+    # created a copy there of the part of the operator's configuration governing it.
     source = core.read_namespaced_config_map(CONFIG_MAP_NAME, injector)
     copy = wait_for(lambda: _copy_in(core, namespace), timeout=45, what="config copy")
-    assert copy.data[CONFIG_MAP_KEY] == source.data[CONFIG_MAP_KEY]
+    rendered = GatewayConfig.model_validate_json(source.data[CONFIG_MAP_KEY])
+    expected = serialize(config_for_namespace(rendered, namespace))
+    assert copy.data[CONFIG_MAP_KEY] == expected
 
 
 def test_pods_in_an_opted_in_namespace_are_injected_unless_they_opt_out(

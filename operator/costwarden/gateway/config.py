@@ -60,6 +60,7 @@ class CompiledConfig:
 
     def host_allowed(self, policy_id: str, model: ModelRoute) -> bool:
         return (policy_id, model.name) not in self.blocked
+
     by_namespace: dict[str, list[TeamConfig]] = field(default_factory=dict)
     """Teams by governed namespace: attribution looks only at the caller's namespace."""
 
