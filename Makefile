@@ -7,6 +7,15 @@ VENV ?= $(CACHE)/venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
+# Every recipe finds the venv's tools (costwarden, hadolint, ruff...) first.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# The suite runs with nothing on PATH but the venv's bin and the system's own directories,
+# as on a fresh machine: a test that finds a tool only through a developer's PATH fails
+# here, not on the next newcomer's machine. Go is needed once, to build the control plane:
+# the caller's go is passed by its path (COSTWARDEN_GO), nothing else of its directory.
+SYSTEM_PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+SUITE := env PATH="$(abspath $(VENV))/bin:$(SYSTEM_PATH)" COSTWARDEN_GO="$(shell command -v go)"
+
 .PHONY: install system-tools test lint unit integration demo bench crds clean-cache
 
 $(STAMP): pyproject.toml
@@ -32,7 +41,7 @@ system-tools:
 
 ## make test: everything CI runs (lint, unit, integration on a real control plane, e2e).
 test: install lint
-	$(PY) -m pytest tests
+	$(SUITE) $(PY) -m pytest tests
 
 LINTED := $(wildcard operator tests benchmarks)
 
@@ -42,10 +51,10 @@ lint: install
 	$(PY) -m mypy
 
 unit: install
-	$(PY) -m pytest tests/unit
+	$(SUITE) $(PY) -m pytest tests/unit
 
 integration: install
-	$(PY) -m pytest tests/integration tests/e2e
+	$(SUITE) $(PY) -m pytest tests/integration tests/e2e
 
 ## make demo: the local demo (control plane, operator, gateway, a budget, an agent stopped).
 demo: install

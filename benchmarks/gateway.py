@@ -109,8 +109,13 @@ def process(
 def ensure_vegeta() -> Path:
     if not VEGETA.exists():
         env = {**os.environ, "GOBIN": str(VEGETA.parent)}
+        from costwarden.cluster.binaries import find_tool
+
+        go = find_tool("go")
+        if go is None:
+            raise SystemExit("vegeta is built with Go once: install Go (see the README)")
         subprocess.run(
-            ["go", "install", "github.com/tsenart/vegeta/v12@latest"], env=env, check=True
+            [str(go), "install", "github.com/tsenart/vegeta/v12@latest"], env=env, check=True
         )
     return VEGETA
 

@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import secrets
+import ssl
 import statistics
 import subprocess
 import sys
@@ -132,7 +133,12 @@ def rss(pid: int) -> tuple[float, float]:
 
 
 async def measure_crossings(
-    rest: Rest, ingest: str, token: str, sample: list[tuple[str, str]], per_team: int
+    rest: Rest,
+    ingest: str,
+    token: str,
+    sample: list[tuple[str, str]],
+    per_team: int,
+    ca: Path,
 ) -> dict[str, list[float]]:
     """Cross the cap of each sampled team (10 per second); time each Job's suspension."""
     sent: dict[str, float] = {}
@@ -155,7 +161,8 @@ async def measure_crossings(
 
     watcher = asyncio.create_task(watch())
     await asyncio.sleep(1)
-    async with httpx.AsyncClient(timeout=30) as http:
+    verify = ssl.create_default_context(cafile=str(ca))  # ingestion is HTTPS only
+    async with httpx.AsyncClient(timeout=30, verify=verify) as http:
 
         async def cross(ns: str, team: str, seq: int) -> None:
             record = {
@@ -221,7 +228,8 @@ async def main_async(args: argparse.Namespace, plane: LocalControlPlane, work: P
          "--kubeconfig", str(proxy.kubeconfig(work / "proxy.kubeconfig")),
          "--namespace", "costwarden-system", "--metrics-port", "0", "--health-port", "0",
          "--ingest-port", str(port), "--ingest-listen-address", "127.0.0.1",
-         "--ingest-token-file", str(work / "token"), *(["--verbose"] if args.verbose else [])],
+         "--ingest-token-file", str(work / "token"), "--ingest-cert-dir", str(work / "tls"),
+         *(["--verbose"] if args.verbose else [])],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
@@ -248,7 +256,12 @@ async def main_async(args: argparse.Namespace, plane: LocalControlPlane, work: P
         sample = teams(args.teams)[:: max(1, args.teams // args.crossings)][: args.crossings]
         progress(f"crossing the cap of {len(sample)} teams")
         latencies = await measure_crossings(
-            admin, f"http://127.0.0.1:{port}/v1/usage", token, sample, args.jobs_per_team
+            admin,
+            f"https://127.0.0.1:{port}/v1/usage",
+            token,
+            sample,
+            args.jobs_per_team,
+            work / "tls" / "ca.crt",
         )
         memory_end = rss(operator.pid)
     finally:

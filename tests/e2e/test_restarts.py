@@ -107,7 +107,7 @@ def test_a_batch_delivered_again_after_an_operator_restart_is_counted_once(
     stack: Stack, namespace: str
 ):
     team = stack.team(namespace, "budget", "100")
-    url = f"http://127.0.0.1:{stack.ingest_port}/v1/usage"
+    url, ingest = stack.ingest_url, stack.ingest_client()
     headers = {"Authorization": f"Bearer {stack.token_file.read_text().strip()}"}
     now = datetime.now(UTC).isoformat()
     batch = {
@@ -122,12 +122,14 @@ def test_a_batch_delivered_again_after_an_operator_restart_is_counted_once(
             for seq in (1, 2, 3)
         ],
     }  # fmt: skip
-    first = httpx.post(url, json=batch, headers=headers, timeout=10).json()
+    first = ingest.post(url, json=batch, headers=headers, timeout=10).json()
     assert first["ackedSeq"] == 3
     assert first["records"] == 3
     stack.restart_operator()
-    wait_for(lambda: _post(url, batch, headers), timeout=60, what="ingestion back after restart")
-    again = httpx.post(url, json=batch, headers=headers, timeout=10).json()
+    wait_for(
+        lambda: _post(ingest, url, batch, headers), timeout=60, what="ingestion back after restart"
+    )
+    again = ingest.post(url, json=batch, headers=headers, timeout=10).json()
     assert again["duplicates"] == 3
     assert again["records"] == 0
     status = stack.status(namespace, "budget")
@@ -135,8 +137,8 @@ def test_a_batch_delivered_again_after_an_operator_restart_is_counted_once(
     assert status["ingestion"]["duplicates"] >= 3
 
 
-def _post(url: str, batch: dict, headers: dict) -> bool:
+def _post(ingest: httpx.Client, url: str, batch: dict, headers: dict) -> bool:
     try:
-        return httpx.post(url, json=batch, headers=headers, timeout=10).status_code == 200
+        return ingest.post(url, json=batch, headers=headers, timeout=10).status_code == 200
     except httpx.HTTPError:
         return False

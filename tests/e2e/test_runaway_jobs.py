@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import httpx
 import openai
 
 from tests.support.polling import wait_for
@@ -80,13 +79,13 @@ def test_a_job_past_its_per_job_cap_is_suspended_alone(stack: Stack, namespace: 
 
 
 def test_ingestion_refuses_unauthenticated_and_forged_senders(stack: Stack):
-    url = f"http://127.0.0.1:{stack.ingest_port}/v1/usage"
+    url, ingest = stack.ingest_url, stack.ingest_client()
     batch = {"source": "intruder", "items": []}
-    assert httpx.post(url, json=batch).status_code == 401
-    forged = httpx.post(url, json=batch, headers={"Authorization": "Bearer not-the-token"})
+    assert ingest.post(url, json=batch).status_code == 401
+    forged = ingest.post(url, json=batch, headers={"Authorization": "Bearer not-the-token"})
     assert forged.status_code == 401
     assert forged.json()["error"]["code"] == "unauthorized"
     token = stack.token_file.read_text().strip()
-    accepted = httpx.post(url, json=batch, headers={"Authorization": f"Bearer {token}"})
+    accepted = ingest.post(url, json=batch, headers={"Authorization": f"Bearer {token}"})
     assert accepted.status_code == 200
     assert accepted.json()["ackedSeq"] == 0

@@ -331,7 +331,7 @@ def test_service_account_token_identifies_pod_job_and_team(
     manifest.write_text(json.dumps(pod))
     kubectl("apply", "-f", str(manifest))
     token = kubectl(
-        "create", "token", "agent", "-n", namespace,
+        "create", "token", "agent", "-n", namespace, "--audience", "costwarden.io/gateway",
         "--bound-object-kind", "Pod", "--bound-object-name", "agent-pod",
     ).stdout.strip()  # fmt: skip
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from kubernetes import client
 
 from costwarden.cluster import LocalControlPlane
@@ -28,6 +29,17 @@ def _validate(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def _apply_set(control_plane: LocalControlPlane, namespace: str, case: BrokenSet) -> None:
+    """Apply the set: objects without a namespace into the test's, the others (Namespaces,
+    a policy in another team's namespace) as written, those first."""
+    documents = [d for d in yaml.safe_load_all(case.path.read_text()) if d]
+    placed = [d for d in documents if d["kind"] == "Namespace" or d["metadata"].get("namespace")]
+    local = [d for d in documents if d not in placed]
+    if placed:
+        control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(placed))
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(local))
+
+
 @pytest.mark.parametrize("case", FLAGGED, ids=lambda c: c.id)
 def test_operator_flags_what_validate_reports_with_the_same_field(
     control_plane: LocalControlPlane,
@@ -43,7 +55,7 @@ def test_operator_flags_what_validate_reports_with_the_same_field(
     assert problem["field"] == case.field
 
     # The API server's schema and CEL rules cannot see this mistake: the set is accepted...
-    control_plane.kubectl("apply", "-n", namespace, "-f", str(case.path))
+    _apply_set(control_plane, namespace, case)
     custom = client.CustomObjectsApi(api_client)
 
     def ready_condition() -> dict | None:

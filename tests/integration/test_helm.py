@@ -193,6 +193,11 @@ def test_rbac_as_the_api_server_evaluates_it(
         assert can("operator", verb, resource), f"operator cannot {verb} {resource}"
     assert can("operator", "patch", "clusterkopfpeerings.kopf.dev", None)
     assert can("operator", "watch", "customresourcedefinitions.apiextensions.k8s.io", None)
+    # Tenancy: the Namespaces' consent annotations, read-only (docs/security.md).
+    for verb in ("get", "list", "watch"):
+        assert can("operator", verb, "namespaces", None), f"operator cannot {verb} namespaces"
+    for verb in ("patch", "update", "create", "delete"):
+        assert not can("operator", verb, "namespaces", None), f"operator can {verb} namespaces"
     assert can("operator", "create", "configmaps", namespace)
     assert can("operator", "update", "configmaps", namespace)
     # ... and nothing more.
@@ -204,10 +209,11 @@ def test_rbac_as_the_api_server_evaluates_it(
     assert not can("operator", "create", "mutatingwebhookconfigurations", None), "webhook off"
     assert not can("operator", "create", "clusterroles", None)
 
-    # The gateway: TokenReviews and pods, nothing else.
+    # The gateway: TokenReviews and one pod by name, nothing else.
     assert can("gateway", "create", "tokenreviews.authentication.k8s.io", None)
     assert can("gateway", "get", "pods")
-    assert can("gateway", "watch", "pods")
+    assert not can("gateway", "watch", "pods")
+    assert not can("gateway", "list", "pods")
     for verb, resource in [
         ("get", "secrets"),
         ("get", "configmaps"),

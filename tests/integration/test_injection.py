@@ -16,14 +16,16 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, CONFIG_MAP_NAME
+from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, CONFIG_MAP_NAME, GatewayConfig
 from costwarden.cluster import LocalControlPlane
+from costwarden.policy.config_scope import config_for_namespace
 from costwarden.policy.injection import (
     CONFIG_COPY_NAME,
     INJECT_LABEL,
     INJECTED_LABEL,
     SIDECAR_NAME,
 )
+from costwarden.policy.render import serialize
 from costwarden.ports import free_port
 from tests.support.operator_process import OperatorProcess
 from tests.support.polling import wait_for
@@ -99,7 +101,7 @@ def _pod(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
                 {
                     "name": "agent",
                     "image": "agent:1",
-                    "env": [{"name": "OPENAI_BASE_URL", "value": "https://api.openai.com/v1"}],
+                    "env": [{"name": "TASK", "value": "summarize"}],
                 }
             ],
         },
@@ -127,7 +129,8 @@ def _assert_injected(pod: dict[str, Any]) -> None:
     assert sidecar["args"][:3] == ["gateway", "--mode", "sidecar"]
     assert {"POD_NAME", "POD_NAMESPACE"} <= set(_env(sidecar))
     env = _env(pod["spec"]["containers"][0])
-    assert env["OPENAI_BASE_URL"] == "http://127.0.0.1:15080/v1", "costwarden wins"
+    assert env["OPENAI_BASE_URL"] == "http://127.0.0.1:15080/v1"
+    assert env["TASK"] == "summarize"
     assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:15080"
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["costwarden-gateway-config"]["configMap"]["name"] == CONFIG_COPY_NAME
@@ -138,7 +141,7 @@ def _assert_injected(pod: dict[str, Any]) -> None:
 def _assert_untouched(pod: dict[str, Any]) -> None:
     assert not pod["spec"].get("initContainers")
     assert [c["name"] for c in pod["spec"]["containers"]] == ["agent"]
-    assert _env(pod["spec"]["containers"][0]) == {"OPENAI_BASE_URL": "https://api.openai.com/v1"}
+    assert _env(pod["spec"]["containers"][0]) == {"TASK": "summarize"}
     assert INJECTED_LABEL not in (pod["metadata"].get("labels") or {})
 
 
@@ -163,10 +166,12 @@ def test_a_labelled_pod_is_injected_and_an_unlabelled_one_is_not(
     _assert_injected(stored)
     _assert_untouched(_create(core, namespace, _pod("plain")))
     # The sidecar's ConfigMap volume can only come from its own namespace: the webhook
-    # created a copy of the operator's rendered configuration there.
+    # created a copy there of the part of the operator's configuration governing it.
     source = core.read_namespaced_config_map(CONFIG_MAP_NAME, injector)
     copy = wait_for(lambda: _copy_in(core, namespace), timeout=45, what="config copy")
-    assert copy.data[CONFIG_MAP_KEY] == source.data[CONFIG_MAP_KEY]
+    rendered = GatewayConfig.model_validate_json(source.data[CONFIG_MAP_KEY])
+    expected = serialize(config_for_namespace(rendered, namespace))
+    assert copy.data[CONFIG_MAP_KEY] == expected
 
 
 def test_pods_in_an_opted_in_namespace_are_injected_unless_they_opt_out(
@@ -184,7 +189,9 @@ def test_pods_in_an_opted_in_namespace_are_injected_unless_they_opt_out(
     _assert_injected(_create(core, namespace, _pod("agent")))
     _assert_untouched(_create(core, namespace, _pod("opted-out", {INJECT_LABEL: "false"})))
     both = _create(core, namespace, _pod("both-ways", {INJECT_LABEL: "true"}))
-    _assert_injected(both)  # called by both webhook entries, injected once
+    # Called by both webhook entries: the second sees the first's injection as the API
+    # server stored it (defaults filled in), recognises it and neither denies nor repeats.
+    _assert_injected(both)
 
 
 def test_system_namespaces_are_never_injected(injector: str, core: client.CoreV1Api) -> None:
@@ -256,6 +263,19 @@ def test_sidecars_get_only_keys_held_in_their_own_namespace(
             }
         ]
         assert not _credential_env(pod["spec"]["containers"][0]), "the agent never gets a key"
+
+        # Called by both webhook entries (pod label and namespace opt-in): the second call
+        # expects the key env the first one wrote, so it recognises its own sidecar.
+        core.patch_namespace(namespace, {"metadata": {"labels": {INJECT_LABEL: "enabled"}}})
+        wait_for(
+            lambda: _create(core, namespace, _pod("probe"), dry_run="All")["spec"].get(
+                "initContainers"
+            ),
+            timeout=30, what="namespace label seen by the API server",
+        )  # fmt: skip
+        both = _create(core, namespace, _pod("both-ways-key", {INJECT_LABEL: "true"}))
+        _assert_injected(both)
+        assert _credential_env(both["spec"]["initContainers"][0]) == _credential_env(sidecar)
 
         elsewhere = _create(core, other, _pod("no-key", {INJECT_LABEL: "true"}))
         _assert_injected(elsewhere)

@@ -373,5 +373,6 @@ def test_a_crashing_container_is_restarted_with_backoff(
     )
     container = status.container_statuses[0]
     last = container.last_state.terminated
-    assert last is not None and last.exit_code == 7
+    assert last is not None
+    assert last.exit_code == 7
     assert status.phase == "Running"

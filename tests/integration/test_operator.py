@@ -179,11 +179,19 @@ def test_missing_policy_is_reported_in_a_condition_and_recovers(
         ),
         what="budget recovers once the policy exists",
     )
-    events = client.CoreV1Api(api_client).list_namespaced_event(
-        namespace, field_selector="involvedObject.name=team"
+
+    # The Event is posted just after the status write the poll above saw: poll for it too.
+    def reasons() -> set[str]:
+        events = client.CoreV1Api(api_client).list_namespaced_event(
+            namespace, field_selector="involvedObject.name=team"
+        )
+        return {e.reason for e in events.items}
+
+    wait_for(
+        lambda: {"RoutingPolicyNotFound", "Reconciled"} <= reasons(),
+        timeout=10,
+        what="an Event for each transition",
     )
-    reasons = {e.reason for e in events.items}
-    assert {"RoutingPolicyNotFound", "Reconciled"} <= reasons
 
 
 def test_what_cel_cannot_check_is_reported_with_the_field(

@@ -60,6 +60,8 @@ class Installed:
     workdir: Path
     ingest_url: str
     ingest_token: Path
+    ingest_ca: Path
+    """The CA bundle the operator's ingestion certificate is signed by (HTTPS only)."""
 
     @property
     def fullname(self) -> str:
@@ -162,12 +164,13 @@ def installed(
         "--provider-keys-secret", f"{fullname}-provider-keys",
         "--ingest-port", str(ingest_port), "--ingest-listen-address", "127.0.0.1",
         "--ingest-token-file", str(ingest_token),
+        "--ingest-cert-dir", str(workdir / "ingest-tls"),
     ).start()  # fmt: skip
     try:
         yield Installed(
             control_plane, api_client, core, client.CustomObjectsApi(api_client), release,
             release_ns, allowed, forbidden, operator, workdir,
-            f"http://127.0.0.1:{ingest_port}", ingest_token,
+            f"https://127.0.0.1:{ingest_port}", ingest_token, workdir / "ingest-tls" / "ca.crt",
         )  # fmt: skip
     finally:
         operator.stop()
@@ -350,7 +353,7 @@ def test_the_sdk_gets_the_mirrored_key_to_the_upstream_and_is_refused_without_it
         mounted = MountedSecret(i, tmp_path / "credentials")
         (tmp_path / "keys.yaml").write_text("{}\n")
         gateway = Gateway(
-            tmp_path, config, i.ingest_url, i.ingest_token,
+            tmp_path, config, i.ingest_url, i.ingest_token, i.ingest_ca,
             extra_args=("--credentials-dir", str(mounted.directory)),
         ).start()  # fmt: skip
         try:

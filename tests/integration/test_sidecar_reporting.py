@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -36,8 +37,9 @@ POD = "agent-pod"
 @pytest.fixture
 def ingest(
     control_plane: LocalControlPlane, crds, api_client: client.ApiClient, tmp_path: Path
-) -> Iterator[tuple[str, str]]:
-    """The operator's ingestion URL and the namespace it publishes its configuration in."""
+) -> Iterator[tuple[str, str, Path]]:
+    """The operator's ingestion URL (HTTPS), the namespace it publishes its configuration
+    in, and the CA bundle its ingestion certificate is signed by."""
     home = f"cw-sidecars-{free_port()}"
     core = client.CoreV1Api(api_client)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=home)))
@@ -45,16 +47,19 @@ def ingest(
     process = OperatorProcess(
         str(control_plane.kubeconfig_path), home, tmp_path / "operator.log",
         "--standalone", "--ingest-port", str(port), "--ingest-listen-address", "127.0.0.1",
-        "--ingest-allow-sidecars",
+        "--ingest-allow-sidecars", "--ingest-cert-dir", str(tmp_path / "ingest-tls"),
     ).start()  # fmt: skip
-    process.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60)
-    yield f"http://127.0.0.1:{port}/v1/usage", home
+    ca = tmp_path / "ingest-tls" / "ca.crt"
+    wait_for(ca.exists, timeout=60, what="the ingestion certificate")
+    process.wait_http_ok(f"https://127.0.0.1:{port}/healthz", timeout=60, context=_tls(ca))
+    TLS["context"] = _tls(ca)
+    yield f"https://127.0.0.1:{port}/v1/usage", home, ca
     process.stop()
     core.delete_namespace(home)
 
 
 @pytest.fixture
-def ingest_url(ingest: tuple[str, str]) -> str:
+def ingest_url(ingest: tuple[str, str, Path]) -> str:
     return ingest[0]
 
 
@@ -112,13 +117,20 @@ def _batch(namespace: str, pod: str, cost: str, seq: int = 1) -> dict[str, Any]:
     return batch.to_wire()
 
 
+TLS: dict[str, ssl.SSLContext] = {}
+
+
+def _tls(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
 def _post(url: str, token: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )  # fmt: skip
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=TLS["context"]) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
@@ -156,12 +168,12 @@ def test_a_sidecar_reports_its_own_pods_usage_and_nothing_else(
 
 
 def test_a_real_sidecars_usage_passes_every_check_and_counts(
-    control_plane: LocalControlPlane, api_client, ingest: tuple[str, str], namespace: str,
+    control_plane: LocalControlPlane, api_client, ingest: tuple[str, str, Path], namespace: str,
     tmp_path: Path,
 ):  # fmt: skip
     """`costwarden gateway --mode sidecar`, as the webhook injects it, reporting with its
     pod-bound token: the operator recomputes team, job and cost and agrees with every record."""
-    url, home = ingest
+    url, home, ca = ingest
     core = client.CoreV1Api(api_client)
     core.create_namespaced_service_account(
         namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="agent"))
@@ -211,6 +223,7 @@ def test_a_real_sidecars_usage_passes_every_check_and_counts(
              "--config", str(mirror.path), "--pod-labels-file", str(labels),
              "--host", "127.0.0.1", "--port", str(port), "--ledger", str(tmp_path / "ledger"),
              "--report-to", url.removesuffix("/v1/usage"), "--report-token-file", str(token_file),
+             "--report-ca-file", str(ca),
              "--replica-id", pod.metadata.name, "--log-level", "WARNING"],
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "POD_NAMESPACE": namespace, "POD_NAME": pod.metadata.name},

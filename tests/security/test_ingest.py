@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -61,14 +62,17 @@ class World:
     victim: Tenant
     attacker: Tenant
     attacker_token: str
+    tls: ssl.SSLContext
+    """Verifies the operator's ingestion certificate (ingestion is served over HTTPS only)."""
     victim_seq: int = 0
 
     # -- sending -------------------------------------------------------------------------
 
     def post(self, token: str, body: dict[str, Any]) -> httpx.Response:
         return httpx.post(
-            self.url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30
-        )
+            self.url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30,
+            verify=self.tls,
+        )  # fmt: skip
 
     def attack(self, *items: dict[str, Any], source: str = "attacker/1") -> httpx.Response:
         return self.post(self.attacker_token, {"source": source, "items": list(items)})
@@ -208,7 +212,7 @@ def world(
         str(control_plane.kubeconfig_path), home, work / "operator.log",
         "--standalone", "--ingest-port", str(port), "--ingest-listen-address", "127.0.0.1",
         "--ingest-allow-sidecars", "--ingest-token-file", str(work / "token"),
-        "--metrics-port", str(metrics_port),
+        "--metrics-port", str(metrics_port), "--ingest-cert-dir", str(work / "ingest-tls"),
     ).start()  # fmt: skip
     victim = _tenant(api_client, f"sec-victim-{suffix}")
     attacker = _tenant(api_client, f"sec-attacker-{suffix}")
@@ -216,10 +220,13 @@ def world(
         "create", "token", "agent", "-n", attacker.namespace, "--audience",
         SIDECAR_REPORT_AUDIENCE, "--bound-object-kind", "Pod", "--bound-object-name", attacker.pod,
     ).stdout.strip()  # fmt: skip
-    operator.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60)
+    ca = work / "ingest-tls" / "ca.crt"
+    wait_for(ca.exists, timeout=60, what="the ingestion certificate")
+    tls = ssl.create_default_context(cafile=str(ca))
+    operator.wait_http_ok(f"https://127.0.0.1:{port}/healthz", timeout=60, context=tls)
     running = World(
-        f"http://127.0.0.1:{port}/v1/usage", f"http://127.0.0.1:{metrics_port}/metrics",
-        api_client, victim, attacker, token,
+        f"https://127.0.0.1:{port}/v1/usage", f"http://127.0.0.1:{metrics_port}/metrics",
+        api_client, victim, attacker, token, tls,
     )  # fmt: skip
 
     def victim_counts() -> bool:

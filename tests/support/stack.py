@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -168,6 +169,7 @@ class Gateway:
     config: Path
     report_to: str
     token_file: Path
+    report_ca: Path
     port: int = field(default_factory=free_port)
     keys: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
@@ -200,6 +202,7 @@ class Gateway:
                 "--mode", "shared", "--api-keys-file", str(self.workdir / "keys.yaml"),
                 "--ledger", str(self.ledger), "--ledger-fsync", "none",
                 "--report-to", self.report_to, "--report-token-file", str(self.token_file),
+                "--report-ca-file", str(self.report_ca),
                 "--replica-id", "gw-test", "--log-level", "WARNING", *self.extra_args,
             ],
             stdout=log, stderr=subprocess.STDOUT,
@@ -259,6 +262,17 @@ class Stack:
     gateway: Gateway
 
     @property
+    def ingest_url(self) -> str:
+        return f"https://127.0.0.1:{self.ingest_port}/v1/usage"
+
+    @property
+    def ingest_ca(self) -> Path:
+        return self.workdir / "ingest-tls" / "ca.crt"
+
+    def ingest_client(self) -> httpx.Client:
+        return httpx.Client(verify=ingest_tls(self.ingest_ca), timeout=10)
+
+    @property
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api_client)
 
@@ -301,11 +315,19 @@ class Stack:
         self.operator.start()
 
 
-def _listening(port: int) -> bool:
+def _listening(port: int, ca: Path) -> bool:
+    if not ca.exists():
+        return False
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        answer = httpx.get(f"https://127.0.0.1:{port}/healthz", timeout=1, verify=ingest_tls(ca))
     except httpx.HTTPError:
         return False
+    return answer.status_code == 200
+
+
+def ingest_tls(ca: Path) -> ssl.SSLContext:
+    """Verifies the operator's ingestion certificate (served over HTTPS only)."""
+    return ssl.create_default_context(cafile=str(ca))
 
 
 def start_operator(
@@ -314,7 +336,8 @@ def start_operator(
     return OperatorProcess(
         kubeconfig, "costwarden-system", workdir / "operator.log", "--standalone",
         "--ingest-port", str(port), "--ingest-token-file", str(token_file),
-        "--ingest-listen-address", "127.0.0.1", *extra,
+        "--ingest-listen-address", "127.0.0.1",
+        "--ingest-cert-dir", str(workdir / "ingest-tls"), *extra,
     ).start()  # fmt: skip
 
 
@@ -331,12 +354,13 @@ def running_stack(
         operator = start_operator(
             str(plane.kubeconfig_path), workdir, port, token_file, *operator_args
         )
-        wait_for(lambda: _listening(port), timeout=60, what="the operator's ingestion port")
+        ca = workdir / "ingest-tls" / "ca.crt"
+        wait_for(lambda: _listening(port, ca), timeout=60, what="the operator's ingestion port")
         config = workdir / "gateway-config.json"
         mirror = ConfigMirror(api_client, "costwarden-system", config)
         wait_for(mirror.sync, timeout=60, what="the operator's gateway ConfigMap")
         mirror.start()
-        gateway = Gateway(workdir, config, f"http://127.0.0.1:{port}", token_file)
+        gateway = Gateway(workdir, config, f"https://127.0.0.1:{port}", token_file, ca)
         (workdir / "keys.yaml").write_text("{}\n")
         gateway.start()
         try:

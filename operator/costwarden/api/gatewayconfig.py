@@ -141,8 +141,12 @@ class GatewayConfig(WireModel):
         return next((t for t in self.teams if t.id == team_id), None)
 
     def team_for_workload(self, namespace: str, labels: dict[str, str]) -> TeamConfig | None:
-        """The team a workload belongs to; the first by id if budgets overlap."""
-        return next((t for t in self.teams if t.selects(namespace, labels)), None)
+        """The team a workload belongs to (policy.tenancy.attribute): a budget in the
+        workload's own namespace first (the first by id if they overlap), else the
+        budget the namespace consented to. ``namespaces`` are governed ones (rendered)."""
+        from costwarden.policy.tenancy import attribute  # policy imports api, not back
+
+        return attribute(self.teams, namespace, labels)
 
     def policy(self, policy_id: str | None) -> PolicyConfig | None:
         if policy_id is None:

@@ -225,6 +225,40 @@ class Downgrade(WireModel):
     to_model: ModelName = Field(alias="to", description="The cheaper model used instead.")
 
 
+GRANT_ALL_NAMESPACES = "*"
+
+
+class Grants(WireModel):
+    """Which other namespaces' TeamBudgets may use this policy (a ReferenceGrant in the spec).
+
+    A TeamBudget in the policy's own namespace may always reference it; one in another
+    namespace only when that namespace is listed here. The policy's models and credentials
+    are used for the granted teams' calls, so grant only the teams you mean to serve.
+    """
+
+    namespaces: list[
+        Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=63,
+                pattern=r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$",
+            ),
+        ]
+    ] = Field(
+        default_factory=list,
+        max_length=256,
+        description=(
+            "Namespaces whose TeamBudgets may reference this policy in spec.routingPolicyRef; "
+            '"*" grants every namespace. The policy\'s own namespace needs no grant.'
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+    def grants(self, namespace: str) -> bool:
+        return GRANT_ALL_NAMESPACES in self.namespaces or namespace in self.namespaces
+
+
 class RoutingPolicySpec(WireModel):
     """Models, rules and downgrades of a routing policy."""
 
@@ -251,6 +285,14 @@ class RoutingPolicySpec(WireModel):
         description=(
             "Keep the calls of one conversation (header X-Costwarden-Session) on the backend "
             "that served its first call, so provider prompt caches keep hitting."
+        ),
+    )
+
+    grants: Grants | None = Field(
+        default=None,
+        description=(
+            "Other namespaces whose TeamBudgets may use this policy. Without a grant only "
+            "TeamBudgets in the policy's own namespace can reference it."
         ),
     )
 
@@ -306,6 +348,11 @@ class RoutingPolicySpec(WireModel):
             ),
         ),
     )
+
+    def grants_namespace(self, namespace: str) -> bool:
+        """Whether a TeamBudget in ``namespace`` may reference this policy (own namespace
+        excluded: the caller decides that, as it knows the policy's namespace)."""
+        return self.grants is not None and self.grants.grants(namespace)
 
     def model_names(self) -> set[str]:
         return {m.name for m in self.models}

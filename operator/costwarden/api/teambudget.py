@@ -94,13 +94,19 @@ class WorkloadSelector(WireModel):
         max_length=64,
         description=(
             "Namespaces whose workloads belong to the team. Empty means the TeamBudget's own "
-            "namespace."
+            "namespace. Another namespace counts only when its Namespace object carries the "
+            "annotation costwarden.io/budget: <this-namespace>/<this-name> (a cluster admin's "
+            "consent); otherwise the budget is Ready=False (NamespaceNotGranted) and governs "
+            "only its own namespace and the consenting ones."
         ),
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     selector: LabelSelector | None = Field(
         default=None,
-        description="Only pods and Jobs with these labels belong to the team. Empty selects all.",
+        description=(
+            "Only pods and Jobs with these labels belong to the team. Empty selects all. It "
+            "selects only inside the namespaces the budget governs."
+        ),
     )
 
 
@@ -309,7 +315,10 @@ class TeamBudgetSpec(WireModel):
         default=None,
         description=(
             "The RoutingPolicy that decides which model serves the team's calls. "
-            "Without one, the team's calls are refused: there is no model to route to."
+            "Without one, the team's calls are refused: there is no model to route to. A "
+            "policy in another namespace must list this namespace in its "
+            "spec.grants.namespaces, else the budget is Ready=False (ReferenceNotGranted) and "
+            "its calls are refused."
         ),
     )
 

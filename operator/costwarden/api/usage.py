@@ -29,6 +29,13 @@ SIDECAR_REPORT_AUDIENCE = "costwarden.io/ingest"
 """Audience of the pod-bound token an injected sidecar presents to the operator: a token
 minted for this audience is useless against the API server, and the operator accepts it
 only for usage of the pod it is bound to."""
+INGEST_AUDIENCE = SIDECAR_REPORT_AUDIENCE
+"""Every token the operator's ingestion reviews is reviewed for this audience (sidecars'
+and the shared gateway's alike): a reporter never sends a token the API server accepts."""
+GATEWAY_AUDIENCE = "costwarden.io/gateway"
+"""Audience of the service-account tokens callers present to the shared gateway: a token
+for it is useless against the API server and the operator, and the gateway refuses any
+other (a pod's default token, an ingest token)."""
 
 
 def parse_exact_usd(value: Any) -> Decimal:

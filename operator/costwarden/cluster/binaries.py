@@ -117,13 +117,52 @@ def _local_replace_target(spec: str) -> str | None:
     return old[0] if is_local else None
 
 
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def tool_dirs(name: str, env: Mapping[str, str] | None = None) -> list[Path]:
+    """Where :func:`find_tool` looks besides ``PATH``, in order.
+
+    First the directory of the running interpreter, *not resolved*: in a virtualenv that
+    is its ``bin/``, where ``pip install -e '.[test]'`` put the console scripts
+    (``costwarden``, ``hadolint``, ``ruff``...), whether or not that ``bin/`` is on
+    ``PATH``. For ``go`` also ``$COSTWARDEN_GO``'s directory (the Makefile passes the
+    caller's ``go`` that way) and the places its installers use (``$GOROOT/bin``,
+    ``/usr/local/go/bin``, ``/usr/lib/go/bin``, ``~/go/bin``), which a login shell's
+    ``PATH`` holds but a reduced one (cron, CI, ``env -i``) does not.
+    """
+    env = os.environ if env is None else env
+    dirs = [Path(sys.executable).parent]
+    if name == "go":
+        if env.get("COSTWARDEN_GO"):
+            dirs.append(Path(env["COSTWARDEN_GO"]).parent)
+        if env.get("GOROOT"):
+            dirs.append(Path(env["GOROOT"]) / "bin")
+        dirs += [Path("/usr/local/go/bin"), Path("/usr/lib/go/bin"), Path.home() / "go" / "bin"]
+    return dirs
+
+
+def find_tool(name: str, env: Mapping[str, str] | None = None) -> Path | None:
+    """An executable the project installs or needs, found where it is installed.
+
+    The interpreter's own ``bin/`` first (so a test run as ``venv/bin/python -m pytest``
+    finds the venv's tools with any ``PATH``), then ``PATH``, then :func:`tool_dirs`'
+    well-known places. None when it is nowhere.
+    """
+    env = os.environ if env is None else env
+    dirs = tool_dirs(name, env)
+    if _executable(dirs[0] / name):
+        return dirs[0] / name
+    found = shutil.which(name, path=env.get("PATH", os.defpath))
+    if found:
+        return Path(found)
+    return next((d / name for d in dirs[1:] if _executable(d / name)), None)
+
+
 def missing_binaries(directory: Path, names: tuple[str, ...]) -> list[str]:
     """Names in ``names`` that are not executable files in ``directory``."""
-    return [
-        name
-        for name in names
-        if not ((directory / name).is_file() and os.access(directory / name, os.X_OK))
-    ]
+    return [name for name in names if not _executable(directory / name)]
 
 
 def find_kubebuilder_assets(
@@ -212,13 +251,15 @@ class _GoBuild:
     def __init__(self, root: Path, log_path: Path) -> None:
         self.root = root
         self.log_path = log_path
-        go = shutil.which("go")
+        go = find_tool("go")
         if go is None:
             raise BinariesError(
-                "the 'go' toolchain is not on PATH; it is needed once to build "
-                "kube-apiserver, kube-controller-manager and etcd (or set KUBEBUILDER_ASSETS)"
+                "the 'go' toolchain is neither on PATH nor in "
+                f"{', '.join(str(d) for d in tool_dirs('go')[1:])}; it is needed once to "
+                "build kube-apiserver, kube-controller-manager and etcd (or set "
+                "KUBEBUILDER_ASSETS)"
             )
-        self.go = go
+        self.go = str(go)
         gopath = root / "gopath"
         self.env = {
             **os.environ,

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from costwarden.controllers.budgets import BudgetIndex
 from costwarden.controllers.enforcer import Enforcer
 from costwarden.controllers.ingest import Ingestion, serve
 from costwarden.controllers.ingest_auth import IngestAuth
+from costwarden.controllers.ingest_tls import DEFAULT_CA_CONFIGMAP, IngestTLS, publish_ca
 from costwarden.controllers.jobwatch import watch_jobs
 from costwarden.controllers.reconciler import Reconciler
 from costwarden.controllers.rest import Rest
@@ -71,6 +72,27 @@ def accounting_arguments(parser: argparse.ArgumentParser) -> None:
         "each for its own pod's usage only (docs/sidecar-injection.md)",
     )
     group.add_argument(
+        "--ingest-cert-dir",
+        type=Path,
+        help="tls.crt, tls.key and ca.crt the ingestion server serves (e.g. cert-manager); "
+        "generated there when absent (default: a private temporary directory). Ingestion is "
+        "HTTPS only",
+    )
+    group.add_argument(
+        "--ingest-tls-hostname",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name reporters use for the ingestion server, put in a generated certificate "
+        "(repeatable; the chart passes the ingest Service's names)",
+    )
+    group.add_argument(
+        "--ingest-ca-configmap",
+        default=DEFAULT_CA_CONFIGMAP,
+        help="ConfigMap in --namespace the CA bundle is published in (key ca.crt) for the "
+        f"gateway's --report-ca-file (default {DEFAULT_CA_CONFIGMAP}; empty: not published)",
+    )
+    group.add_argument(
         "--clock-offset",
         type=float,
         default=float(os.environ.get(clock.ENV_OFFSET) or 0),
@@ -88,6 +110,11 @@ class AccountingRuntime:
     ingestion: Ingestion | None
     host: str
     port: int
+    tls: IngestTLS | None = None
+    publish_ca: Callable[[bytes], Awaitable[str]] | None = None
+    after_start: Callable[[], None] | None = None
+    """Called on Kopf's loop once ingestion started (a reconciliation pass: the sidecar
+    config copies then carry the published CA)."""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     runner: Any = None
     thread: _LoopThread | None = None
@@ -115,10 +142,29 @@ def build(
         ingestion = Ingestion(
             accountant, auth, reconciler.leadership, lambda: reconciler.last_config, rest
         )
-    return AccountingRuntime(
+    runtime = AccountingRuntime(
         rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
         args.ingest_port,
     )  # fmt: skip
+    if ingestion is not None:
+        runtime.tls = IngestTLS.load(
+            args.ingest_cert_dir, args.ingest_tls_hostname, args.ingest_listen_address
+        )
+        copies = reconciler.copies
+        core = client.CoreV1Api(api_client)
+
+        async def publish(ca_pem: bytes) -> str:
+            bundle = ca_pem.decode()
+            if args.ingest_ca_configmap:
+                bundle = await publish_ca(core, args.namespace, args.ingest_ca_configmap, ca_pem)
+            if copies is not None:
+                copies.ingest_ca = bundle  # sidecars verify the operator with it
+            return bundle
+
+        runtime.publish_ca = publish
+        if copies is not None:
+            runtime.after_start = reconciler.world.changed.set
+    return runtime
 
 
 class _LoopThread:
@@ -151,9 +197,15 @@ class _LoopThread:
 
 
 async def _start(runtime: AccountingRuntime) -> None:
-    if runtime.ingestion is not None:
+    if runtime.ingestion is not None and runtime.tls is not None:
+        if runtime.publish_ca is not None:
+            try:
+                await runtime.publish_ca(runtime.tls.ca_pem)
+            except Exception:  # reporters cannot verify us until the next start: loud
+                log.exception("could not publish the ingestion CA")
         try:
-            runtime.runner = await serve(runtime.ingestion, runtime.host, runtime.port)
+            context = runtime.tls.ssl_context()
+            runtime.runner = await serve(runtime.ingestion, runtime.host, runtime.port, context)
         except OSError:
             # Reconciliation still works without ingestion; gateways keep their records
             # (ledger) and re-send once an operator listens. Loud, not fatal.
@@ -182,6 +234,8 @@ async def start_accounting(memo: kopf.Memo, **_: Any) -> None:
         return
     runtime.thread = _LoopThread()
     await runtime.thread.run(_start(runtime))
+    if runtime.after_start is not None:
+        runtime.after_start()
     log.info("accounting started (ingestion port %s)", runtime.port or "off")
 
 

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from costwarden.api.meta import LabelSelector
 from costwarden.api.teambudget import BudgetPhase, TeamBudgetSpec
 from costwarden.controllers.world import ObservedWorld
-from costwarden.enforcement.decisions import belongs_to_team, team_namespaces
+from costwarden.enforcement.decisions import belongs_to_team, labels_of
 from costwarden.policy.caps import CapVerdict, evaluate_caps
 from costwarden.policy.periods import is_valid_time_zone, period_bounds
 from costwarden.policy.render import ObservedObject, observed_spend
+from costwarden.policy.tenancy import Consents, attribute, governed_namespaces
 from costwarden.policy.validation import parse_team_budget_spec
 
 
@@ -29,10 +31,16 @@ class Budget:
     uid: str
     spec: TeamBudgetSpec
     status: Mapping[str, Any]
+    governed: tuple[str, ...] = ()
+    """The namespaces it governs (policy.tenancy): its own and those consenting to it."""
 
     @property
     def namespaces(self) -> list[str]:
-        return team_namespaces(self.spec, self.namespace)
+        return list(self.governed)
+
+    @property
+    def selector(self) -> LabelSelector | None:
+        return self.spec.workloads.selector
 
     def period(self, now: datetime) -> tuple[datetime, datetime]:
         return period_bounds(self.spec.period.schedule, self.spec.period.time_zone, now)
@@ -44,7 +52,7 @@ class Budget:
         return verdict_for(self.spec, spent, tokens)
 
     def selects(self, job: Mapping[str, Any]) -> bool:
-        return belongs_to_team(job, self.spec, self.namespace)
+        return belongs_to_team(job, self.spec, self.governed)
 
 
 def verdict_for(spec: TeamBudgetSpec, spent: Any, tokens: Any) -> CapVerdict:
@@ -69,21 +77,27 @@ class BudgetIndex:
         self._parsed: dict[str, tuple[ObservedObject, Budget | None]] = {}
         self._by_namespace: dict[str, list[Budget]] = {}
         self._snapshot: dict[str, ObservedObject] = {}
+        self._consents: Consents = {}
 
     def _refresh(self) -> None:
         # A copy in one C call (atomic under the GIL): Kopf's thread updates the world.
         current = dict(self._world.budgets)
-        if len(current) == len(self._snapshot) and all(
-            self._snapshot.get(k) is v for k, v in current.items()
+        consents = self._world.consents  # replaced, never mutated (world.apply_namespace)
+        if (
+            consents is self._consents
+            and len(current) == len(self._snapshot)
+            and all(self._snapshot.get(k) is v for k, v in current.items())
         ):
             return
+        reparse = consents is not self._consents
         parsed: dict[str, tuple[ObservedObject, Budget | None]] = {}
         for budget_id, observed in current.items():
             cached = self._parsed.get(budget_id)
-            if cached is not None and cached[0] is observed:
+            if cached is not None and cached[0] is observed and not reparse:
                 parsed[budget_id] = cached
             else:
-                parsed[budget_id] = (observed, _parse(observed))
+                parsed[budget_id] = (observed, _parse(observed, consents))
+        self._consents = consents
         self._parsed = parsed
         self._snapshot = dict(current)
         by_namespace: dict[str, list[Budget]] = {}
@@ -103,10 +117,15 @@ class BudgetIndex:
         return [b for _, b in self._parsed.values() if b is not None]
 
     def for_job(self, job: Mapping[str, Any]) -> Budget | None:
-        """The budget a Job belongs to: the first by id if budgets overlap (as the gateway)."""
-        self._refresh()
+        """The budget a Job belongs to (policy.tenancy.attribute, as the gateway)."""
         namespace = (job.get("metadata") or {}).get("namespace", "")
-        return next((b for b in self._by_namespace.get(namespace, []) if b.selects(job)), None)
+        return self.for_workload(namespace, labels_of(job))
+
+    def for_workload(self, namespace: str, labels: Mapping[str, str]) -> Budget | None:
+        """The budget a workload (a pod or Job: its namespace and labels) belongs to: one in
+        its own namespace first, else the one its Namespace consents to; never another."""
+        self._refresh()
+        return attribute(self._by_namespace.get(namespace, []), namespace, labels, self._consents)
 
     def resource_version(self, budget_id: str) -> str:
         return self._world.version_of("budget", budget_id)
@@ -115,13 +134,15 @@ class BudgetIndex:
         return {b.uid: b for b in self.all()}
 
 
-def _parse(observed: ObservedObject) -> Budget | None:
+def _parse(observed: ObservedObject, consents: Consents) -> Budget | None:
     """A budget accounting can work with, or None. A spec the schema accepts may still name
     a time zone that does not exist (its Ready condition says so): without a period it can
     neither be charged nor enforced, and it must not break the checks of every other team."""
     spec = parse_team_budget_spec(observed.spec)
     if isinstance(spec, list) or not is_valid_time_zone(spec.period.time_zone):
         return None
+    governed = governed_namespaces(spec, observed.namespace, observed.name, consents)
     return Budget(
-        observed.id, observed.namespace, observed.name, observed.uid, spec, observed.status
-    )
+        observed.id, observed.namespace, observed.name, observed.uid, spec, observed.status,
+        tuple(governed),
+    )  # fmt: skip

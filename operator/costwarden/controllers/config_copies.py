@@ -14,6 +14,11 @@ A copy is deleted when its namespace is no longer opted in and has no injected p
 only once it is older than :data:`GC_GRACE`, so a copy the webhook has just created for a
 pod that is not stored yet survives.
 
+Each copy holds only the namespace's own part of the configuration (the teams governing it
+and their routing policies, ``policy.config_scope``): a tenant reading its copy sees no other
+team's spend, caps or endpoints. Next to it, key ``ingest-ca.crt``: the CA bundle the
+sidecar verifies the operator's ingestion certificate with.
+
 Owner references cannot point across namespaces; copies carry the managed-by label and an
 annotation naming their source instead, and vanish with their namespace.
 """
@@ -29,13 +34,17 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, GatewayConfig
 from costwarden.controllers.kubeapi import MANAGED_BY
+from costwarden.policy.config_scope import config_for_namespace
 from costwarden.policy.injection import (
     CONFIG_COPY_NAME,
+    INGEST_CA_KEY,
     INJECT_LABEL,
     INJECTED_LABEL,
     NAMESPACE_OPT_IN,
 )
+from costwarden.policy.render import serialize
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,24 @@ class ConfigCopies:
         self.pending: set[str] = set()
         """Namespaces the webhook could not create a copy in (e.g. before the operator first
         published the source): this replica's next pass creates them."""
+        self.ingest_ca = ""
+        """The CA bundle of the operator's ingestion (set once published)."""
+
+    def scoped(self, data: Mapping[str, str], namespace: str) -> dict[str, str]:
+        """The copy's data for ``namespace``: its own part of the configuration, and the
+        ingestion CA. A source that does not parse is copied as nothing (never whole)."""
+        result: dict[str, str] = {}
+        text = data.get(CONFIG_MAP_KEY)
+        if text:
+            try:
+                config = GatewayConfig.model_validate_json(text)
+            except ValueError:
+                log.error("the gateway configuration does not parse; copies left out")
+                return {}
+            result[CONFIG_MAP_KEY] = serialize(config_for_namespace(config, namespace))
+        if self.ingest_ca:
+            result[INGEST_CA_KEY] = self.ingest_ca
+        return result
 
     async def sync(self, data: Mapping[str, str], revision: str) -> None:
         """Bring every copy to ``data``; create missing ones, remove unneeded ones. Never
@@ -75,9 +102,10 @@ class ConfigCopies:
         pending, self.pending = self.pending, set()
         for namespace in sorted(opted_in | existing.keys() | pending):
             current = existing.get(namespace)
-            if current is not None and (current.data or {}) == data:
+            scoped = self.scoped(data, namespace)
+            if not scoped or (current is not None and (current.data or {}) == scoped):
                 continue
-            await self._write(namespace, data, revision, current)
+            await self._write(namespace, scoped, revision, current)
             log.info("sidecar config copy %s/%s at revision %s", namespace, CONFIG_COPY_NAME,
                      revision)  # fmt: skip
         now = datetime.now(UTC)
@@ -109,9 +137,11 @@ class ConfigCopies:
                 self.pending.add(namespace)
                 return
             annotations = (source.metadata.annotations or {}) if source.metadata else {}
-            await self._write(
-                namespace, dict(source.data or {}), annotations.get(REVISION_ANNOTATION, ""), None
-            )
+            scoped = self.scoped(dict(source.data or {}), namespace)
+            if not scoped:
+                self.pending.add(namespace)
+                return
+            await self._write(namespace, scoped, annotations.get(REVISION_ANNOTATION, ""), None)
         except ApiException as error:
             if error.status != 409:  # 409: created meanwhile (another replica, a reconcile)
                 self.pending.add(namespace)

@@ -74,6 +74,7 @@ class Enforcer:
         self._leadership = leadership
         self._tasks: set[asyncio.Task[None]] = set()
         self._exhausted: set[str] = set()
+        self._stopped_by_watch: set[str] = set()
         self._last_resume = 0.0
         self._standings: dict[str, tuple[Budget, Mapping[str, Any], datetime, CapVerdict]] = {}
         accountant.on_commit = self.on_commit
@@ -129,6 +130,10 @@ class Enforcer:
         ):
             reason = stop_reason(standing.reason)
             action = budget.spec.on_hard_cap.jobs
+            # Remember the crossing: should the cap be raised before the next level check
+            # sees it, the relief must still trigger a resume pass for what this stops.
+            # (Not in _exhausted: the level check must still stop the team's other Jobs.)
+            self._stopped_by_watch.add(budget.id)
             self._spawn(self._stop(budget, job, reason, standing.message, action))
 
     async def run(self) -> None:
@@ -157,8 +162,9 @@ class Enforcer:
                 # Roll over now rather than at the reconciler's next pass: resumes and a
                 # fresh period should not wait for its resync.
                 self._spawn(self._mutate(budget, _no_change))
-        relieved = self._exhausted - exhausted
+        relieved = (self._exhausted | self._stopped_by_watch) - exhausted
         self._exhausted = exhausted
+        self._stopped_by_watch = set()
         if relieved or time.monotonic() - self._last_resume > FULL_RESUME_SECONDS:
             await self.resume_pass()
 
@@ -188,7 +194,7 @@ class Enforcer:
         started = time.monotonic()
         jobs = await self._team_jobs(budget)
         log.debug("%s: listed %d Job(s) in %.3fs", budget.id, len(jobs), time.monotonic() - started)
-        targets = jobs_to_stop(jobs, budget.spec, budget.namespace)
+        targets = jobs_to_stop(jobs, budget.spec, budget.governed)
         reason = stop_reason(cap_reason)
         await asyncio.gather(*(self._stop(budget, job, reason, message, action) for job in targets))
         if targets:
@@ -217,6 +223,7 @@ class Enforcer:
         await self._stop(budget, job, reason, message, action)
 
     async def _team_jobs(self, budget: Budget) -> list[dict[str, Any]]:
+        """One LIST per *governed* namespace (never a claimed one), by label selector."""
         selector = budget.spec.workloads.selector
         params = {"labelSelector": selector.to_query()} if selector else {}
         pages = await asyncio.gather(
@@ -263,6 +270,11 @@ class Enforcer:
         by_uid = self._budgets.by_uid()
         for job, reason in jobs_to_resume(listing.get("items") or [], standings):
             budget = by_uid.get(job["metadata"]["labels"].get("costwarden.io/suspended-by", ""))
+            if budget is not None and job["metadata"].get("namespace") not in budget.governed:
+                # Labels are the Job owner's to write: a Job outside the budget's governed
+                # namespaces (consent withdrawn, or labels forged) is resumed, never recorded
+                # in that budget's status or Events.
+                budget = None
             await self._resume(budget, job, reason)
 
     async def _resume(

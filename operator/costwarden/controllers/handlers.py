@@ -55,6 +55,13 @@ def budget_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _reconciler(memo).world.apply("budget", event.get("type"), event["object"])
 
 
+@kopf.on.event("", "v1", "namespaces")
+def namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Namespaces carry the cluster admin's consent (annotation costwarden.io/budget) that
+    lets a budget elsewhere govern them; only a change of it wakes the reconciler."""
+    _reconciler(memo).world.apply("namespace", event.get("type"), event["object"])
+
+
 @kopf.on.event(GROUP, VERSION, routingpolicy.PLURAL)
 def policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _reconciler(memo).world.apply("policy", event.get("type"), event["object"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -207,11 +208,16 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-async def serve(ingestion: Ingestion, host: str, port: int) -> web.AppRunner:
+async def serve(
+    ingestion: Ingestion, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
+    """Serve ``POST /v1/usage``; over HTTPS with ``ssl_context`` (the operator always passes
+    one: reporters send a bearer token, which must not cross the network in clear)."""
     runner = web.AppRunner(ingestion.app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    log.info("usage ingestion listening on %s:%d", host, port)
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    log.info("usage ingestion listening on %s:%d (%s)", host, port,
+             "https" if ssl_context else "http")  # fmt: skip
     return runner
 
 

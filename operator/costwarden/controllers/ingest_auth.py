@@ -2,9 +2,11 @@
 
 Two ways, either or both:
 
-- a service-account token (the gateway pod's projected token) that a TokenReview accepts
-  and whose user is one of the allowed service accounts (``--ingest-allowed-sa
-  NAMESPACE:NAME``); verdicts are cached by the token's sha256 for a minute;
+- a service-account token (the gateway pod's projected token) that a TokenReview for the
+  audience ``costwarden.io/ingest`` accepts (the pod's default token, or a token for the
+  gateway's own audience, is refused) and whose user is one of the allowed service
+  accounts (``--ingest-allowed-sa NAMESPACE:NAME``); verdicts are cached by the token's
+  sha256 for a minute;
 - a shared bearer token read from a file (``--ingest-token-file``, a mounted Secret),
   compared in constant time;
 - with ``--ingest-allow-sidecars``: an injected sidecar's token, bound to its pod and
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from costwarden.accounting.trust import Reporter
-from costwarden.api.usage import SIDECAR_REPORT_AUDIENCE
+from costwarden.api.usage import INGEST_AUDIENCE, SIDECAR_REPORT_AUDIENCE
 from costwarden.controllers.rest import ApiError, Rest
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ class IngestAuth:
     async def _review_gateway(self, token: str) -> AuthVerdict:
         if self._rest is None or not self._allowed:
             return AuthVerdict(401, "", "the credential is not a known gateway token")
-        status = await self._token_review(token, audiences=None)
+        status = await self._token_review(token, audiences=[INGEST_AUDIENCE])
         if status is None:
             return AuthVerdict(401, "", "the credential could not be reviewed")
         user = str((status.get("user") or {}).get("username") or "")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,17 +60,26 @@ def configure(
     wanted = options.injection
 
     async def mutate(
-        body: kopf.Body, patch: kopf.Patch, dryrun: bool, namespace_opted_in: bool
+        body: kopf.Body,
+        patch: kopf.Patch,
+        dryrun: bool,
+        namespace_opted_in: bool,
+        userinfo: Mapping[str, Any] | None,
     ) -> None:
         namespace = body.metadata.namespace or ""
+        creator = str((userinfo or {}).get("username") or "")
         keys = await sidecar_credentials(
             copies.core, copies.source, namespace, dict(body.metadata.labels or {})
         )
         decision = inject(
             dict(body), wanted, namespace=namespace, namespace_opted_in=namespace_opted_in,
-            credentials=keys,
+            creator=creator, credentials=keys,
         )  # fmt: skip
         name = body.metadata.name or f"{body.metadata.get('generateName', '')}*"
+        if decision.denied:
+            log.warning("denied pod %s/%s created by %s: %s", namespace, name, creator,
+                        decision.denied)  # fmt: skip
+            raise kopf.AdmissionError(decision.denied, code=403)
         if decision.pod is None:
             log.debug("pod %s/%s unchanged: %s", namespace, name, decision.reason)
             return
@@ -83,16 +92,16 @@ def configure(
 
     @kopf.on.mutate("", "v1", "pods", id=HANDLER_IDS["pod"], operations=["CREATE"])
     async def inject_labelled_pod(
-        body: kopf.Body, patch: kopf.Patch, dryrun: bool, **_: Any
+        body: kopf.Body, patch: kopf.Patch, dryrun: bool, userinfo: Any = None, **_: Any
     ) -> None:
-        await mutate(body, patch, dryrun, namespace_opted_in=False)
+        await mutate(body, patch, dryrun, namespace_opted_in=False, userinfo=userinfo)
 
     @kopf.on.mutate("", "v1", "pods", id=HANDLER_IDS["namespace"], operations=["CREATE"])
     async def inject_opted_in_namespace(
-        body: kopf.Body, patch: kopf.Patch, dryrun: bool, **_: Any
+        body: kopf.Body, patch: kopf.Patch, dryrun: bool, userinfo: Any = None, **_: Any
     ) -> None:
         # The API server called this entry only because the namespace selector matched.
-        await mutate(body, patch, dryrun, namespace_opted_in=True)
+        await mutate(body, patch, dryrun, namespace_opted_in=True, userinfo=userinfo)
 
     settings.admission.server = InjectorServer(options, api_client)
     settings.admission.managed = None  # written by InjectorServer, see the module docstring

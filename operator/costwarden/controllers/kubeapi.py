@@ -47,6 +47,12 @@ class KubeApi:
         )
         return list(cast(dict[str, Any], result).get("items", []))
 
+    async def list_namespaces(self) -> list[dict[str, Any]]:
+        """Every Namespace as JSON (their annotations carry budgets' consents)."""
+        listing = await asyncio.to_thread(self._core.list_namespace)
+        result = self._core.api_client.sanitize_for_serialization(listing)
+        return list(cast(dict[str, Any], result).get("items", []))
+
     async def patch_status(
         self,
         plural: str,

@@ -31,7 +31,7 @@ from costwarden.controllers.leadership import Leadership
 from costwarden.controllers.provider_keys import ProviderKeysMirror
 from costwarden.controllers.reconciler import Reconciler, load_settings
 from costwarden.controllers.world import ObservedWorld
-from costwarden.policy.injection import ALWAYS_EXCLUDED, InjectionSettings
+from costwarden.policy.injection import ALWAYS_EXCLUDED, JOB_CONTROLLER_USERS, InjectionSettings
 
 log = logging.getLogger("costwarden.operator")
 
@@ -161,9 +161,18 @@ def webhook_arguments(parser: argparse.ArgumentParser) -> None:
         help="image of the injected gateway sidecar (default: $COSTWARDEN_SIDECAR_IMAGE)",
     )
     group.add_argument(
+        "--job-controller-user",
+        action="append",
+        default=None,
+        metavar="USER",
+        help="user that creates Jobs' pods; only such pods' Job owner reference is told to "
+        "the sidecar (repeatable; default system:serviceaccount:kube-system:job-controller "
+        "and system:kube-controller-manager)",
+    )
+    group.add_argument(
         "--sidecar-report-to",
         help="the operator's ingestion URL injected sidecars deliver usage to, e.g. "
-        "http://costwarden-operator.costwarden-system.svc:8081 (pair with "
+        "https://costwarden-operator-ingest.costwarden-system.svc:8081 (pair with "
         "--ingest-allow-sidecars); unset, sidecars keep their usage in a local ledger only",
     )
 
@@ -182,6 +191,7 @@ def webhook_options(args: argparse.Namespace) -> webhook.WebhookOptions:
             image=args.sidecar_image,
             excluded_namespaces=excluded,
             report_to=args.sidecar_report_to,
+            job_controller_users=frozenset(args.job_controller_user or JOB_CONTROLLER_USERS),
         ),
     )
 

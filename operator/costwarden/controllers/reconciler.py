@@ -114,7 +114,8 @@ class Reconciler:
     async def relist(self) -> None:
         budgets = await self.api.list_objects(teambudget.PLURAL)
         policies = await self.api.list_objects(routingpolicy.PLURAL)
-        self.world.replace(budgets, policies)
+        namespaces = await self.api.list_namespaces()
+        self.world.replace(budgets, policies, namespaces)
         self._last_list = time.monotonic()
 
     def relist_due(self) -> bool:
@@ -129,7 +130,12 @@ class Reconciler:
         budgets = list(self.world.budgets.values())
         policies = list(self.world.policies.values())
         result = reconcile(
-            budgets, policies, self.settings.catalog, now, self.settings.provider_hosts
+            budgets,
+            policies,
+            self.settings.catalog,
+            now,
+            self.settings.provider_hosts,
+            consents=self.world.consents,
         )
         self.last_config = result.config
         await self._publish_config(result)

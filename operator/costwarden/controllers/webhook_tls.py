@@ -1,4 +1,5 @@
-"""The admission server's TLS: a certificate from a mounted Secret, or a generated one.
+"""The operator's serving TLS (the admission server and usage ingestion): a certificate
+from a mounted Secret, or a generated one.
 
 The API server only calls webhooks over HTTPS and verifies the serving certificate against
 the configuration's ``caBundle``. Kopf can generate a self-signed certificate, but only
@@ -13,8 +14,11 @@ is used as is when present.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from costwarden.pki import PrivateCA
 
@@ -58,3 +62,24 @@ def service_hostnames(host: str) -> list[str]:
         svc, ns = parts[0], parts[1]
         return [host, svc, f"{svc}.{ns}", f"{host}.cluster.local"]
     return [host]
+
+
+MAX_BUNDLED_CAS = 4
+"""CAs kept in a published bundle: one per operator replica (each generates its own at
+start), plus a few predecessors, so a client that has not seen the newest bundle yet and a
+replica that has not restarted yet still agree."""
+
+
+def merge_ca_bundle(published: str, ours: bytes, *, now: datetime | None = None) -> str:
+    """``published`` (a PEM bundle) with ``ours`` added: expired CAs dropped, the newest
+    :data:`MAX_BUNDLED_CAS` kept (ours always), oldest first. Unparsable text is dropped."""
+    moment = now or datetime.now(UTC)
+    ours_cert = x509.load_pem_x509_certificate(ours)
+    try:
+        certs = x509.load_pem_x509_certificates(published.encode()) if published.strip() else []
+    except ValueError:
+        certs = []
+    kept = [c for c in certs if c != ours_cert and c.not_valid_after_utc > moment]
+    kept.sort(key=lambda c: c.not_valid_before_utc)
+    kept = [*kept[-(MAX_BUNDLED_CAS - 1) :], ours_cert]
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in kept)

@@ -113,8 +113,10 @@ class DemoStack:
             "--metrics-port", str(free_port()), "--health-port", str(health),
             "--ingest-port", str(ingest), "--ingest-listen-address", "127.0.0.1",
             "--ingest-token-file", str(self.ingest_token_file),
+            "--ingest-cert-dir", str(self.workdir / "ingest-tls"),
         )  # fmt: skip
-        self.ingest_url = f"http://127.0.0.1:{ingest}"
+        # Ingestion is HTTPS only; the gateway verifies it against the operator's CA.
+        self.ingest_url = f"https://127.0.0.1:{ingest}"
         process.wait_http_ok(f"http://127.0.0.1:{health}/healthz", timeout=60)
         return process
 
@@ -138,6 +140,7 @@ class DemoStack:
             "--config", str(self.config_file), "--pod-labels-file", str(labels_file),
             "--ledger", str(self.workdir / "usage.jsonl"),
             "--report-to", self.ingest_url, "--report-token-file", str(self.ingest_token_file),
+            "--report-ca-file", str(self.workdir / "ingest-tls" / "ca.crt"),
             env={"POD_NAMESPACE": manifests.DEMO_NAMESPACE, "POD_NAME": pod},
         )  # fmt: skip
         self.gateway_url = f"http://127.0.0.1:{port}"

@@ -1,14 +1,15 @@
 """Which Jobs enforcement stops or resumes (pure: Job bodies in, decisions out).
 
-A Job belongs to a team when it is in one of the budget's namespaces and matches its
-selector. Only the budget can exempt a Job (``spec.exemptions``): no label or annotation
-a Job sets on itself keeps it running, because the team writing the Job is the party the
-budget constrains.
+A Job belongs to a team when it is in one of the budget's *governed* namespaces
+(policy.tenancy: its own, and those whose Namespace consents) and matches its selector;
+a namespace the budget merely claims is never touched. Only the budget can exempt a Job
+(``spec.exemptions``): no label or annotation a Job sets on itself keeps it running,
+because the team writing the Job is the party the budget constrains.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -48,12 +49,9 @@ def is_suspended(job: Job) -> bool:
     return bool((job.get("spec") or {}).get("suspend"))
 
 
-def team_namespaces(spec: TeamBudgetSpec, budget_namespace: str) -> list[str]:
-    return sorted(spec.workloads.namespaces or [budget_namespace])
-
-
-def belongs_to_team(job: Job, spec: TeamBudgetSpec, budget_namespace: str) -> bool:
-    if _meta(job).get("namespace") not in team_namespaces(spec, budget_namespace):
+def belongs_to_team(job: Job, spec: TeamBudgetSpec, governed: Collection[str]) -> bool:
+    """Whether the Job is in a governed namespace and matches the budget's selector."""
+    if _meta(job).get("namespace") not in governed:
         return False
     selector = spec.workloads.selector
     return selector is None or selector.matches(labels_of(job))
@@ -72,12 +70,13 @@ def is_exempt(job: Job, exemptions: Exemptions | None) -> bool:
     )
 
 
-def jobs_to_stop(jobs: Iterable[Job], spec: TeamBudgetSpec, budget_namespace: str) -> list[Job]:
-    """The team's running Jobs (not suspended, not finished), minus the budget's exemptions."""
+def jobs_to_stop(jobs: Iterable[Job], spec: TeamBudgetSpec, governed: Collection[str]) -> list[Job]:
+    """The team's running Jobs (not suspended, not finished) in its governed namespaces,
+    minus the budget's exemptions."""
     return [
         job
         for job in jobs
-        if belongs_to_team(job, spec, budget_namespace)
+        if belongs_to_team(job, spec, governed)
         and not is_suspended(job)
         and not is_finished(job)
         and not is_exempt(job, spec.exemptions)

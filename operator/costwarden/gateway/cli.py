@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
+import urllib.parse
 from pathlib import Path
 
 from costwarden.api.usage import UsageSink
 from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import SHARED_HINT, SIDECAR_HINT, Credentials
+from costwarden.gateway.egress import CA_FILE_ENV, Egress
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
 from costwarden.gateway.metrics import rejected_reason
 from costwarden.gateway.proxy import Gateway
@@ -51,6 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")  # noqa: S104
     parser.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="port of GET /metrics (Prometheus), apart from the API port (default 0: off)",
+    )
+    parser.add_argument(
+        "--metrics-host", help="listen address of the metrics port (default: --host)"
+    )
+    parser.add_argument(
         "--mode",
         choices=("shared", "sidecar"),
         default="shared",
@@ -61,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=Path(env("COSTWARDEN_POD_LABELS_FILE", "/etc/podinfo/labels")),
         help='sidecar: downward-API labels file (key="value" lines)',
+    )
+    parser.add_argument(
+        "--job-name",
+        default=None,
+        help="sidecar: the pod's Job as the injector learnt it from the Job controller "
+        "(empty: not a Job's pod); the labels are then not trusted for the job. Unset: the "
+        "job is read from the labels file (hand-run sidecars only)",
     )
     parser.add_argument(
         "--api-keys-file",
@@ -77,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-audience",
         action="append",
         default=None,
-        help="shared: audiences to review tokens for (repeatable)",
+        help="shared: audiences to review callers' tokens for (repeatable; default "
+        "costwarden.io/gateway: a pod's default token is refused)",
     )
     parser.add_argument(
         "--credentials-dir",
@@ -89,9 +109,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report-to",
         default=env("COSTWARDEN_REPORT_TO"),
-        help="operator ingestion URL (e.g. http://costwarden-operator.costwarden-system:8081):"
-        " usage is delivered there, re-sent from --ledger until acknowledged "
-        "(docs/accounting.md)",
+        help="operator ingestion URL (e.g. https://costwarden-operator-ingest.costwarden-system"
+        ".svc:8081): usage is delivered there, re-sent from --ledger until acknowledged "
+        "(docs/accounting.md). https, except to a loopback address",
+    )
+    parser.add_argument(
+        "--report-ca-file",
+        type=Path,
+        default=env("COSTWARDEN_REPORT_CA_FILE"),
+        help="CA bundle (PEM) the operator's ingestion certificate must chain to (the "
+        "operator publishes it; re-read when it changes); default: the system's CAs",
     )
     parser.add_argument(
         "--report-token-file",
@@ -115,7 +142,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--upstream-client",
         choices=CLIENTS,
         default="http1",
-        help="HTTP client for upstream calls (default http1: see benchmarks/README.md)",
+        help="HTTP client for upstream calls (default http1: see benchmarks/README.md); "
+        "all of them honour HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY",
+    )
+    parser.add_argument(
+        "--upstream-ca-file",
+        type=Path,
+        default=env(CA_FILE_ENV),
+        help="PEM bundle of CAs trusted for upstreams in addition to the system ones "
+        f"(SSL_CERT_FILE replaces those), e.g. a TLS-inspecting proxy's; env {CA_FILE_ENV}",
     )
     parser.add_argument(
         "--log-level",
@@ -143,7 +178,7 @@ def _run_upstream(args: argparse.Namespace) -> int:
 
 def _identifier(args: argparse.Namespace) -> Identifier:
     if args.mode == "sidecar":
-        return SidecarIdentifier.from_env(args.pod_labels_file)
+        return SidecarIdentifier.from_env(args.pod_labels_file, args.job_name)
     verifier = None
     if args.kubeconfig or args.in_cluster:
         from costwarden.gateway.tokenreview import TokenReviewVerifier, api_client
@@ -162,6 +197,7 @@ def _sink(args: argparse.Namespace) -> UsageSink:
             ledger=args.ledger,
             fsync=FsyncPolicy(args.ledger_fsync),
             token_file=args.report_token_file,
+            ca_file=args.report_ca_file,
         )
     if args.ledger is None:
         return FanoutSink([])  # records still reach metrics and the decision log
@@ -171,10 +207,12 @@ def _sink(args: argparse.Namespace) -> UsageSink:
 def build_gateway(args: argparse.Namespace) -> Gateway:
     store = ConfigStore(args.config)
     store.poll()
+    egress = Egress.from_env(ca_file=args.upstream_ca_file)
+    logging.getLogger(__name__).info("%s", egress.describe())
     gateway = Gateway(
         config=store,
         identifier=_identifier(args),
-        upstream=make_upstream(args.upstream_client),
+        upstream=make_upstream(args.upstream_client, egress),
         sink=_sink(args),
         credentials=Credentials(
             args.credentials_dir, hint=SIDECAR_HINT if args.mode == "sidecar" else SHARED_HINT
@@ -212,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - a declared dependency; stdlib asyncio still works
         pass
     try:
+        check_report_to(args.report_to)
         gateway = build_gateway(args)
     except ValueError as exc:
         print(f"costwarden gateway: {exc}", file=sys.stderr)
@@ -221,17 +260,39 @@ def run(args: argparse.Namespace) -> int:
     # it (measured here: a 46 ms pause at 500 rps without this, the p99 of that second).
     gc.collect()
     gc.freeze()
-    asyncio.run(_serve_until_signalled(gateway, args.host, args.port))
+    asyncio.run(_serve_until_signalled(gateway, args))
     return 0
 
 
-async def _serve_until_signalled(gateway: Gateway, host: str, port: int) -> None:
+def check_report_to(url: str | None) -> None:
+    """The reporting token must not cross a network in clear: https, or loopback http."""
+    if not url:
+        return
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "https":
+        return
+    host = parsed.hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if parsed.scheme != "http" or not loopback:
+        raise ValueError(
+            f"--report-to {url!r}: the operator's ingestion is served over https "
+            "(http only to a loopback address)"
+        )
+
+
+async def _serve_until_signalled(gateway: Gateway, args: argparse.Namespace) -> None:
     """Serve until SIGTERM/SIGINT; then in-flight calls finish and the sinks flush."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await serve(gateway, host, port, stop)
+    await serve(
+        gateway, args.host, args.port, stop,
+        metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

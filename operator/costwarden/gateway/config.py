@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -23,6 +23,7 @@ from costwarden.api.gatewayconfig import GatewayConfig, ModelRoute, TeamConfig
 from costwarden.api.routingpolicy import Locality, Provider
 from costwarden.api.usage import Endpoint
 from costwarden.policy.routing import CompiledPolicy, compile_policy
+from costwarden.policy.tenancy import attribute
 
 log = logging.getLogger("costwarden.gateway.config")
 
@@ -60,8 +61,12 @@ class CompiledConfig:
     def host_allowed(self, policy_id: str, model: ModelRoute) -> bool:
         return (policy_id, model.name) not in self.blocked
 
+    by_namespace: dict[str, list[TeamConfig]] = field(default_factory=dict)
+    """Teams by governed namespace: attribution looks only at the caller's namespace."""
+
     def team_for(self, namespace: str, labels: dict[str, str]) -> TeamConfig | None:
-        return self.config.team_for_workload(namespace, labels)
+        """policy.tenancy.attribute over the teams governing ``namespace``."""
+        return attribute(self.by_namespace.get(namespace, ()), namespace, labels)
 
     def url(self, policy_id: str, model: ModelRoute, endpoint: Endpoint) -> str:
         return self.urls.get((policy_id, model.name, endpoint)) or upstream_url(model, endpoint)
@@ -82,6 +87,10 @@ def compile_config(config: GatewayConfig, raw: bytes) -> CompiledConfig:
         for m in p.models
         if m.locality is Locality.EXTERNAL and not hosts.allows_url(m.endpoint)
     )
+    by_namespace: dict[str, list[TeamConfig]] = {}
+    for team in config.teams:
+        for namespace in team.namespaces:
+            by_namespace.setdefault(namespace, []).append(team)
     return CompiledConfig(
         config=config,
         revision=revision,
@@ -89,6 +98,7 @@ def compile_config(config: GatewayConfig, raw: bytes) -> CompiledConfig:
         policies={p.id: compile_policy(p) for p in config.policies},
         urls=urls,
         blocked=blocked,
+        by_namespace=by_namespace,
     )
 
 

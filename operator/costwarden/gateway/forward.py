@@ -71,14 +71,20 @@ async def forward(
             "allows; costwarden does not connect to it",
         )
     missing: list[str] = []
-    answer = await _attempt(gw, request, call, compiled, body, decision, allowed, missing)
+    unreachable: list[str] = []
+    answer = await _attempt(
+        gw, request, call, compiled, body, decision, allowed, missing, unreachable
+    )
     if answer is None:
         if len(missing) == len(allowed):
             call.served = None
             return gw.refuse(call, 503, RefusalReason.MISSING_CREDENTIALS, " ".join(missing))
         call.outcome, call.error = Outcome.UPSTREAM_ERROR, "upstream_unavailable"
-        tried = ", ".join(m.name for m in decision.candidates)
-        message = f"no backend answered (tried {tried})"
+        # Why each backend failed (connection refused, TLS certificate rejected, proxy
+        # refused, no key...): the gateway's own words, no upstream bytes, so nothing to
+        # sanitise.
+        tried = "; ".join(unreachable)
+        message = f"no backend answered ({tried})" if tried else "no backend answered"
         return _error(call, 502, "upstream_unavailable", " ".join([message, *missing]))
     response, route = answer
     secrets = _secrets(gw, route)
@@ -98,6 +104,7 @@ async def _attempt(
     decision: RouteDecision,
     candidates: list[ModelRoute],
     missing: list[str],
+    unreachable: list[str],
 ) -> tuple[UpstreamResponse, ModelRoute] | None:
     """The first answer worth relaying, trying the candidates the admin's provider hosts
     allow in order; ``missing`` collects why keyless candidates were skipped (never sent:
@@ -119,9 +126,10 @@ async def _attempt(
         started = time.perf_counter()
         try:
             response = await gw.upstream.post(url, headers, orjson.dumps(body))
-        except UpstreamUnavailableError:
+        except UpstreamUnavailableError as exc:
             call.upstream_seconds += time.perf_counter() - started
             _count_error(gw, route, "unreachable")
+            unreachable.append(f"{route.name}: {exc}")
             continue
         call.upstream_seconds += time.perf_counter() - started
         last = index == len(candidates) - 1

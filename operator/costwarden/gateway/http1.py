@@ -11,7 +11,9 @@ itself to a configured upstream and relays the answer, so it needs a small subse
   connection before any byte of answer is retried once on a fresh one (the server closed
   it while idle, so it never saw the request);
 - bodies by Content-Length, chunked or until close (llhttp decodes them);
-- TLS via the stdlib ``ssl`` default context (system CAs, hostname checked);
+- TLS via the stdlib ``ssl`` default context (system CAs, hostname checked), plus the
+  private CA and the forward proxies of gateway/egress.py: ``http://`` upstreams through a
+  proxy in absolute form, ``https://`` ones through a ``CONNECT`` tunnel (TLS end to end);
 - back-pressure: reading pauses while more than :data:`HIGH_WATER` bytes wait unread;
 - timeouts: :data:`CONNECT_TIMEOUT` to connect, :data:`READ_TIMEOUT` between bytes.
 
@@ -30,6 +32,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from costwarden.gateway.egress import Egress, Proxy, describe_error
 from costwarden.gateway.upstream import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,
@@ -218,30 +221,59 @@ class _Connection(asyncio.Protocol):
         return response
 
 
+class _Tunnel(asyncio.Protocol):
+    """The proxy's answer to ``CONNECT``: its head, up to the blank line."""
+
+    def __init__(self) -> None:
+        self.head: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end >= 0 and not self.head.done():
+            self.head.set_result(self._buffer[:end])
+        elif len(self._buffer) > 65536 and not self.head.done():
+            self.head.set_exception(ConnectionError("oversized answer to CONNECT"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(exc or ConnectionError("the proxy closed the connection"))
+
+
 class Http1Upstream:
     """The default upstream client (``--upstream-client http1``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, egress: Egress | None = None) -> None:
+        self._egress = egress or Egress()
         self._idle: dict[_Origin, list[_Connection]] = {}
-        self._targets: dict[str, tuple[_Origin, str, str]] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self._targets: dict[str, tuple[_Origin, bytes]] = {}
 
-    def _target(self, url: str) -> tuple[_Origin, str, str]:
+    def _target(self, url: str) -> tuple[_Origin, bytes]:
+        """The pool key and the request line plus the headers fixed per URL."""
         target = self._targets.get(url)
         if target is None:
             parts = urlsplit(url)
             secure = parts.scheme == "https"
             port = parts.port or (443 if secure else 80)
             host = parts.hostname or ""
+            netloc = f"[{host}]" if ":" in host else host
             default = port == (443 if secure else 80)
-            authority = host if default else f"{host}:{port}"
+            authority = netloc if default else f"{netloc}:{port}"
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            target = self._targets[url] = ((parts.scheme, host, port), authority, path)
+            lines = [f"Host: {authority}"]
+            proxy = self._egress.proxy_for(parts.scheme, host, port)
+            if proxy is not None and not secure:  # absolute form, to the proxy itself
+                path = f"http://{authority}{path}"
+                if proxy.authorization:
+                    lines.append(f"Proxy-Authorization: {proxy.authorization}")
+            head = "\r\n".join([f"POST {path} HTTP/1.1", *lines]).encode("latin-1")
+            target = self._targets[url] = ((parts.scheme, host, port), head)
         return target
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
-        origin, authority, path = self._target(url)
-        head = _head(path, authority, headers, len(body))
+        origin, start = self._target(url)
+        head = _head(start, headers, len(body))
         conn, reused = await self._acquire(origin)
         try:
             return await conn.send(head, body)
@@ -263,20 +295,75 @@ class Http1Upstream:
 
     async def _connect(self, origin: _Origin) -> _Connection:
         scheme, host, port = origin
-        context = None
-        if scheme == "https":
-            context = self._ssl = self._ssl or ssl.create_default_context()
+        context = self._egress.ssl_context if scheme == "https" else None
+        proxy = self._egress.proxy_for(scheme, host, port)
         loop = asyncio.get_running_loop()
         try:
+            if proxy is not None and context is not None:
+                return await asyncio.wait_for(self._tunnel(proxy, origin, context), CONNECT_TIMEOUT)
+            via_host, via_port = (proxy.host, proxy.port) if proxy else (host, port)
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Connection(self, origin), host, port, ssl=context,
+                    lambda: _Connection(self, origin), via_host, via_port, ssl=context,
                     server_hostname=host if context else None,
                 ),
                 CONNECT_TIMEOUT,
             )  # fmt: skip
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            raise UpstreamUnavailableError(type(exc).__name__) from exc
+            where = (proxy.host, proxy.port) if proxy and not context else (host, port)
+            message = describe_error(exc, *where)
+            if proxy is not None:
+                message += f" (through proxy {proxy.url})"
+            raise UpstreamUnavailableError(message) from exc
+        return conn
+
+    async def _tunnel(self, proxy: Proxy, origin: _Origin, context: ssl.SSLContext) -> _Connection:
+        """``CONNECT host:port`` through ``proxy``, then TLS to the upstream inside it."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
+        except OSError as exc:
+            raise UpstreamUnavailableError(
+                f"{describe_error(exc, proxy.host, proxy.port)} (the proxy)"
+            ) from exc
+        try:  # a timeout (the caller's wait_for) or a refusal must not leak the socket
+            return await self._through(transport, tunnel, proxy, origin, context)
+        except BaseException:
+            transport.close()
+            raise
+
+    async def _through(
+        self, transport: asyncio.BaseTransport, tunnel: _Tunnel, proxy: Proxy, origin: _Origin,
+        context: ssl.SSLContext,
+    ) -> _Connection:  # fmt: skip
+        _, host, port = origin
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [f"CONNECT {netloc} HTTP/1.1", f"Host: {netloc}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        cast(asyncio.Transport, transport).write(
+            ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        )
+        try:
+            head = await tunnel.head
+        except OSError as exc:
+            raise UpstreamUnavailableError(
+                f"proxy {proxy.url} dropped the CONNECT to {netloc}: {exc}"
+            ) from exc
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        status = status_line.split(" ", 2)
+        if len(status) < 2 or not status[1].startswith("2"):
+            raise UpstreamUnavailableError(
+                f"proxy {proxy.url} refused CONNECT to {netloc}: {status_line}"
+            )
+        conn = _Connection(self, origin)
+        loop = asyncio.get_running_loop()
+        tls = await loop.start_tls(
+            cast(asyncio.Transport, transport), conn, context, server_hostname=host
+        )
+        if tls is None:  # pragma: no cover - only when the transport closed meanwhile
+            raise UpstreamUnavailableError(f"proxy {proxy.url} closed the tunnel to {netloc}")
+        conn.connection_made(tls)
         return conn
 
     def release(self, conn: _Connection) -> None:
@@ -291,11 +378,10 @@ class Http1Upstream:
         self._idle.clear()
 
 
-def _head(path: str, authority: str, headers: Mapping[str, str], length: int) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", f"Host: {authority}", f"Content-Length: {length}"]
-    lines.append("Accept-Encoding: identity")
+def _head(start: bytes, headers: Mapping[str, str], length: int) -> bytes:
+    lines = [f"Content-Length: {length}", "Accept-Encoding: identity"]
     for name, value in headers.items():
         if "\r" in value or "\n" in value:  # never let a value smuggle a header or a request
             raise ValueError(f"header {name} contains a line break")
         lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return start + ("\r\n" + "\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

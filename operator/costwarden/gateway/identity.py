@@ -100,19 +100,25 @@ class SidecarIdentifier:
         labels_file: Path | None,
         *,
         labels: dict[str, str] | None = None,
+        job: str | None = None,
     ) -> None:
         if not namespace or not pod:
             raise ValueError("sidecar mode needs POD_NAMESPACE and POD_NAME (downward API env)")
         self._namespace, self._pod = namespace, pod
+        self._job = job
+        """Set by the injector from the Job controller's owner reference ("" for a pod no
+        Job controller created); None only for a hand-run sidecar: then the labels say."""
         self._labels = PolledFile(labels_file, parse_labels_file, default=dict(labels or {}))
         self._caller = self._build(self._labels.value)
 
     @classmethod
-    def from_env(cls, labels_file: Path | None) -> SidecarIdentifier:
-        return cls(os.environ.get("POD_NAMESPACE", ""), os.environ.get("POD_NAME", ""), labels_file)
+    def from_env(cls, labels_file: Path | None, job: str | None = None) -> SidecarIdentifier:
+        namespace, pod = os.environ.get("POD_NAMESPACE", ""), os.environ.get("POD_NAME", "")
+        return cls(namespace, pod, labels_file, job=job)
 
     def _build(self, labels: dict[str, str]) -> Caller:
-        return Caller("sidecar", self._namespace, self._pod, job_name(labels), labels)
+        job = job_name(labels) if self._job is None else self._job
+        return Caller("sidecar", self._namespace, self._pod, job, labels)
 
     async def identify(self, headers: Mapping[str, str]) -> Caller:
         if self._labels.refresh():
@@ -167,6 +173,14 @@ class SharedIdentifier:
             caller = await self._verifier.verify(token)
             if caller is not None:
                 return caller
+            audiences = ", ".join(getattr(self._verifier, "audiences", None) or [])
+            if audiences:
+                raise UnattributedError(
+                    f"the API server does not accept this service-account token for the "
+                    f"audience {audiences}: a pod's default token is refused. Project one "
+                    f"(a serviceAccountToken volume source with audience: {audiences}) and "
+                    "send that file's content, see docs/agents.md"
+                )
         raise UnattributedError(
             "the credential is neither a known costwarden team key nor a service-account "
             "token the API server accepts"

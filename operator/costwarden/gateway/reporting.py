@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import secrets
+import ssl
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -61,8 +62,11 @@ class OperatorReportingSink:
         on_phases: PhaseListener | None = None,
         on_rejected: Callable[[str], None] | None = None,
         send_seconds: float = SEND_SECONDS,
+        ca_file: Path | None = None,
     ) -> None:
         self.url = url.rstrip("/") + "/v1/usage"
+        self._ca_file = ca_file
+        self._ca_stamp: tuple[int, int, int] | None = None
         self._token_file = token_file
         self._token = token
         self.on_phases = on_phases
@@ -209,6 +213,28 @@ class OperatorReportingSink:
             self._queue.popleft()
         return True
 
+    def _ca_changed(self) -> bool:
+        """Whether the CA bundle file changed since the session was made (the operator
+        publishes a new CA when it starts with a new certificate; the kubelet updates the
+        mounted ConfigMap)."""
+        if self._ca_file is None:
+            return False
+        try:
+            st = os.stat(self._ca_file)
+        except OSError:
+            return self._ca_stamp is not None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return stamp != self._ca_stamp
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        """Verify the operator against the CA bundle (never skip verification: the token
+        would go to whoever answers)."""
+        if self._ca_file is None:
+            return True  # the system's CAs
+        st = os.stat(self._ca_file)  # missing: OSError, the send is retried
+        self._ca_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return ssl.create_default_context(cafile=str(self._ca_file))
+
     def _drop_rejected(self, answer: bytes) -> bool:
         """The operator refused some entries for good (they disagree with what it recomputes:
         docs/security-ingestion.md) and applied nothing of the batch. Drop those entries, so
@@ -235,8 +261,13 @@ class OperatorReportingSink:
         return True
 
     async def _post(self, body: bytes) -> tuple[int, bytes]:
+        if self._session is not None and not self._session.closed and self._ca_changed():
+            await self._session.close()
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+            connector = aiohttp.TCPConnector(ssl=self._ssl())
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=30), connector=connector
+            )
         headers = {"Content-Type": "application/json"}
         token = self._bearer()
         if token:

@@ -1,4 +1,5 @@
-"""The HTTP server: API routes, ``/v1/models``, health, metrics, background tasks.
+"""The HTTP server: API routes, ``/v1/models``, health, background tasks; and ``/metrics``
+on a port of its own (``--metrics-port``), never on the API port callers reach.
 
 aiohttp's server because it is the fastest pure-asyncio HTTP/1.1 server that also
 streams (SSE) simply, and it is already here with kopf; with uvloop it carries 1,000 rps
@@ -48,7 +49,6 @@ class GatewayServer:
             ("GET", "/v1/models"): lambda request: models(gateway, request),
             ("GET", "/healthz"): lambda request: healthz(),
             ("GET", "/readyz"): lambda request: readyz(gateway),
-            ("GET", "/metrics"): lambda request: metrics(gateway),
         }
         # No access log: the decision log already has one line per call.
         self.server = web.Server(
@@ -98,16 +98,47 @@ class GatewayServer:
         await self.gateway.sink.close()
 
 
-async def serve(gateway: Gateway, host: str, port: int, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then finish in-flight calls and flush the sinks."""
+def metrics_server(gateway: Gateway) -> web.Server:
+    """``GET /metrics`` (and ``/healthz``) alone: what Prometheus scrapes, on its own port.
+    Kept off the API port: the metrics name every team, model and rule, and a caller of the
+    API (any pod in the cluster, for the shared gateway) has no business reading them."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.method == "GET" and request.path == "/metrics":
+            return await metrics(gateway)
+        if request.method == "GET" and request.path == "/healthz":
+            return await healthz()
+        return web.Response(status=404, text=f"no route {request.method} {request.path}")
+
+    return web.Server(handle, access_log=None)
+
+
+async def serve(
+    gateway: Gateway,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    *,
+    metrics_host: str | None = None,
+    metrics_port: int = 0,
+) -> None:
+    """Serve until ``stop`` is set, then finish in-flight calls and flush the sinks.
+    ``metrics_port`` 0: no metrics listener."""
     app = GatewayServer(gateway)
     runner = web.ServerRunner(app.server, handle_signals=False)
     await runner.setup()
     await app.start()
     await web.TCPSite(runner, host, port).start()
+    scrape: web.ServerRunner | None = None
+    if metrics_port:
+        scrape = web.ServerRunner(metrics_server(gateway), handle_signals=False)
+        await scrape.setup()
+        await web.TCPSite(scrape, metrics_host or host, metrics_port).start()
     try:
         await stop.wait()
     finally:
+        if scrape is not None:
+            await scrape.cleanup()
         await runner.cleanup()  # stops accepting, lets running calls finish
         await app.stop()
 

@@ -6,6 +6,11 @@ does not hammer the API server. A pod-bound token (every projected token since
 Kubernetes 1.22) names its pod in ``extra["authentication.kubernetes.io/pod-name"]``; the
 pod's labels (cached for :data:`POD_TTL`) give the job and the team. The gateway needs
 RBAC ``create tokenreviews`` and ``get pods``.
+
+Tokens are reviewed for the gateway's own audience (:data:`GATEWAY_AUDIENCE` unless told
+otherwise): a token the API server would accept (a pod's default token) or one minted for
+the operator's ingestion is refused, so a caller never hands the gateway a credential
+that is worth anything elsewhere.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 from kubernetes import client, config
 
+from costwarden.api.usage import GATEWAY_AUDIENCE
 from costwarden.gateway.identity import Caller, job_name, token_digest
 
 log = logging.getLogger("costwarden.gateway.tokenreview")
@@ -42,7 +48,7 @@ class TokenReviewVerifier:
     def __init__(self, api: client.ApiClient, audiences: list[str] | None = None) -> None:
         self._auth = client.AuthenticationV1Api(api)
         self._core = client.CoreV1Api(api)
-        self._audiences = audiences
+        self.audiences = list(audiences or [GATEWAY_AUDIENCE])
         self._verdicts: dict[str, tuple[float, Caller | None]] = {}
         self._pods: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
 
@@ -59,7 +65,7 @@ class TokenReviewVerifier:
         return caller
 
     def _review(self, token: str) -> Caller | None:
-        spec = client.V1TokenReviewSpec(token=token, audiences=self._audiences)
+        spec = client.V1TokenReviewSpec(token=token, audiences=self.audiences)
         try:
             review: Any = self._auth.create_token_review(client.V1TokenReview(spec=spec))
         except client.ApiException as exc:
@@ -68,6 +74,8 @@ class TokenReviewVerifier:
         status = review.status
         if not status or not status.authenticated or not status.user:
             return None
+        if not set(status.audiences or []) & set(self.audiences):
+            return None  # an authenticator that ignores audiences: not bound to ours
         username: str = status.user.username or ""
         if not username.startswith(SA_PREFIX):
             return None  # a user or node credential: not a workload

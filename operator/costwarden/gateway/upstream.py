@@ -11,16 +11,24 @@ and benchmarks swap implementations:
   proxy at 1,000 rps: 0.71 / 1.72 ms p50/p99 versus 0.99 / 2.53 ms for httpx over the
   aiohttp transport, and httpx's default transport collapses (BENCHMARKS.md).
 - :class:`HttpxUpstream` (``--upstream-client httpx`` or ``httpx-aiohttp``): the project's
-  HTTP client API, kept for environments that need httpx's features (proxies, mounts).
+  HTTP client API, kept for environments that need httpx's features (mounts, hooks).
+
+All of them take the same :class:`~costwarden.gateway.egress.Egress`: the forward proxy
+chosen per upstream (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``) and the TLS trust
+(system CAs plus ``--upstream-ca-file``), so switching clients never changes where a
+call goes or which certificates it accepts.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 import httpx
+
+if TYPE_CHECKING:
+    from costwarden.gateway.egress import Egress, Proxy
 
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 600.0  # long generations stream for minutes; a stalled socket still ends
@@ -84,23 +92,35 @@ class _AiohttpResponse:
 class AiohttpUpstream:
     """aiohttp's client with one pooled connector, created inside the running loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, egress: Egress | None = None) -> None:
+        from costwarden.gateway.egress import Egress
+
+        self._egress = egress or Egress()
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+                connector=aiohttp.TCPConnector(
+                    limit=0, ttl_dns_cache=60, ssl=self._egress.ssl_context
+                ),
                 timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
                 skip_auto_headers=("User-Agent",),
             )
         return self._session
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
+        proxy = self._egress.proxy_for_url(url)
+        auth = None
+        if proxy is not None and (proxy.username or proxy.password):
+            auth = aiohttp.BasicAuth(proxy.username, proxy.password)
         try:
-            response = await self._get_session().post(url, data=body, headers=dict(headers))
+            response = await self._get_session().post(
+                url, data=body, headers=dict(headers),
+                proxy=proxy.url if proxy else None, proxy_auth=auth,
+            )  # fmt: skip
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise UpstreamUnavailableError(type(exc).__name__) from exc
+            raise UpstreamUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         return _AiohttpResponse(response)
 
     async def close(self) -> None:
@@ -139,48 +159,66 @@ class _HttpxResponse:
 
 
 class HttpxUpstream:
-    """httpx ``AsyncClient``; with ``aiohttp_transport`` it rides on aiohttp's transport."""
+    """httpx ``AsyncClient``; with ``aiohttp_transport`` it rides on aiohttp's transport.
 
-    def __init__(self, *, aiohttp_transport: bool = False) -> None:
+    One client per proxy (and one for direct calls): the proxy is chosen per upstream by
+    :class:`Egress`, never by httpx's own reading of the environment (``trust_env`` off).
+    """
+
+    def __init__(self, *, aiohttp_transport: bool = False, egress: Egress | None = None) -> None:
+        from costwarden.gateway.egress import Egress
+
         self._aiohttp_transport = aiohttp_transport
-        self._client: httpx.AsyncClient | None = None
+        self._egress = egress or Egress()
+        self._clients: dict[Proxy | None, httpx.AsyncClient] = {}
 
-    def _get_client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def _get_client(self, proxy: Proxy | None) -> httpx.AsyncClient:
+        client = self._clients.get(proxy)
+        if client is None:
+            via = None
+            if proxy is not None:
+                auth = (proxy.username, proxy.password) if proxy.authorization else None
+                via = httpx.Proxy(proxy.url, auth=auth)
+            context = self._egress.ssl_context
             transport: httpx.AsyncBaseTransport | None = None
             if self._aiohttp_transport:
                 from httpx_aiohttp import AiohttpTransport
 
-                transport = AiohttpTransport()
+                transport = AiohttpTransport(verify=context, trust_env=False, proxy=via)
+                via = None
             timeout = httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-            self._client = httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits)
-        return self._client
+            client = self._clients[proxy] = httpx.AsyncClient(
+                transport=transport, timeout=timeout, limits=limits, verify=context,
+                proxy=via, trust_env=False,
+            )  # fmt: skip
+        return client
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
-        client = self._get_client()
+        client = self._get_client(self._egress.proxy_for_url(url))
         request = client.build_request("POST", url, headers=headers, content=body)
         try:
             response = await client.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise UpstreamUnavailableError(type(exc).__name__) from exc
+            raise UpstreamUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         return _HttpxResponse(response)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        for client in self._clients.values():
+            await client.aclose()
 
 
 CLIENTS = ("http1", "aiohttp", "httpx-aiohttp", "httpx")
 
 
-def make_upstream(kind: str) -> UpstreamClient:
+def make_upstream(kind: str, egress: Egress | None = None) -> UpstreamClient:
+    """The client named ``kind``; ``egress`` defaults to no proxy and the system CAs."""
     if kind == "http1":
         from costwarden.gateway.http1 import Http1Upstream
 
-        return Http1Upstream()
+        return Http1Upstream(egress)
     if kind == "aiohttp":
-        return AiohttpUpstream()
+        return AiohttpUpstream(egress)
     if kind in ("httpx", "httpx-aiohttp"):
-        return HttpxUpstream(aiohttp_transport=kind == "httpx-aiohttp")
+        return HttpxUpstream(aiohttp_transport=kind == "httpx-aiohttp", egress=egress)
     raise ValueError(f"unknown upstream client {kind!r}; choose one of {', '.join(CLIENTS)}")

@@ -87,8 +87,10 @@ HEADER = """\
 # Metrics
 
 The operator serves Prometheus metrics on its metrics port (`--metrics-port`, chart value
-`operator.ports.metrics`, default 9090) and every gateway on `GET /metrics` of its HTTP
-port. With `metrics.serviceMonitor.enabled` the chart renders ServiceMonitors for both.
+`operator.ports.metrics`, default 9090) and every gateway on `GET /metrics` of its own
+metrics port (`--metrics-port`, chart value `gateway.metricsPort`, default 9091; the API
+port callers reach serves no metrics). With `metrics.serviceMonitor.enabled` the chart
+renders ServiceMonitors for both.
 
 Labels are bounded: per team (one value per TeamBudget, `namespace/name`), per model and
 rule (from RoutingPolicies), or small enums. No label ever carries a Job, pod, prompt or

@@ -63,6 +63,18 @@ class ManifestObject:
         )
 
 
+def namespace_manifests(documents: Iterable[Document]) -> list[dict[str, Any]]:
+    """The Namespace manifests among the documents: their ``costwarden.io/budget``
+    annotations carry a cluster admin's consent (policy.tenancy)."""
+    return [
+        d.body
+        for d in documents
+        if d.body.get("apiVersion") == "v1"
+        and d.body.get("kind") == "Namespace"
+        and isinstance(d.body.get("metadata"), dict)
+    ]
+
+
 def is_costwarden(document: Document) -> bool:
     api_version = document.body.get("apiVersion")
     return isinstance(api_version, str) and api_version.split("/")[0] == GROUP

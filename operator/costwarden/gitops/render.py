@@ -4,7 +4,8 @@ It is the operator's own decision (``policy.render.reconcile``) applied to the o
 the manifests, as if they were the whole cluster: a reviewer sees exactly which teams,
 models, prices and rules the gateways would enforce. The spend state is zero (or what a
 manifest's ``status`` says) and the period is the one holding ``now``, which ``--now``
-fixes so that the output is reproducible.
+fixes so that the output is reproducible. Namespace manifests in the set supply the
+consents (``costwarden.io/budget`` annotations) that let a budget govern other namespaces.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from datetime import datetime
 from costwarden.api import teambudget
 from costwarden.api.catalog import PriceCatalog
 from costwarden.gitops.loader import Document
-from costwarden.gitops.objects import DEFAULT_NAMESPACE, envelope_problems, read_objects
+from costwarden.gitops.objects import (
+    DEFAULT_NAMESPACE,
+    envelope_problems,
+    namespace_manifests,
+    read_objects,
+)
 from costwarden.policy.render import Reconciliation, reconcile, serialize
+from costwarden.policy.tenancy import consents_from_namespaces
 
 
 def reconcile_documents(
@@ -32,7 +39,8 @@ def reconcile_documents(
     objects = [o for o in read_objects(documents, default_namespace) if not envelope_problems(o)]
     budgets = [o.observed() for o in objects if o.kind == teambudget.KIND]
     policies = [o.observed() for o in objects if o.kind != teambudget.KIND]
-    return reconcile(budgets, policies, catalog, now)
+    consents = consents_from_namespaces(namespace_manifests(documents))
+    return reconcile(budgets, policies, catalog, now, consents=consents)
 
 
 def pretty(result: Reconciliation) -> str:

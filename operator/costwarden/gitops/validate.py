@@ -4,7 +4,10 @@ One rule set: each object goes through the same pydantic models (schema plus the
 twins of the CRD's CEL rules) and the same ``policy.validation`` checks the operator runs
 for its Ready condition. On top come the checks only a whole set of manifests allows:
 references to objects that are not in the set, duplicated objects, and budgets that
-select the same workloads.
+select the same workloads, and tenancy (policy.tenancy): a budget's claim on another
+namespace is checked against the ``costwarden.io/budget`` annotation of that Namespace's
+manifest in the set (absent manifest: consent cannot be verified, an error), and a
+cross-namespace routingPolicyRef against the policy's ``spec.grants``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from costwarden.gitops.objects import (
     DEFAULT_NAMESPACE,
     ManifestObject,
     envelope_problems,
+    namespace_manifests,
     read_objects,
 )
 from costwarden.gitops.overlap import shared_namespaces
+from costwarden.policy.tenancy import consents_from_namespaces, tenancy_problems
 from costwarden.policy.validation import (
     Problem,
     parse_routing_policy_spec,
@@ -108,6 +113,9 @@ def validate(
                 report.findings.extend(Finding(obj, p) for p in parsed)
             else:
                 budgets.append((obj, parsed))
+    namespaces = namespace_manifests(documents)
+    consents = consents_from_namespaces(namespaces)
+    known = {str(ns["metadata"].get("name")) for ns in namespaces}
     valid_budgets = []
     for obj, spec in budgets:
         problems = [
@@ -115,6 +123,10 @@ def validate(
             for p in team_budget_problems(spec, namespace=obj.namespace, policies=policies)
             if not _trusted_missing_ref(p, spec, obj, refs)
         ]
+        problems += tenancy_problems(
+            spec, obj.namespace, obj.name, consents=consents, policies=policies,
+            known_namespaces=known,
+        )  # fmt: skip
         report.findings.extend(Finding(obj, p) for p in problems)
         if not problems:
             valid_budgets.append((obj, spec))
@@ -171,12 +183,20 @@ def _duplicates(objects: Iterable[ManifestObject]) -> list[Finding]:
 
 
 def _overlaps(budgets: list[tuple[ManifestObject, TeamBudgetSpec]]) -> list[Finding]:
-    """Each pair of budgets that can select one workload, reported on the later (by id)."""
+    """Each pair of budgets of one namespace that can select one workload there, reported
+    on the later (by id)."""
     ordered = sorted(budgets, key=lambda pair: pair[0].id)
     findings = []
     for position, (obj, spec) in enumerate(ordered):
         for other, other_spec in ordered[:position]:
-            common = shared_namespaces(spec, obj.namespace, other_spec, other.namespace)
+            # Attribution (policy.tenancy.attribute) prefers a budget in the workload's own
+            # namespace to one the namespace consented to: only two budgets of that same
+            # namespace are ambiguous, resolved silently by name.
+            common = {
+                ns
+                for ns in shared_namespaces(spec, obj.namespace, other_spec, other.namespace)
+                if ns == obj.namespace == other.namespace
+            }
             if common:
                 findings.append(
                     Finding(

@@ -35,6 +35,11 @@ from costwarden.api.teambudget import BudgetPhase, TeamBudgetSpec, TeamBudgetSta
 from costwarden.policy.caps import CapVerdict, evaluate_caps
 from costwarden.policy.periods import period_bounds
 from costwarden.policy.pricing import resolve_pricing
+from costwarden.policy.tenancy import (
+    Consents,
+    governed_namespaces,
+    tenancy_problems,
+)
 from costwarden.policy.validation import (
     Problem,
     parse_routing_policy_spec,
@@ -98,15 +103,18 @@ def reconcile(
     catalog: PriceCatalog,
     now: datetime,
     provider_hosts: ProviderHosts = ANY_HOST,
+    consents: Consents | None = None,
 ) -> Reconciliation:
-    """``provider_hosts``: the admin's allow-list of External hosts (empty: any)."""
+    """``provider_hosts``: the admin's allow-list of External hosts (empty: any).
+    ``consents``: namespace -> its ``costwarden.io/budget`` annotation (policy.tenancy);
+    None or empty, every budget governs only its own namespace."""
     policy_specs, policy_verdicts, policy_configs = _reconcile_policies(
         policies, catalog, provider_hosts
     )
     budget_verdicts: dict[str, BudgetVerdict] = {}
     teams: list[TeamConfig] = []
     for budget in sorted(budgets, key=lambda o: o.id):
-        verdict, team = _reconcile_budget(budget, policy_specs, now)
+        verdict, team = _reconcile_budget(budget, policy_specs, now, consents or {})
         budget_verdicts[budget.id] = verdict
         if team is not None:
             teams.append(team)
@@ -196,13 +204,17 @@ def _reconcile_budget(
     budget: ObservedObject,
     policies: Mapping[str, RoutingPolicySpec | None],
     now: datetime,
+    consents: Consents,
 ) -> tuple[BudgetVerdict, TeamConfig | None]:
     parsed = parse_team_budget_spec(budget.spec)
     if isinstance(parsed, list):
         return _invalid(parsed), None
+    restrictions = tenancy_problems(
+        parsed, budget.namespace, budget.name, consents=consents, policies=policies
+    )
     problems = team_budget_problems(parsed, namespace=budget.namespace, policies=policies)
     if problems:
-        return _invalid(problems), None
+        return _invalid([*problems, *restrictions]), None
     start, end = period_bounds(parsed.period.schedule, parsed.period.time_zone, now)
     spent, tokens = observed_spend(budget.status, start)
     caps = evaluate_caps(
@@ -212,9 +224,22 @@ def _reconcile_budget(
         soft_limit_usd=parsed.soft_limit_usd(),
         token_caps=parsed.token_caps,
     )
-    policy_id = policy_id_of(parsed, budget.namespace)
-    team = _team_config(budget, parsed, policy_id, caps, spent, tokens, start, end)
-    if policy_id is None:
+    # A restricted budget (T1/T2) still caps what it governs: dropping it would lift its cap.
+    granted = not any(p.reason is Reason.REFERENCE_NOT_GRANTED for p in restrictions)
+    policy_id = policy_id_of(parsed, budget.namespace) if granted else None
+    governed = governed_namespaces(parsed, budget.namespace, budget.name, consents)
+    team = _team_config(budget, parsed, governed, policy_id, caps, spent, tokens, start, end)
+    if restrictions:
+        verdict = BudgetVerdict(
+            False,
+            restrictions[0].reason,
+            _summary(restrictions),
+            tuple(restrictions),
+            caps=caps,
+            period_start=start,
+            period_end=end,
+        )
+    elif policy_id is None:
         verdict = BudgetVerdict(
             True,
             Reason.NO_ROUTING_POLICY,
@@ -238,6 +263,7 @@ def _reconcile_budget(
 def _team_config(
     budget: ObservedObject,
     spec: TeamBudgetSpec,
+    governed: list[str],
     policy_id: str | None,
     caps: CapVerdict,
     spent: Decimal,
@@ -248,7 +274,7 @@ def _team_config(
     return TeamConfig(
         id=budget.id,
         generation=budget.generation,
-        namespaces=sorted(spec.workloads.namespaces or [budget.namespace]),
+        namespaces=governed,
         selector=spec.workloads.selector,
         period=spec.period,
         hard_cap_usd=spec.hard_cap_usd,

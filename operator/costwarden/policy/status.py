@@ -53,7 +53,9 @@ def budget_status(
     """The full status fields the reconciler owns for a TeamBudget."""
     conditions = _with_ready(verdict, observed, generation, now)
     fragment: dict[str, Any] = {"observedGeneration": generation}
-    if not verdict.ready or verdict.caps is None or hard_cap_usd is None:
+    # A budget restricted by tenancy (Ready=False, NamespaceNotGranted/ReferenceNotGranted)
+    # still has caps: it keeps its phase, so its spend and enforcement stay visible.
+    if verdict.caps is None or hard_cap_usd is None:
         fragment["phase"] = BudgetPhase.INVALID.value
         fragment["conditions"] = _dump(conditions)
         return fragment

@@ -170,6 +170,8 @@ def team_budget_problems(
             )
         )
         return problems
+    if ref.namespace not in (None, namespace) and not policy.grants_namespace(namespace):
+        return problems  # not granted (policy.tenancy reports it): its models are not ours
     known = policy.model_names()
     for index, cap in enumerate(spec.model_caps):
         if cap.model not in known:

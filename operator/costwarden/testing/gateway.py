@@ -29,6 +29,7 @@ from costwarden.api.teambudget import Period
 from costwarden.api.usage import UsageSink
 from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import Credentials
+from costwarden.gateway.egress import Egress
 from costwarden.gateway.identity import Identifier, SidecarIdentifier
 from costwarden.gateway.proxy import Gateway
 from costwarden.gateway.server import GatewayServer
@@ -174,6 +175,7 @@ class GatewayThread(ServerThread):
         sink: UsageSink | None = None,
         credentials_dir: Path | None = None,
         upstream_client: str = "http1",
+        egress: Egress | None = None,
     ) -> None:
         store = ConfigStore(config_path)
         if config is not None:
@@ -184,7 +186,7 @@ class GatewayThread(ServerThread):
         self.gateway = Gateway(
             config=store,
             identifier=identifier or sidecar_identity(),
-            upstream=make_upstream(upstream_client),
+            upstream=make_upstream(upstream_client, egress),
             sink=self.sink,
             credentials=Credentials(credentials_dir),
             replica_id="test-replica",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -70,14 +71,17 @@ class ManagedProcess:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-tail:] if tail else lines)
 
-    def wait_http_ok(self, url: str, timeout: float = 30.0) -> None:
-        """Until ``url`` answers 2xx; fails early with the log tail if the process died."""
+    def wait_http_ok(
+        self, url: str, timeout: float = 30.0, *, context: ssl.SSLContext | None = None
+    ) -> None:
+        """Until ``url`` answers 2xx; fails early with the log tail if the process died.
+        ``context``: the TLS context verifying an https ``url``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive:
                 raise RuntimeError(f"{self.name} exited:\n{self.logs(tail=40)}")
             try:
-                with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (loopback)
+                with urllib.request.urlopen(url, timeout=1, context=context) as response:  # noqa: S310
                     if 200 <= response.status < 300:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -23,7 +23,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 class ServerThread:
-    """Runs an aiohttp application on ``host`` (127.0.0.1) in a thread with its own event loop.
+    """Runs an aiohttp application on ``host`` (127.0.0.1) in a thread with its own event
+    loop.
 
     Tests use it to drive real sockets with the synchronous SDKs from the test thread.
     """
@@ -31,23 +32,28 @@ class ServerThread:
     def __init__(
         self,
         make_app: Callable[[], Awaitable[web.Application | web.Server] | web.Application],
-        host: str = "127.0.0.1",
         *,
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
+        url_host: str | None = None,
+        host: str = "127.0.0.1",
     ):
+        """``port`` 0 picks a free one (a fixed one lets a test restart a server in place);
+        ``host`` is the address it listens on (a process kubelet's pods reach the host at
+        its bridge address), ``url_host`` the name :attr:`url` gives (default: ``host``)."""
         self._make_app = make_app
-        self.host = host
-        self._port = port
-        self._ssl = ssl_context
+        self._ssl_context = ssl_context
+        self._host = host
+        self._url_host = url_host or host
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner: web.BaseRunner | None = None
-        self.port = 0
+        self.port = port
 
     @property
     def url(self) -> str:
-        return f"{'https' if self._ssl else 'http'}://{self.host}:{self.port}"
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._url_host}:{self.port}"
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
@@ -69,7 +75,7 @@ class ServerThread:
             else web.ServerRunner(app)
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self._ssl)
+        site = web.TCPSite(self._runner, self._host, self.port, ssl_context=self._ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
 

@@ -10,8 +10,11 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from costwarden.api.gatewayconfig import GatewayConfig
 from costwarden.controllers.config_copies import ConfigCopies
 from costwarden.policy.injection import CONFIG_COPY_NAME
+from costwarden.policy.render import serialize
+from costwarden.testing.gateway import sample_config
 
 OLD = datetime.now(UTC) - timedelta(hours=1)
 
@@ -78,7 +81,7 @@ def _copies(core: FakeCore) -> ConfigCopies:
     return ConfigCopies(core, "costwarden-system", "source", frozenset({"kube-system"}))  # type: ignore[arg-type]
 
 
-DATA = {"gateway-config.json": "{}"}
+DATA = {"gateway-config.json": serialize(GatewayConfig())}
 
 
 def test_sync_creates_updates_and_removes_copies() -> None:
@@ -86,7 +89,7 @@ def test_sync_creates_updates_and_removes_copies() -> None:
         opted_in=["new", "current", "stale", "kube-system"],
         copies={
             "current": (DATA, OLD),
-            "stale": ({"gateway-config.json": "old"}, OLD),
+            "stale": ({"gateway-config.json": "{}"}, OLD),
             "abandoned": (DATA, OLD),
             "pods-left": (DATA, OLD),
             "just-made": (DATA, datetime.now(UTC)),
@@ -113,3 +116,32 @@ def test_ensure_before_the_source_exists_leaves_it_to_the_next_pass() -> None:
     assert core.writes == []
     asyncio.run(copies.sync(DATA, "r1"))
     assert core.writes == [("create", "team-a")]
+
+
+def _two_teams() -> str:
+    one = sample_config("http://upstream", namespaces=["team-a"])
+    team, policy = one.teams[0], one.policies[0]
+    other_policy = policy.model_copy(update={"id": "team-b/routing"})
+    other = team.model_copy(
+        update={"id": "team-b/budget", "namespaces": ["team-b"], "routing_policy": "team-b/routing"}
+    )
+    return serialize(one.model_copy(update={"teams": [team, other],
+                                            "policies": [policy, other_policy]}))  # fmt: skip
+
+
+def test_each_copy_holds_only_its_own_namespace_s_teams_and_policies() -> None:
+    core = FakeCore(opted_in=["team-a", "team-b", "nobody"], copies={}, injected_pods=set())
+    copies = _copies(core)
+    copies.ingest_ca = "-----BEGIN CERTIFICATE-----\n"
+    asyncio.run(copies.sync({"gateway-config.json": _two_teams()}, "r1"))
+    seen = {}
+    for namespace, (data, _) in core.copies.items():
+        config = GatewayConfig.model_validate_json(data["gateway-config.json"])
+        seen[namespace] = ([t.id for t in config.teams], [p.id for p in config.policies])
+        assert data["ingest-ca.crt"] == copies.ingest_ca
+    team_a = sample_config("http://upstream").teams[0]
+    assert seen == {
+        "team-a": ([team_a.id], [team_a.routing_policy]),
+        "team-b": (["team-b/budget"], ["team-b/routing"]),
+        "nobody": ([], []),
+    }

@@ -51,6 +51,24 @@ def test_service_accounts_are_reviewed_and_must_be_allowed():
     assert reviews.reviews == 3  # the verdict is cached
 
 
+def test_gateway_tokens_are_reviewed_for_the_ingest_audience_only():
+    """The API server refuses a token minted for another audience; asking for
+    costwarden.io/ingest is what makes the gateway's default token (or a token for the
+    gateway's own audience) worthless here."""
+    reviews = FakeReviews()
+    audiences: list[Any] = []
+    post = reviews.post
+
+    async def recording(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        audiences.append(body["spec"].get("audiences"))
+        return await post(path, body)
+
+    reviews.post = recording  # type: ignore[method-assign]
+    auth = IngestAuth(allowed_service_accounts=["cw:gateway"], rest=reviews)  # type: ignore[arg-type]
+    assert check(auth, "Bearer sa-cw-gateway") == 200
+    assert audiences == [["costwarden.io/ingest"]]
+
+
 class FakeSidecarReviews:
     """TokenReview of pod-bound tokens: ``pod-<ns>-<name>-<uid>``; audience-bound reviews only."""
 

@@ -46,7 +46,7 @@ def test_only_running_jobs_of_the_team_are_stopped():
         job("failed", finished="Failed"),
         job("elsewhere", namespace="other"),
     ]
-    assert names(jobs_to_stop(jobs, spec(), "team")) == ["running"]
+    assert names(jobs_to_stop(jobs, spec(), ["team"])) == ["running"]
 
 
 def test_selector_and_namespaces_decide_membership():
@@ -56,7 +56,14 @@ def test_selector_and_namespaces_decide_membership():
         job("in-b", "b", {"t": "x"}),
         job("wrong", "a", {"t": "y"}),
     ]
-    assert names(jobs_to_stop(jobs, team, "team")) == ["in-a", "in-b"]
+    assert names(jobs_to_stop(jobs, team, ["a", "b"])) == ["in-a", "in-b"]
+
+
+def test_a_claimed_but_ungoverned_namespace_is_never_touched():
+    # The budget claims kube-system; without the Namespace's consent it governs "team" only.
+    team = spec(workloads={"namespaces": ["team", "kube-system"]})
+    jobs = [job("own"), job("victim", namespace="kube-system")]
+    assert names(jobs_to_stop(jobs, team, ["team"])) == ["own"]
 
 
 def test_exemptions_come_from_the_budget_only():
@@ -67,12 +74,12 @@ def test_exemptions_come_from_the_budget_only():
         job("self-exempt", labels={"costwarden.io/exempt": "true"},
             annotations={"costwarden.io/exempt": "true"}),
     ]  # fmt: skip
-    assert names(jobs_to_stop(jobs, team, "team")) == ["self-exempt"]
+    assert names(jobs_to_stop(jobs, team, ["team"])) == ["self-exempt"]
 
 
 def test_an_empty_exemption_selector_exempts_nothing():
     team = spec(exemptions={"jobSelector": {}})
-    assert names(jobs_to_stop([job("a")], team, "team")) == ["a"]
+    assert names(jobs_to_stop([job("a")], team, ["team"])) == ["a"]
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,7 @@ def test_a_model_without_its_key_is_refused_not_forwarded(
     assert record.cost_usd == 0
     routed = re.search(r"model '([^']+)' needs", message)
     assert routed, message
-    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    metrics = gateway.gateway.metrics.exposition().decode()  # --metrics-port in production
     assert f'costwarden_gateway_missing_credentials_total{{model="{routed[1]}"}} 1.0' in metrics, (
         metrics
     )
@@ -106,5 +106,5 @@ def test_a_fallback_with_its_key_serves_the_call(
     assert response.status_code == 200
     assert response.headers["x-costwarden-model"] == "claude-haiku"
     assert [c.api_key for c in fake.calls] == [PROVIDER_KEY]
-    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    metrics = gateway.gateway.metrics.exposition().decode()  # --metrics-port in production
     assert 'costwarden_gateway_missing_credentials_total{model="claude-sonnet"} 1.0' in metrics

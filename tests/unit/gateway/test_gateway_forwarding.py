@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from costwarden.api.gatewayconfig import SpendState
 from costwarden.api.usage import Outcome
@@ -32,8 +33,10 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_fallback_on_5xx_and_429(gateway: Any, fake: FakeUpstream) -> None:
-    fake.script("gpt-4o", "503")
+@pytest.mark.parametrize("status", ["429", "500", "503"])
+def test_fallback_on_5xx_and_429(gateway: Any, fake: FakeUpstream, status: str) -> None:
+    """The upstream answers a real HTTP ``status`` (with the provider's error body) first."""
+    fake.script("gpt-4o", status)
 
     response = post(gateway.url, CHAT, headers=REVIEW)
 
@@ -42,6 +45,13 @@ def test_fallback_on_5xx_and_429(gateway: Any, fake: FakeUpstream) -> None:
     assert "fallback" in response.headers["x-costwarden-reason"]
     record = records(gateway).records[-1]
     assert (record.outcome, record.attempts, record.served_model) == (Outcome.OK, 2, "gpt-4o-mini")
+    first, second = fake.calls
+    assert (first.model, first.usage, second.model) == ("gpt-4o", None, "gpt-4o-mini")
+    errors = gateway.gateway.metrics.registry.get_sample_value(
+        "costwarden_gateway_upstream_errors_total",
+        {"model": "gpt-4o", "provider": "OpenAI", "kind": status},
+    )
+    assert errors == 1
 
 
 def test_fallback_when_the_backend_is_unreachable(

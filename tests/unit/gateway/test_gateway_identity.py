@@ -110,3 +110,17 @@ def test_anything_else_is_unattributed(tmp_path: Path, headers: dict[str, str]) 
 
     with pytest.raises(UnattributedError):
         identify(identifier, headers)
+
+
+def test_a_caller_is_attributed_to_its_namespaces_own_team_never_to_a_foreign_one() -> None:
+    own = sample_config("http://upstream").teams[0]
+    # A team elsewhere whose id sorts first and which (by consent) also governs NAMESPACE.
+    foreign = own.model_copy(update={"id": "aaa/platform", "namespaces": ["aaa", NAMESPACE]})
+    config = sample_config("http://upstream").model_copy(update={"teams": [foreign, own]})
+    compiled = compile_config(config, b"{}")
+    caller = Caller("token", NAMESPACE, "pod", "", {})
+    team = resolve_team(caller, compiled)
+    assert team is not None
+    assert team.id == TEAM_ID
+    assert resolve_team(Caller("token", "elsewhere", "pod", "", {}), compiled) is None
+    assert resolve_team(Caller("token", "aaa", "pod", "", {}), compiled).id == "aaa/platform"

@@ -33,7 +33,9 @@ def test_metrics_count_requests_tokens_cost_and_refusals(gateway: Any) -> None:
         gateway.url + "/v1/chat/completions", json=CHAT, headers={"X-Costwarden-Sensitivity": "x"}
     )
 
-    text = httpx.get(gateway.url + "/metrics").text
+    # Not on the API port: Prometheus scrapes --metrics-port (server.metrics_server).
+    assert httpx.get(gateway.url + "/metrics").status_code == 404
+    text = gateway.gateway.metrics.exposition().decode()
 
     record = gateway.sink.records[0]
     ok = 'costwarden_gateway_requests_total{model="gpt-4o-mini",outcome="OK",provider="OpenAI"'

@@ -64,3 +64,21 @@ def test_objects_the_operator_would_leave_out_are_listed_on_stderr(cli, tmp_path
 def test_loader_reads_the_examples_in_order():
     documents = load_paths([str(EXAMPLES_DIR)])
     assert [d.body["kind"] for d in documents][-3:] == ["RoutingPolicy", "TeamBudget", "TeamBudget"]
+
+
+def test_render_takes_consent_from_the_namespace_manifests_in_the_set(cli, tmp_path: Path):
+    budget = (
+        "apiVersion: costwarden.io/v1alpha1\nkind: TeamBudget\n"
+        "metadata: {name: all, namespace: platform}\n"
+        "spec: {hardCapUSD: 10, workloads: {namespaces: [platform, batch]}}\n"
+    )
+    namespace = (
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: batch\n"
+        "  annotations: {costwarden.io/budget: platform/all}\n"
+    )
+    (tmp_path / "budget.yaml").write_text(budget)
+    alone = GatewayConfig.model_validate(cli("render", "--now", NOW, str(tmp_path)).json())
+    assert alone.teams[0].namespaces == ["platform"]  # no consent in the set
+    (tmp_path / "namespace.yaml").write_text(namespace)
+    both = GatewayConfig.model_validate(cli("render", "--now", NOW, str(tmp_path)).json())
+    assert both.teams[0].namespaces == ["batch", "platform"]

@@ -171,3 +171,18 @@ def test_a_folder_without_costwarden_objects_is_valid(cli, tmp_path: Path):
 def _line_of(path: Path, needle: str) -> int:
     lines = path.read_text().splitlines()
     return next(i for i, line in enumerate(lines, 1) if needle in line and not line.startswith("#"))
+
+
+def test_a_consented_budget_and_the_namespaces_own_are_no_overlap(cli, tmp_path):
+    # The own budget wins its namespace's workloads (policy.tenancy.attribute): not ambiguous.
+    (tmp_path / "set.yaml").write_text(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: batch\n"
+        "  annotations: {costwarden.io/budget: platform/all}\n---\n"
+        "apiVersion: costwarden.io/v1alpha1\nkind: TeamBudget\n"
+        "metadata: {name: all, namespace: platform}\n"
+        "spec: {hardCapUSD: 10, workloads: {namespaces: [platform, batch]}}\n---\n"
+        "apiVersion: costwarden.io/v1alpha1\nkind: TeamBudget\n"
+        "metadata: {name: own, namespace: batch}\nspec: {hardCapUSD: 5}\n"
+    )
+    run = cli("validate", "-o", "json", str(tmp_path))
+    assert run.code == 0, run.out

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from costwarden.api.gatewayconfig import CredentialRef
 from costwarden.api.usage import SIDECAR_REPORT_AUDIENCE
 from costwarden.policy.injection import (
     CONFIG_COPY_NAME,
@@ -162,24 +163,153 @@ def test_host_network_pods_are_not_injected() -> None:
     )
 
 
-def test_costwarden_wins_over_a_base_url_the_pod_sets() -> None:
+def denied(p: dict[str, Any], **kwargs: Any) -> str:
+    decision = inject(p, SETTINGS, namespace=p["metadata"]["namespace"], **kwargs)
+    assert decision.pod is None, decision
+    assert decision.denied
+    return decision.denied
+
+
+def test_a_base_url_the_pod_sets_itself_is_denied_naming_the_field() -> None:
     p = pod({INJECT_LABEL: "true"})
     p["spec"]["containers"][0]["env"] = [
         {"name": "FIRST", "value": "1"},
         {"name": "OPENAI_BASE_URL", "value": "https://api.openai.com/v1"},
         {"name": "ANTHROPIC_BASE_URL", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
-        {"name": "LAST", "value": "$(OPENAI_BASE_URL)"},
     ]
+    message = denied(p)
+    assert "spec.containers[0].env[1] (OPENAI_BASE_URL)" in message
+    assert "spec.containers[0].env[2] (ANTHROPIC_BASE_URL)" in message
+    assert "FIRST" not in message
+
+
+def test_the_base_url_with_costwarden_s_own_value_is_not_a_conflict() -> None:
+    p = pod({INJECT_LABEL: "true"})
+    url = base_url_env()["OPENAI_BASE_URL"]
+    p["spec"]["containers"][0]["env"] = [{"name": "OPENAI_BASE_URL", "value": url}]
     env = injected(p)["spec"]["containers"][0]["env"]
-    names = [e["name"] for e in env]
-    assert names[:4] == ["FIRST", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "LAST"], "order kept"
-    values = {e["name"]: e for e in env}
-    assert values["OPENAI_BASE_URL"] == {
-        "name": "OPENAI_BASE_URL",
-        "value": base_url_env()["OPENAI_BASE_URL"],
+    assert [e["name"] for e in env].count("OPENAI_BASE_URL") == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "mutate"),
+    [
+        ("spec.volumes[0] (costwarden-gateway-config)", lambda s: s.update(volumes=[
+            {"name": "costwarden-gateway-config", "configMap": {"name": "my-free-config"}}])),
+        ("spec.volumes[0] (costwarden-anything)", lambda s: s.update(volumes=[
+            {"name": "costwarden-anything", "emptyDir": {}}])),
+        ("spec.containers[1].name", lambda s: s["containers"].append(
+            {"name": SIDECAR_NAME, "image": "mine"})),
+        ("spec.initContainers[0].name", lambda s: s.update(initContainers=[
+            {"name": SIDECAR_NAME, "image": "costwarden/costwarden:test", "restartPolicy": "Always"}
+        ])),
+        ("spec.containers[0].env[0] (COSTWARDEN_REPORT_TO)", lambda s: s["containers"][0].update(
+            env=[{"name": "COSTWARDEN_REPORT_TO", "value": "https://evil"}])),
+        ("spec.containers[0].volumeMounts[0] (costwarden-state)", lambda s: s["containers"][0]
+            .update(volumeMounts=[{"name": "costwarden-state", "mountPath": "/ledger"}])),
+        ("spec.shareProcessNamespace", lambda s: s.update(shareProcessNamespace=True)),
+    ],
+)  # fmt: skip
+def test_names_the_injector_owns_are_denied(where: str, mutate: Any) -> None:
+    p = pod({INJECT_LABEL: "true"})
+    mutate(p["spec"])
+    assert where in denied(p)
+
+
+def test_a_pod_that_is_not_opted_in_is_not_judged() -> None:
+    p = pod({}, volumes=[{"name": "costwarden-state", "emptyDir": {}}])
+    decision = inject(p, SETTINGS, namespace="team-a")
+    assert (decision.pod, decision.denied) == (None, "")
+
+
+def _as_stored(p: dict[str, Any]) -> dict[str, Any]:
+    """What the API server keeps of an injected pod: defaults filled in, and the
+    ServiceAccount admission plugin's token mount added to the sidecar on reinvocation."""
+    stored = copy.deepcopy(p)
+    sidecar = stored["spec"]["initContainers"][0]
+    sidecar["terminationMessagePath"] = "/dev/termination-log"
+    sidecar["terminationMessagePolicy"] = "File"
+    sidecar["startupProbe"].update(timeoutSeconds=1, successThreshold=1)
+    for entry in sidecar["env"]:
+        if "fieldRef" in entry["valueFrom"]:
+            entry["valueFrom"]["fieldRef"]["apiVersion"] = "v1"
+    sidecar["volumeMounts"].append(
+        {"name": "kube-api-access-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+         "readOnly": True})  # fmt: skip
+    for volume in stored["spec"]["volumes"]:
+        for source in ("configMap", "downwardAPI", "projected"):
+            if source in volume:
+                volume[source]["defaultMode"] = 420
+    return stored
+
+
+def test_its_own_injection_as_the_api_server_stores_it_is_recognised() -> None:
+    settings = replace(SETTINGS, report_to="https://operator:8081")
+    first = inject(pod({INJECT_LABEL: "true"}), settings, namespace="team-a").pod
+    assert first is not None
+    again = inject(_as_stored(first), settings, namespace="team-a", namespace_opted_in=True)
+    assert (again.pod, again.denied) == (None, "")
+
+
+def test_its_own_injection_with_provider_key_env_is_recognised() -> None:
+    """The provider keys' secretKeyRef env is part of the sidecar the injector expects, so
+    the second call (the other webhook entry, a reinvocation) finds its own work unchanged."""
+    settings = replace(SETTINGS, report_to="https://operator:8081")
+    keys = [
+        CredentialRef(namespace="team-a", name="openai", key="api-key"),
+        CredentialRef(namespace="team-a", name="anthropic", key="key"),
+    ]
+    first = inject(pod({INJECT_LABEL: "true"}), settings, namespace="team-a", credentials=keys)
+    assert first.pod is not None
+    sidecar = first.pod["spec"]["initContainers"][0]
+    assert env_of(sidecar)["COSTWARDEN_CREDENTIAL_TEAM_A_OPENAI_API_KEY"] == {
+        "secretKeyRef": {"name": "openai", "key": "api-key", "optional": True}
     }
-    assert "valueFrom" not in values["ANTHROPIC_BASE_URL"]
-    assert names.count("OPENAI_BASE_URL") == 1
+    again = inject(
+        _as_stored(first.pod), settings, namespace="team-a", namespace_opted_in=True,
+        credentials=keys,
+    )  # fmt: skip
+    assert (again.pod, again.denied) == (None, "")
+    # A sidecar whose keys differ from what the injector would write now is not its own.
+    other = [CredentialRef(namespace="team-a", name="stolen", key="k")]
+    changed = inject(_as_stored(first.pod), settings, namespace="team-a", credentials=other)
+    assert "spec.initContainers[0].name" in changed.denied
+
+
+def test_a_copy_of_the_sidecar_with_one_argument_changed_is_denied() -> None:
+    first = injected(pod({INJECT_LABEL: "true"}))
+    forged = _as_stored(first)
+    args = forged["spec"]["initContainers"][0]["args"]
+    args[args.index("--config") + 1] = "/tmp/free.json"
+    assert "spec.initContainers[0].name" in denied(forged)
+    forged = _as_stored(first)
+    forged["spec"]["initContainers"][0]["command"] = ["sh", "-c", "sleep infinity"]
+    assert "spec.initContainers[0].name" in denied(forged)
+
+
+def _job_pod(labels: dict[str, str]) -> dict[str, Any]:
+    p = pod({INJECT_LABEL: "true", **labels})
+    p["metadata"]["ownerReferences"] = [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "nightly", "uid": "u1",
+         "controller": True, "blockOwnerDeletion": True}
+    ]  # fmt: skip
+    return p
+
+
+def _job_arg(p: dict[str, Any]) -> str:
+    args = p["spec"]["initContainers"][0]["args"]
+    return next(a for a in args if a.startswith("--job-name="))
+
+
+def test_the_sidecar_learns_its_job_from_the_job_controller_only() -> None:
+    forged_labels = {"batch.kubernetes.io/job-name": "victim", "job-name": "victim"}
+    by_controller = injected(
+        _job_pod(forged_labels), creator="system:serviceaccount:kube-system:job-controller"
+    )
+    assert _job_arg(by_controller) == "--job-name=nightly"
+    # The same pod (owner reference and labels forged alike) created by a tenant: no Job.
+    by_tenant = injected(_job_pod(forged_labels), creator="system:serviceaccount:team-a:ci")
+    assert _job_arg(by_tenant) == "--job-name="
 
 
 def test_existing_init_containers_run_after_the_sidecar_and_get_the_environment() -> None:

@@ -107,3 +107,70 @@ def test_a_budget_without_policy_is_ready_but_says_calls_are_refused():
     assert verdict.ready
     assert verdict.reason == "NoRoutingPolicy"
     assert result.config.team("ns/solo").routing_policy is None
+
+
+def _without_grants(policies: list[ObservedObject]) -> list[ObservedObject]:
+    spec = {k: v for k, v in policies[0].spec.items() if k != "grants"}
+    return [ObservedObject(policies[0].namespace, policies[0].name, 2, spec)]
+
+
+def test_an_ungranted_reference_is_not_ready_and_routes_nothing():
+    budgets, policies = world()
+    result = reconcile(budgets, _without_grants(policies), default_catalog(), NOW)
+    verdict = result.budgets["team-payments/payments"]
+    assert not verdict.ready
+    assert verdict.reason == "ReferenceNotGranted"
+    assert [p.field for p in verdict.problems] == ["spec.routingPolicyRef"]
+    team = result.config.team("team-payments/payments")
+    assert team is not None, "still capped: its calls are attributed to it and refused"
+    assert team.routing_policy is None
+    assert team.namespaces == ["team-payments"]
+    assert result.policies["ai-platform/standard"].teams == 0
+
+
+def _claiming(namespaces: list[str]) -> ObservedObject:
+    spec = {"hardCapUSD": 0, "workloads": {"namespaces": namespaces},
+            "onHardCap": {"jobs": "Delete"}}  # fmt: skip
+    return ObservedObject("attacker", "grab", 1, spec)
+
+
+def test_an_unconsented_namespace_is_not_ready_and_left_out_of_the_team():
+    result = reconcile([_claiming(["kube-system"])], [], default_catalog(), NOW)
+    verdict = result.budgets["attacker/grab"]
+    assert (verdict.ready, verdict.reason) == (False, "NamespaceNotGranted")
+    assert verdict.problems[0].field == "spec.workloads.namespaces[0]"
+    team = result.config.team("attacker/grab")
+    assert team is not None  # its own namespace stays capped
+    assert team.namespaces == ["attacker"]
+    assert result.config.team_for_workload("kube-system", {}) is None
+
+
+def test_consent_lets_a_budget_govern_a_namespace_and_attribution_prefers_the_own_budget():
+    selector = {"matchLabels": {"team": "batch"}}
+    own = ObservedObject("batch", "own", 1, {"hardCapUSD": 5, "workloads": {"selector": selector}})
+    platform = ObservedObject(
+        "platform", "all", 1, {"hardCapUSD": 50, "workloads": {"namespaces": ["platform", "batch"]}}
+    )
+    consents = {"batch": "platform/all"}
+    result = reconcile([own, platform], [], default_catalog(), NOW, consents=consents)
+    assert result.budgets["platform/all"].reason == "NoRoutingPolicy"
+    assert result.config.team("platform/all").namespaces == ["batch", "platform"]
+    assert result.config.team_for_workload("batch", {"team": "batch"}).id == "batch/own"
+    assert result.config.team_for_workload("batch", {"team": "x"}).id == "platform/all"
+    # Consent withdrawn: the namespace is the platform budget's no more.
+    withdrawn = reconcile([own, platform], [], default_catalog(), NOW, consents={})
+    assert withdrawn.config.team("platform/all").namespaces == ["platform"]
+    assert withdrawn.config.team_for_workload("batch", {"team": "x"}) is None
+
+
+def test_a_restricted_budget_keeps_its_phase_with_ready_false():
+    from decimal import Decimal
+
+    from costwarden.policy.status import budget_status
+
+    result = reconcile([_claiming(["kube-system"])], [], default_catalog(), NOW)
+    status = budget_status(result.budgets["attacker/grab"], {}, 1, Decimal(0), NOW)
+    assert status["phase"] == "Exhausted"  # a zero cap: its own namespace is stopped
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NamespaceNotGranted")
+    assert "spec.workloads.namespaces[0]" in ready["message"]
