@@ -537,6 +537,14 @@ def _one_call_job(deployed: Deployed, name: str, env: list[dict[str, Any]]) -> s
 def test_shared_gateway_refuses_the_pods_default_token(deployed: Deployed):
     # docs/agents.md: the API server's own token is never accepted by the gateway.
     default = {"name": "TOKEN_FILE", "value": "/var/run/secrets/kubernetes.io/serviceaccount/token"}
+    # The support team may be over its cap from the test before (its new Jobs would be
+    # deleted at once): the platform team raises it first.
+    client.CustomObjectsApi(deployed.api).patch_namespaced_custom_object(
+        "costwarden.io", "v1alpha1", "team-support", "teambudgets", "support",
+        {"spec": {"hardCapUSD": "5"}},
+    )  # fmt: skip
+    wait_for(lambda: deployed.budget_status("team-support", "support").get("phase") == "Active",
+             timeout=30, what="the support budget Active again")  # fmt: skip
     assert _one_call_job(deployed, "default-token", [*shared_gateway_env(deployed), default]) == (
         "Failed"
     )

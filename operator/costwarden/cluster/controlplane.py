@@ -366,6 +366,11 @@ class LocalControlPlane:
                 f"--controllers={','.join(CONTROLLERS)}",
                 f"--service-account-private-key-file={pki.sa_private_key}",
                 f"--root-ca-file={pki.ca_cert}",
+                # As kubeadm runs it: each controller acts as its own service account
+                # (system:serviceaccount:kube-system:job-controller, ...), which admission
+                # webhooks see as the pod's creator (the injector trusts only the Job
+                # controller's owner reference).
+                "--use-service-account-credentials=true",
                 "--leader-elect=false",
                 "--secure-port=0",
             ],
