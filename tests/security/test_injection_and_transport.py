@@ -29,7 +29,6 @@ from kubernetes.client.exceptions import ApiException
 from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, CONFIG_MAP_NAME
 from costwarden.api.usage import GATEWAY_AUDIENCE, INGEST_AUDIENCE
 from costwarden.cluster import LocalControlPlane
-from costwarden.cluster.controlplane import ADMIN_USER
 from costwarden.controllers.ingest_tls import CA_KEY, DEFAULT_CA_CONFIGMAP
 from costwarden.gateway.identity import SharedIdentifier
 from costwarden.policy.injection import (
@@ -88,7 +87,6 @@ def injector(
         "--webhook-cert-dir", str(work / "webhook-tls"),
         "--sidecar-image", IMAGE,
         "--sidecar-report-to", f"https://127.0.0.1:{port}",
-        "--job-controller-user", ADMIN_USER,
         "--ingest-port", str(port), "--ingest-listen-address", "127.0.0.1",
         "--ingest-cert-dir", str(work / "ingest-tls"), "--ingest-allow-sidecars",
     ).start()  # fmt: skip
