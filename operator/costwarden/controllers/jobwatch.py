@@ -47,10 +47,16 @@ async def watch_jobs(rest: Rest, handle: JobHandler, *, ready: asyncio.Event | N
             backoff = 1.0
         except asyncio.CancelledError:
             raise
-        except (TimeoutError, ApiError, OSError, ValueError) as error:
+        except Exception as error:
+            # Any failure (a dropped connection such as aiohttp's ServerDisconnectedError or
+            # ClientPayloadError, a timeout, a handler's error) resumes the watch: nothing
+            # restarts this task, so letting one escape would stop enforcement for good.
             if isinstance(error, ApiError) and error.status == 410:
                 version = None
-            log.warning("Job watch interrupted (%s); resuming in %.0fs", error, backoff)
+            log.warning(
+                "Job watch interrupted (%s: %s); resuming in %.0fs",
+                type(error).__name__, error, backoff,
+            )  # fmt: skip
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 

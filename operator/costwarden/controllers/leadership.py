@@ -11,18 +11,20 @@ peering lifetime when it dies.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 PEERING_GROUP = "kopf.dev"
 PEERING_VERSION = "v1"
 PEERING_PLURAL = "clusterkopfpeerings"
 CACHE_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
 
 
 def is_highest_live_peer(
@@ -86,7 +88,10 @@ class Leadership:
                 self._custom.get_cluster_custom_object,
                 PEERING_GROUP, PEERING_VERSION, PEERING_PLURAL, self.peering_name,
             )  # fmt: skip
-        except ApiException:
-            return False  # cannot tell: writing blind could fight the real leader
+        except Exception as error:
+            # Cannot tell (the API server may be down): writing blind could fight the real
+            # leader, so this replica pauses until the peering object answers again.
+            log.debug("leadership unknown, pausing: %s", type(error).__name__)
+            return False
         peers = cast(dict[str, Any], body).get("status") or {}
         return is_highest_live_peer(peers, self.identity, self.priority, datetime.now(UTC))

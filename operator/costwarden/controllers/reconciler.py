@@ -98,9 +98,11 @@ class Reconciler:
                 await asyncio.wait_for(self.world.changed.wait(), RESYNC_SECONDS)
             await asyncio.sleep(DEBOUNCE_SECONDS)
             self.world.changed.clear()
-            if not await self.leadership.is_leader():
-                continue
             try:
+                # Inside the try: an exception here must not end the reconciler for good
+                # (the task is not restarted; an API-server outage once did exactly that).
+                if not await self.leadership.is_leader():
+                    continue
                 await self.reconcile_once()
             except ConflictError as conflict:
                 # The watch event carrying the newer object re-triggers us; no blind overwrite.

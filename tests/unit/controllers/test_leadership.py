@@ -27,3 +27,22 @@ def test_dead_peers_do_not_count():
 
 def test_alone_means_leader():
     assert is_highest_live_peer({}, "me", 1, NOW)
+
+
+def test_an_unreachable_api_server_pauses_the_replica_instead_of_raising():
+    """A connection error (urllib3's MaxRetryError while the API server is down) once
+    escaped is_leader() and ended the reconciler task for good."""
+    import asyncio
+
+    from kubernetes import client
+    from urllib3.exceptions import MaxRetryError
+
+    from costwarden.controllers.leadership import Leadership
+
+    class DownApi:
+        def get_cluster_custom_object(self, *args: object) -> None:
+            raise MaxRetryError(None, "/apis/kopf.dev", "connection refused")  # type: ignore[arg-type]
+
+    leadership = Leadership(client.ApiClient(), peering_name="p", identity="me", priority=1)
+    leadership._custom = DownApi()  # type: ignore[assignment]
+    assert asyncio.run(leadership.is_leader()) is False
