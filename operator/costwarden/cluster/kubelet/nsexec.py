@@ -9,6 +9,11 @@ Runs as a ``preexec_fn``, i.e. in the forked child before exec, so it uses raw s
 through ctypes and does as little as possible. Volume sources are opened (``O_PATH``)
 before any mount and bind-mounted from ``/proc/self/fd/N``: a volume mounted over, say,
 ``/tmp`` or ``/run`` can then not hide the source of a later one.
+
+The "image" is the host's own files (the virtualenv, the interpreter, the project's
+source): in a real container they live in image layers that no volume can hide, so where a
+volume is mounted over one of them (the chart mounts an emptyDir at ``/tmp``, and a
+checkout may live under ``/tmp``) the image path is bound back on top, read-only.
 """
 
 from __future__ import annotations
@@ -49,6 +54,29 @@ class Sandbox:
     mounts: tuple[Mount, ...]
     workdir: str
     read_only_root: bool = False
+    image_paths: tuple[str, ...] = ()
+    """Host paths the image consists of; re-exposed where a volume would hide them."""
+
+
+def image_paths() -> tuple[str, ...]:
+    """What the local "image" is made of: this interpreter's prefixes and the directory the
+    costwarden package is imported from (an editable install points at a checkout)."""
+    import sys
+
+    import costwarden
+
+    source = Path(costwarden.__file__).resolve().parent.parent
+    paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), source}
+    return tuple(sorted(str(path) for path in paths))
+
+
+def shadowed(path: str, mounts: tuple[Mount, ...]) -> bool:
+    """Whether a volume's mount point contains ``path`` (so the volume would hide it)."""
+    parts = Path(path).parts
+    return any(
+        parts[: len(Path(m.target).parts)] == Path(m.target).parts and Path(m.target) != Path(path)
+        for m in mounts
+    )
 
 
 def _check(result: int, what: str) -> None:
@@ -79,6 +107,7 @@ def prepare_targets(sandbox: Sandbox) -> None:
 def enter(sandbox: Sandbox) -> Callable[[], None]:
     """The ``preexec_fn`` that moves the child into ``sandbox``."""
     mounts = sorted(sandbox.mounts, key=lambda m: len(Path(m.target).parts))
+    hidden = [p for p in sandbox.image_paths if shadowed(p, sandbox.mounts) and Path(p).exists()]
     netns_path = f"/run/netns/{sandbox.netns}" if sandbox.netns else None
 
     def preexec() -> None:
@@ -92,6 +121,7 @@ def enter(sandbox: Sandbox) -> Callable[[], None]:
         _check(_LIBC.sethostname(name, len(name)), "sethostname")
         _mount(None, "/", MS_REC | MS_PRIVATE)
         fds = [os.open(m.source, os.O_PATH) for m in mounts]
+        image_fds = [os.open(p, os.O_PATH) for p in hidden]
         if sandbox.read_only_root:
             # Per-mount flag in this namespace only; the host's / stays writable.
             _mount(None, "/", MS_BIND | MS_REMOUNT | MS_RDONLY)
@@ -100,6 +130,11 @@ def enter(sandbox: Sandbox) -> Callable[[], None]:
             # A bind mount inherits its source mount's flags (read-only once / is): set
             # the volume's own explicitly.
             _mount(None, mount.target, MS_BIND | MS_REMOUNT | (MS_RDONLY if mount.read_only else 0))
+            os.close(fd)
+        for path, fd in zip(hidden, image_fds, strict=True):
+            os.makedirs(path, exist_ok=True)  # inside the volume that hides it
+            _mount(f"/proc/self/fd/{fd}", path, MS_BIND | MS_REC)
+            _mount(None, path, MS_BIND | MS_REMOUNT | MS_RDONLY)
             os.close(fd)
         os.chdir(sandbox.workdir)
 

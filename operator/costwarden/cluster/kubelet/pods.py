@@ -17,7 +17,13 @@ from typing import Any, Protocol
 
 from costwarden.cluster.kubelet.atomic import write_atomically
 from costwarden.cluster.kubelet.network import PodNetwork
-from costwarden.cluster.kubelet.nsexec import Mount, Sandbox, enter, prepare_targets
+from costwarden.cluster.kubelet.nsexec import (
+    Mount,
+    Sandbox,
+    enter,
+    image_paths,
+    prepare_targets,
+)
 from costwarden.cluster.kubelet.podspec import (
     ImageMap,
     Json,
@@ -32,6 +38,7 @@ from costwarden.cluster.kubelet.podspec import (
     volume_files,
 )
 
+IMAGE_PATHS = image_paths()
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 10.0
@@ -336,6 +343,7 @@ class PodWorker:
             mounts=tuple(self._mounts(spec)),
             workdir=spec.get("workingDir") or image.workdir,
             read_only_root=bool((spec.get("securityContext") or {}).get("readOnlyRootFilesystem")),
+            image_paths=IMAGE_PATHS,
         )
         prepare_targets(sandbox)
         return argv, env, sandbox
