@@ -485,7 +485,6 @@ def _item_events(index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "type": "response.function_call_arguments.done",
                 **where,
-                "name": item["name"],
                 "arguments": TOOL_ARGUMENTS,
             }
         )
