@@ -487,3 +487,26 @@ def test_responses_retry_loop_and_count_tokens_do_not_feed_it(
     assert refused.outcome is Outcome.REFUSED
     assert refused.job == "agent-1"
     assert [s.job for s in signals] == ["agent-1"]
+
+
+def test_query_string_and_beta_headers_pass_through_on_messages(
+    gateway: GatewayThread, fake: FakeUpstream
+) -> None:
+    """Claude Code calls /v1/messages?beta=true with anthropic-beta: both reach the model,
+    and the call is metered as any other."""
+    client = anthropic.Anthropic(base_url=gateway.url, api_key="sk-x", max_retries=0)
+    message = client.beta.messages.create(
+        model="claude-fake-sonnet",
+        max_tokens=50,
+        messages=[{"role": "user", "content": INPUT}],
+        betas=["interleaved-thinking-2025-05-14"],
+        extra_query={"beta": "true"},
+    )
+
+    sent = fake.calls[0]
+    assert sent.path == "/v1/messages"
+    assert sent.query == "beta=true"
+    assert "interleaved-thinking-2025-05-14" in sent.headers["anthropic-beta"]
+    record = records(gateway)[0]
+    assert record.outcome is Outcome.OK
+    assert record.tokens.output == message.usage.output_tokens
