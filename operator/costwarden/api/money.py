@@ -82,4 +82,3 @@ PlainMoney = Annotated[
 """A USD amount like :data:`Money`, checked by the API server with an OpenAPI ``pattern``
 instead of a CEL rule, so a string only: for amounts inside maps, where a CEL rule per
 value would exceed the CRD's CEL cost budget."""
-

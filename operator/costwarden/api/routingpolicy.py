@@ -110,7 +110,7 @@ class ModelPricing(WireModel):
         alias="toolCallUSD",
         max_length=8,
         json_schema_extra={"maxProperties": 8},
-        description="USD per call (a decimal string, e.g. \"0.01\") of a tool the provider "
+        description='USD per call (a decimal string, e.g. "0.01") of a tool the provider '
         "runs and bills per call, by the Responses API output item type (web_search_call, "
         "file_search_call, code_interpreter_call; Anthropic's server web search counts as "
         "web_search_call). A tool call with no price here costs 0 and is still counted in "
