@@ -574,3 +574,28 @@ def test_anthropic_server_web_search_is_priced_per_use(
     assert record.tokens == tokens
     assert record.tool_calls == {"web_search_call": 1}
     assert record.cost_usd == token_cost + WEB_SEARCH_USD
+
+
+def test_agent_loop_ends_after_a_tool_result(gateway: GatewayThread, oai: openai.OpenAI) -> None:
+    """The fake model calls the tool, then answers in text once it has the result (for
+    agents driven against the fake upstream); both turns are metered."""
+    first = oai.responses.create(model="gpt-4o", input=INPUT, tools=[FUNCTION_TOOL])
+    call = first.output[0]
+    assert call.type == "function_call"
+    second = oai.responses.create(
+        model="gpt-4o",
+        input=[
+            {"role": "user", "content": INPUT},
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"},
+        ],
+        tools=[FUNCTION_TOOL],
+    )
+
+    assert second.output_text.startswith("This is a deterministic reply")
+    assert [r.outcome for r in records(gateway, 2)] == [Outcome.OK, Outcome.OK]

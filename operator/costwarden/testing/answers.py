@@ -2,7 +2,9 @@
 
 Token counts derive from the request so a test can compute them: :func:`prompt_tokens`
 (3 + per message 4 + words, 10 per tool), half of it "read from the cache"; the reply is
-:data:`REPLY` cut to ``max_tokens`` words, one output token a word (a tool call: 12).
+:data:`REPLY` cut to ``max_tokens`` words, one output token a word (a tool call: 12). With
+tools offered, the model calls the first one, and answers in text once the last message
+(or input item) is a tool's result, so an agent loop ends.
 """
 
 from __future__ import annotations
@@ -49,10 +51,28 @@ def reply_words(body: dict[str, Any]) -> list[str]:
     return REPLY.split()[: max(1, int(limit))]
 
 
+def _answers_a_tool_result(body: dict[str, Any]) -> bool:
+    """The last message carries a tool's result (OpenAI role ``tool``, Anthropic a
+    ``tool_result`` block): the model then answers in text, as an agent loop expects."""
+    messages = body.get("messages") or []
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not isinstance(last, dict):
+        return False
+    if last.get("role") == "tool":
+        return True
+    content = last.get("content")
+    return isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in content
+    )
+
+
 def wants_tool(body: dict[str, Any]) -> dict[str, Any] | None:
-    """The first tool offered, unless tool_choice says none."""
+    """The first tool offered, unless tool_choice says none or the last message is a
+    tool's result."""
     tools = body.get("tools") or []
     if not tools or body.get("tool_choice") in ("none", {"type": "none"}):
+        return None
+    if _answers_a_tool_result(body):
         return None
     tool: dict[str, Any] = tools[0]
     return tool
