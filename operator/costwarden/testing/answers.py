@@ -354,8 +354,8 @@ def responses_prompt_tokens(body: dict[str, Any]) -> int:
 
 
 def responses_tool(body: dict[str, Any]) -> dict[str, Any] | None:
-    """The first tool offered, unless tool_choice says none or the last input item is a
-    tool's output (the model then answers in text)."""
+    """The first function or built-in tool offered, unless tool_choice says none or the
+    last input item is a tool's output (the model then answers in text)."""
     tools = body.get("tools") or []
     items = body.get("input")
     last = items[-1] if isinstance(items, list) and items else None
@@ -363,8 +363,14 @@ def responses_tool(body: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if not tools or body.get("tool_choice") == "none":
         return None
-    tool: dict[str, Any] = tools[0]
-    return tool
+    # Tools of other kinds (custom, local_shell, mcp...) have item types of their own;
+    # the fake calls the first function or built-in tool offered.
+    usable = [
+        t
+        for t in tools
+        if isinstance(t, dict) and (t.get("type") == "function" or t.get("type") in BUILTIN_TOOLS)
+    ]
+    return usable[0] if usable else None
 
 
 def responses_words(body: dict[str, Any]) -> tuple[list[str], bool]:
