@@ -4,6 +4,7 @@ columns."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -99,3 +100,41 @@ def test_status_is_a_subresource(api_client: client.ApiClient, crds, namespace):
     )
     # Writes to the main resource cannot set status: only the operator, via /status, can.
     assert "status" not in got or got["status"].get("phase") is None
+
+
+def test_per_call_tool_prices_are_accepted_and_kept_exact(
+    api_client: client.ApiClient, crds, namespace
+):
+    """toolCallUSD (a map of decimal strings) passes the API server's schema (an OpenAPI
+    pattern, not a CEL rule per value: the CRD's CEL cost budget would not allow one)."""
+    from costwarden.api.routingpolicy import RoutingPolicySpec
+
+    spec = {
+        "models": [
+            {
+                "name": "gpt",
+                "provider": "OpenAI",
+                "endpoint": "https://api.openai.com/v1",
+                "upstreamModel": "gpt-4o",
+                "pricing": {
+                    "inputPerMTokUSD": "2.50",
+                    "outputPerMTokUSD": "10",
+                    "toolCallUSD": {"web_search_call": "0.01", "file_search_call": "0.0025"},
+                },
+            }
+        ],
+        "defaultModel": "gpt",
+    }
+    api = client.CustomObjectsApi(api_client)
+    created = api.create_namespaced_custom_object(
+        "costwarden.io", "v1alpha1", namespace, "routingpolicies",
+        {"apiVersion": "costwarden.io/v1alpha1", "kind": "RoutingPolicy",
+         "metadata": {"name": "tool-prices"}, "spec": spec},
+    )  # fmt: skip
+
+    pricing = RoutingPolicySpec.model_validate(created["spec"]).models[0].pricing
+    assert pricing is not None
+    assert pricing.tool_call_usd == {
+        "web_search_call": Decimal("0.01"),
+        "file_search_call": Decimal("0.0025"),
+    }

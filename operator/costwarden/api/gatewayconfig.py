@@ -18,7 +18,7 @@ from pydantic import Field
 
 from costwarden.api.base import WireModel
 from costwarden.api.meta import LabelSelector
-from costwarden.api.money import Money
+from costwarden.api.money import Money, PlainMoney
 from costwarden.api.routingpolicy import Downgrade, Locality, Provider, RoutingRule
 from costwarden.api.teambudget import (
     BudgetPhase,
@@ -45,6 +45,7 @@ class ResolvedPricing(WireModel):
     output_per_m_tok_usd: Money = Field(alias="outputPerMTokUSD")
     cached_input_per_m_tok_usd: Money = Field(alias="cachedInputPerMTokUSD")
     cache_write_per_m_tok_usd: Money = Field(alias="cacheWritePerMTokUSD")
+    tool_call_usd: dict[str, PlainMoney] = Field(default_factory=dict, alias="toolCallUSD")
 
 
 class CredentialRef(WireModel):

@@ -71,3 +71,14 @@ Money = Annotated[
     ),
 ]
 """A USD amount: exact, non-negative, at most six decimals."""
+
+
+PlainMoney = Annotated[
+    Decimal,
+    BeforeValidator(parse_money),
+    PlainSerializer(format_money, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": MONEY_PATTERN, "maxLength": 19}),
+]
+"""A USD amount like :data:`Money`, checked by the API server with an OpenAPI ``pattern``
+instead of a CEL rule, so a string only: for amounts inside maps, where a CEL rule per
+value would exceed the CRD's CEL cost budget."""

@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 from costwarden.api.base import WireModel
 from costwarden.api.endpoints import ENDPOINT_RULES, MODEL_ENDPOINT_RULES
 from costwarden.api.meta import Condition, SecretKeyReference
-from costwarden.api.money import Money
+from costwarden.api.money import Money, PlainMoney
 from costwarden.api.rules import CelRule
 
 KIND = "RoutingPolicy"
@@ -104,6 +104,17 @@ class ModelPricing(WireModel):
         default=None,
         alias="cacheWritePerMTokUSD",
         description="USD per 1M input tokens written to a prompt cache; default: input price.",
+    )
+    tool_call_usd: dict[str, PlainMoney] | None = Field(
+        default=None,
+        alias="toolCallUSD",
+        max_length=8,
+        json_schema_extra={"maxProperties": 8},
+        description='USD per call (a decimal string, e.g. "0.01") of a tool the provider '
+        "runs and bills per call, by the Responses API output item type (web_search_call, "
+        "file_search_call, code_interpreter_call; Anthropic's server web search counts as "
+        "web_search_call). A tool call with no price here costs 0 and is still counted in "
+        "the usage record (toolCalls).",
     )
 
 
