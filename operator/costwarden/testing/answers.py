@@ -50,12 +50,30 @@ def reply_words(body: dict[str, Any]) -> list[str]:
 
 
 def wants_tool(body: dict[str, Any]) -> dict[str, Any] | None:
-    """The first tool offered, unless tool_choice says none."""
+    """The first tool offered, unless tool_choice says none or the conversation ends with
+    a tool's result: then the model answers in text, so an agent's tool loop ends."""
     tools = body.get("tools") or []
     if not tools or body.get("tool_choice") in ("none", {"type": "none"}):
         return None
+    if _ends_with_tool_result(body):
+        return None
     tool: dict[str, Any] = tools[0]
     return tool
+
+
+def _ends_with_tool_result(body: dict[str, Any]) -> bool:
+    """The last message is a tool's result: chat ``role: tool``, or an Anthropic user
+    message with a ``tool_result`` block (as Claude Code sends after running a tool)."""
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not isinstance(last, dict):
+        return False
+    if last.get("role") == "tool":
+        return True
+    content = last.get("content")
+    return isinstance(content, list) and any(
+        isinstance(block, dict) and block.get("type") == "tool_result" for block in content
+    )
 
 
 def _tool_name(tool: dict[str, Any]) -> str:
