@@ -45,6 +45,7 @@ class ResolvedPricing(WireModel):
     output_per_m_tok_usd: Money = Field(alias="outputPerMTokUSD")
     cached_input_per_m_tok_usd: Money = Field(alias="cachedInputPerMTokUSD")
     cache_write_per_m_tok_usd: Money = Field(alias="cacheWritePerMTokUSD")
+    tool_call_usd: dict[str, Money] = Field(default_factory=dict, alias="toolCallUSD")
 
 
 class CredentialRef(WireModel):

@@ -105,6 +105,15 @@ class ModelPricing(WireModel):
         alias="cacheWritePerMTokUSD",
         description="USD per 1M input tokens written to a prompt cache; default: input price.",
     )
+    tool_call_usd: dict[str, Money] | None = Field(
+        default=None,
+        alias="toolCallUSD",
+        max_length=8,
+        description="USD per call of a tool the provider runs and bills per call, by the "
+        "Responses API output item type (web_search_call, file_search_call, "
+        "code_interpreter_call). A tool call with no price here costs 0 and is still "
+        "counted in the usage record (toolCalls).",
+    )
 
 
 class ModelBackend(WireModel):

@@ -95,6 +95,9 @@ class Endpoint(StrEnum):
     CHAT_COMPLETIONS = "chat.completions"
     EMBEDDINGS = "embeddings"
     MESSAGES = "messages"
+    RESPONSES = "responses"
+    COUNT_TOKENS = "messages.count_tokens"
+    """Anthropic token counting: answered and logged, never billed or recorded as usage."""
 
 
 class RefusalReason(StrEnum):
@@ -114,6 +117,8 @@ class RefusalReason(StrEnum):
     MISSING_CREDENTIALS = "missing_credentials"
     """The model needs a provider key this gateway does not have (never sent without it)."""
     PROVIDER_HOST_NOT_ALLOWED = "provider_host_not_allowed"
+    PREVIOUS_RESPONSE_ELSEWHERE = "previous_response_elsewhere"
+    """A Responses API call continues a stored response no allowed backend holds."""
 
 
 class UsageRecord(WireModel):
@@ -139,6 +144,11 @@ class UsageRecord(WireModel):
     usage_reported: bool = Field(
         default=False,
         description="True if tokens come from the upstream's usage fields; False means unknown.",
+    )
+    tool_calls: dict[str, int] = Field(
+        default_factory=dict,
+        description="Provider-run tool calls billed per call (Responses API output items: "
+        "web_search_call, file_search_call, code_interpreter_call), by item type.",
     )
     cost_usd: ExactUSD = Field(
         default=Decimal(0), alias="costUSD", description="Exact; a decimal string on the wire."

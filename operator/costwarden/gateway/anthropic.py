@@ -108,6 +108,9 @@ class AnthropicFormat:
     def usage(self, answer: dict[str, Any], endpoint: Endpoint) -> TokenUsage:
         return tokens(**parse_usage(answer.get("usage")))
 
+    def tool_calls(self, answer: dict[str, Any]) -> dict[str, int]:
+        return {}
+
     def prepare(self, body: dict[str, Any], endpoint: Endpoint) -> bool:
         return True  # Anthropic streams always carry usage; nothing to add or hide.
 
@@ -119,7 +122,9 @@ class AnthropicFormat:
             "Content-Type": "application/json",
             "anthropic-version": client.get("anthropic-version", DEFAULT_VERSION),
         }
-        if beta := client.get("anthropic-beta"):
+        getall = getattr(client, "getall", None)
+        betas = getall("anthropic-beta", ()) if getall else [client.get("anthropic-beta", "")]
+        if beta := ",".join(b for b in betas if b):  # repeated headers: one list, in order
             headers["anthropic-beta"] = beta
         if api_key:
             headers["x-api-key"] = api_key

@@ -52,6 +52,9 @@ class Call:
     attempts: int = 0
     upstream_seconds: float = 0.0
     tokens: TokenUsage | None = None
+    tool_calls: dict[str, int] = field(default_factory=dict)
+    response_id: str = ""
+    """The Responses API id of the answer (what a later ``previous_response_id`` names)."""
     cost: Decimal = Decimal(0)
     outcome: Outcome = Outcome.UPSTREAM_ERROR
     refusal: str = ""
@@ -81,6 +84,7 @@ class Call:
             provider=served.provider if served else self.fmt.provider,
             tokens=self.tokens or _NO_TOKENS,
             usage_reported=self.tokens is not None,
+            tool_calls=self.tool_calls,
             cost_usd=self.cost,
             outcome=self.outcome,
             reason=self.refusal or self.error,
@@ -135,6 +139,7 @@ def log_decision(call: Call, record: UsageRecord) -> None:
         "error": call.error,
         "status": record.http_status,
         "tokens": [tokens.input, tokens.cached_input, tokens.cache_creation, tokens.output],
+        "toolCalls": record.tool_calls,
         "costUSD": format_exact_usd(record.cost_usd),
         "latencyMs": record.latency_ms,
         "attempts": record.attempts,

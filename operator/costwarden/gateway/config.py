@@ -31,6 +31,8 @@ _PATHS = {
     Endpoint.CHAT_COMPLETIONS: "/chat/completions",
     Endpoint.EMBEDDINGS: "/embeddings",
     Endpoint.MESSAGES: "/messages",
+    Endpoint.RESPONSES: "/responses",
+    Endpoint.COUNT_TOKENS: "/messages/count_tokens",
 }
 
 

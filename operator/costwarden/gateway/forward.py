@@ -29,7 +29,7 @@ import orjson
 from aiohttp import web
 
 from costwarden.api.gatewayconfig import ModelRoute
-from costwarden.api.usage import Outcome, RefusalReason
+from costwarden.api.usage import Endpoint, Outcome, RefusalReason
 from costwarden.gateway.call import Call
 from costwarden.gateway.config import CompiledConfig
 from costwarden.gateway.sanitize import generic_message, sanitize_error, sanitize_stream_events
@@ -85,6 +85,11 @@ async def forward(
         # sanitise.
         tried = "; ".join(unreachable)
         message = f"no backend answered ({tried})" if tried else "no backend answered"
+        if "previous_response_id" in call.reason:
+            message += (
+                "; not retried on another backend: the call continues a stored response "
+                "(previous_response_id) that only this backend holds"
+            )
         return _error(call, 502, "upstream_unavailable", " ".join([message, *missing]))
     response, route = answer
     secrets = _secrets(gw, route)
@@ -93,6 +98,52 @@ async def forward(
     if call.streaming and response.content_type.startswith("text/event-stream"):
         return await _relay_stream(gw, request, call, response, route, wants_usage, secrets)
     return await _relay_plain(gw, call, response, route)
+
+
+async def forward_count(
+    gw: Gateway,
+    request: web.BaseRequest,
+    call: Call,
+    compiled: CompiledConfig,
+    body: dict[str, Any],
+    decision: RouteDecision,
+) -> web.StreamResponse:
+    """A token count (no usage to meter): the routed model's answer, passed on as is;
+    its errors sanitised like any other."""
+    allowed = [r for r in decision.candidates if compiled.host_allowed(call.policy_id, r)]
+    if not allowed:
+        return gw.refuse(
+            call,
+            403,
+            RefusalReason.PROVIDER_HOST_NOT_ALLOWED,
+            "the routed model's endpoint is not one of the provider hosts the cluster admin "
+            "allows; costwarden does not connect to it",
+        )
+    missing: list[str] = []
+    unreachable: list[str] = []
+    answer = await _attempt(
+        gw, request, call, compiled, body, decision, allowed, missing, unreachable
+    )
+    if answer is None:
+        if len(missing) == len(allowed):
+            call.served = None
+            return gw.refuse(call, 503, RefusalReason.MISSING_CREDENTIALS, " ".join(missing))
+        call.outcome, call.error = Outcome.UPSTREAM_ERROR, "upstream_unavailable"
+        return _error(call, 502, "upstream_unavailable", "no backend answered the token count")
+    response, route = answer
+    if response.status >= 400:
+        return await _pass_error(call, response, _secrets(gw, route))
+    started = time.perf_counter()
+    try:
+        data = await response.read()
+    except UpstreamUnavailableError:
+        call.upstream_seconds += time.perf_counter() - started
+        call.outcome, call.error = Outcome.UPSTREAM_ERROR, "upstream_unavailable"
+        return _error(call, 502, "upstream_unavailable", "the backend dropped the token count")
+    call.upstream_seconds += time.perf_counter() - started
+    call.outcome, call.status = Outcome.OK, response.status
+    headers = route_headers(call, response.content_type)
+    return web.Response(status=response.status, body=data, headers=headers)
 
 
 async def _attempt(
@@ -123,6 +174,8 @@ async def _attempt(
         body["model"] = route.upstream_model
         headers = call.fmt.upstream_headers(api_key, request.headers)
         url = compiled.url(call.policy_id, route, call.endpoint)
+        if request.query_string:  # ?beta=true and the like go on as the client sent them
+            url += "?" + request.query_string
         started = time.perf_counter()
         try:
             response = await gw.upstream.post(url, headers, orjson.dumps(body))
@@ -223,7 +276,10 @@ async def _relay_plain(
     except (orjson.JSONDecodeError, MalformedUsageError) as exc:
         problem = "not JSON" if isinstance(exc, orjson.JSONDecodeError) else str(exc)
         return _error(call, 502, "upstream_malformed", _malformed(gw, call, route, problem))
-    call.tokens, call.cost = tokens, call_cost(tokens, route.pricing)
+    call.tool_calls = call.fmt.tool_calls(answer)
+    call.response_id = str(answer.get("id") or "") if call.endpoint is Endpoint.RESPONSES else ""
+    call.tokens = tokens
+    call.cost = call_cost(tokens, route.pricing, call.tool_calls)
     call.outcome, call.status = Outcome.OK, response.status
     headers = route_headers(call, response.content_type)
     return web.Response(status=response.status, body=data, headers=headers)
@@ -287,9 +343,19 @@ async def _finish_stream(
     secrets: tuple[str, ...],
 ) -> web.StreamResponse:
     rest = sanitize_stream_events(call.fmt.provider, meter.end(), secrets)
+    call.tool_calls = getattr(meter, "tool_calls", {})
+    call.response_id = getattr(meter, "response_id", "")
     if meter.usage is not None:
-        call.tokens, call.cost = meter.usage, call_cost(meter.usage, route.pricing)
+        call.tokens = meter.usage
+        call.cost = call_cost(meter.usage, route.pricing, call.tool_calls)
         call.outcome = Outcome.CLIENT_DISCONNECTED if gone_at else Outcome.OK
+    elif getattr(meter, "failed", False):
+        # The provider ended the stream with its own failure event (Responses API
+        # response.failed / error), which the client already has: an upstream error,
+        # no usage reported, nothing appended.
+        call.outcome, call.error = Outcome.UPSTREAM_ERROR, "upstream_failed"
+        if gone_at:
+            call.outcome = Outcome.CLIENT_DISCONNECTED
     elif gone_at:  # the client left and the usage never came: unknown, and said so
         call.outcome, call.error = Outcome.CLIENT_DISCONNECTED, "usage_unknown"
     else:

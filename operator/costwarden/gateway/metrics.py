@@ -19,6 +19,35 @@ from costwarden.api.usage import UsageRecord
 _ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_KINDS = ("input", "output", "cached_input", "cache_creation")
+MAX_UNKNOWN_PATHS = 64
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+# Path segments of the OpenAI and Anthropic APIs kept as they are in the unknown-route
+# label; any other segment is an id (or noise) and becomes {id}.
+_PATH_WORDS = frozenset(
+    {
+        "v1", "v1beta", "chat", "completions", "responses", "input_items", "input_tokens",
+        "cancel", "compact", "messages", "batches", "results", "count_tokens", "embeddings",
+        "models", "files", "content", "uploads", "parts", "images", "generations", "edits",
+        "variations", "audio", "speech", "transcriptions", "translations", "moderations",
+        "assistants", "threads", "runs", "steps", "vector_stores", "file_batches",
+        "fine_tuning", "jobs", "checkpoints", "conversations", "items", "realtime",
+        "sessions", "containers", "skills", "organizations", "complete", "openai",
+        "deployments", "api", "health", "metrics", "version", "tokenize", "detokenize",
+    }
+)  # fmt: skip
+MAX_PATH_SEGMENTS = 6
+
+
+def route_label(path: str) -> str:
+    """A bounded label for a request path: API words kept, other segments ``{id}``, more
+    than :data:`MAX_PATH_SEGMENTS` segments or no API word at all ``other``."""
+    segments = [s for s in path.split("?", 1)[0].split("/") if s]
+    if not segments or len(segments) > MAX_PATH_SEGMENTS:
+        return "other"
+    kept = [s if s in _PATH_WORDS else "{id}" for s in segments]
+    if all(k == "{id}" for k in kept):
+        return "other"
+    return "/" + "/".join(kept)
 
 
 class GatewayMetrics:
@@ -97,6 +126,22 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.count_tokens = Counter(
+            "costwarden_gateway_count_tokens_total",
+            "Token-count calls (POST /v1/messages/count_tokens) answered: never billed, "
+            "never counted in requests, caps, rate limits or loop detection.",
+            ["team", "outcome"],
+            registry=r,
+        )
+        self.unknown_routes = Counter(
+            "costwarden_gateway_unknown_route_total",
+            "Requests to routes the gateway does not serve (answered 404), by method and "
+            "normalised path: known API path words kept, ids replaced by {id}, anything "
+            "else 'other', and at most 64 distinct paths.",
+            ["method", "path"],
+            registry=r,
+        )
+        self._unknown_paths: set[tuple[str, str]] = set()
         self.config_info = Gauge(
             "costwarden_gateway_config_info",
             "1 for the configuration revision in force.",
@@ -135,6 +180,14 @@ class GatewayMetrics:
             self.latency.labels(provider),
             self.added.labels(provider),
         )
+
+    def unknown_route(self, method: str, path: str) -> None:
+        label = (method if method in _METHODS else "OTHER", route_label(path))
+        if label not in self._unknown_paths:
+            if len(self._unknown_paths) >= MAX_UNKNOWN_PATHS:
+                label = (label[0], "other")
+            self._unknown_paths.add(label)
+        self.unknown_routes.labels(*label).inc()
 
     def set_revision(self, revision: str) -> None:
         self.config_info.clear()

@@ -101,6 +101,9 @@ class OpenAIFormat:
     def usage(self, answer: dict[str, Any], endpoint: Endpoint) -> TokenUsage:
         return parse_usage(answer.get("usage"), endpoint)
 
+    def tool_calls(self, answer: dict[str, Any]) -> dict[str, int]:
+        return {}
+
     def prepare(self, body: dict[str, Any], endpoint: Endpoint) -> bool:
         if endpoint is not Endpoint.CHAT_COMPLETIONS or not body.get("stream"):
             return False

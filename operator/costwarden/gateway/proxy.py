@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from costwarden.api.routingpolicy import Locality, Sensitivity
 from costwarden.api.usage import (
     Endpoint,
     LoopSignal,
@@ -26,7 +27,7 @@ from costwarden.api.usage import (
 from costwarden.gateway.call import Call, log_decision
 from costwarden.gateway.config import CompiledConfig, ConfigStore
 from costwarden.gateway.credentials import Credentials
-from costwarden.gateway.forward import forward
+from costwarden.gateway.forward import forward, forward_count
 from costwarden.gateway.identity import Identifier, UnattributedError, resolve_team
 from costwarden.gateway.limits import Admission, Limits
 from costwarden.gateway.metrics import GatewayMetrics
@@ -38,7 +39,13 @@ from costwarden.gateway.wire import (
     take_hints,
 )
 from costwarden.policy.loops import fingerprint
-from costwarden.policy.routing import RequestTraits, RouteRefusal, decide
+from costwarden.policy.routing import (
+    CompiledPolicy,
+    RequestTraits,
+    RouteDecision,
+    RouteRefusal,
+    decide,
+)
 
 log = logging.getLogger("costwarden.gateway")
 
@@ -72,6 +79,27 @@ class SessionAffinity:
             self._models.popitem(last=False)
 
 
+class ResponseHolders:
+    """Which model served a stored Responses API answer (team, response id); bounded LRU.
+
+    A call that continues it (``previous_response_id``) must go to the backend that stores
+    it: another backend, even one speaking the same format, does not have it."""
+
+    def __init__(self, size: int = MAX_SESSIONS) -> None:
+        self._size = size
+        self._models: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def get(self, team: str, response_id: str) -> str:
+        return self._models.get((team, response_id), "")
+
+    def remember(self, team: str, response_id: str, model: str) -> None:
+        key = (team, response_id)
+        self._models[key] = model
+        self._models.move_to_end(key)
+        if len(self._models) > self._size:
+            self._models.popitem(last=False)
+
+
 class Gateway:
     def __init__(
         self,
@@ -93,6 +121,7 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.limits = limits or Limits()
         self.affinity = SessionAffinity()
+        self.holders = ResponseHolders()
         self.replica_id = replica_id
 
     async def handle(
@@ -201,11 +230,135 @@ class Gateway:
             decision.reason,
             decision.downgraded_from,
         )
+        previous = body.get("previous_response_id") if call.endpoint is Endpoint.RESPONSES else None
+        if previous:
+            pinned = self._stay_with_holder(call, policy, decision, str(previous), traits)
+            if isinstance(pinned, web.Response):
+                return pinned
+            decision, call.reason = pinned, pinned.reason
         wants_usage = call.fmt.prepare(body, call.endpoint)
         response = await forward(self, request, call, compiled, body, decision, wants_usage)
         if hints.session and policy.affinity and call.outcome is Outcome.OK and call.served:
             self.affinity.remember(call.team.id, hints.session, call.served.name)
+        if call.response_id and call.served and call.outcome is Outcome.OK:
+            self.holders.remember(call.team.id, call.response_id, call.served.name)
         return response
+
+    def _stay_with_holder(
+        self,
+        call: Call,
+        policy: CompiledPolicy,
+        decision: RouteDecision,
+        previous: str,
+        traits: RequestTraits,
+    ) -> RouteDecision | web.Response:
+        """A call continuing a stored response goes to the model that stored it, with no
+        fallback: another backend does not hold ``previous_response_id``. If this replica
+        does not know the holder (it served elsewhere, or before a restart), the routed
+        model alone is tried."""
+        assert call.team is not None
+        holder_name = self.holders.get(call.team.id, previous)
+        holder = policy.models.get(holder_name) if holder_name else None
+        if holder_name and holder is None:
+            return self.refuse(
+                call,
+                409,
+                RefusalReason.PREVIOUS_RESPONSE_ELSEWHERE,
+                f"previous_response_id {previous[:64]} is stored by model {holder_name}, which "
+                f"RoutingPolicy {call.policy_id} no longer declares; no other backend holds it, "
+                "so costwarden does not send this call elsewhere: start a new conversation",
+            )
+        if holder is None:
+            return RouteDecision(
+                decision.model,
+                (),
+                decision.rule,
+                decision.reason + "; previous_response_id: routed model only, no fallback",
+                decision.downgraded_from,
+            )
+        if holder.provider is not traits.provider or (
+            traits.sensitivity is Sensitivity.CONFIDENTIAL
+            and holder.locality is not Locality.IN_CLUSTER
+        ):
+            return self.refuse(
+                call,
+                403,
+                RefusalReason.PREVIOUS_RESPONSE_ELSEWHERE,
+                f"previous_response_id {previous[:64]} is stored by model {holder.name} "
+                f"({holder.locality.value}), where this {traits.sensitivity.value} call may not "
+                "go; no other backend holds it: start a new conversation",
+            )
+        reason = decision.reason
+        if holder.name != decision.model.name:
+            reason += f"; previous_response_id held by {holder.name}"
+        return RouteDecision(
+            holder,
+            (),
+            decision.rule,
+            reason + "; previous_response_id: no fallback to another backend",
+            decision.downgraded_from,
+        )
+
+    async def count_tokens(self, request: web.BaseRequest, fmt: WireFormat) -> web.StreamResponse:
+        """``POST /v1/messages/count_tokens``: answered by the routed Anthropic model's
+        endpoint, query string and ``anthropic-beta`` passed on. Free at the providers, so
+        never billed, never admitted against caps, rate limits or loop detection, and no
+        usage record; it is attributed in the decision log (endpoint
+        ``messages.count_tokens``) like every call."""
+        call = Call(Endpoint.COUNT_TOKENS, fmt)
+        try:
+            return await self._count_tokens(request, call)
+        except Exception:
+            call.error = "internal_error"
+            log.exception("call %s failed inside the gateway", call.id)
+            return self.refuse(call, 500, "internal_error", "costwarden gateway internal error")
+        finally:
+            self.metrics.count_tokens.labels(
+                call.team.id if call.team else "", call.outcome.value
+            ).inc()
+            log_decision(call, call.to_record(self.replica_id))
+
+    async def _count_tokens(self, request: web.BaseRequest, call: Call) -> web.StreamResponse:
+        compiled = self.config.current
+        if compiled is None:
+            return self.refuse(call, 503, "not_ready", "the gateway has no configuration yet")
+        call.revision = compiled.revision
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return self.refuse(
+                call, 400, RefusalReason.BAD_REQUEST, "the body is not a JSON object"
+            )
+        call.requested_model = str(body.get("model") or "")[:128]
+        refused = await self._attribute(request, call, compiled)
+        if refused is not None:
+            return refused
+        assert call.team is not None
+        try:
+            hints = take_hints(request.headers, body)
+        except BadRequestError as exc:
+            return self.refuse(call, 400, RefusalReason.BAD_REQUEST, str(exc))
+        traits = RequestTraits(
+            provider=call.fmt.provider,
+            requested_model=call.requested_model,
+            task=hints.task,
+            prompt_tokens=estimate_prompt_tokens(len(raw)),
+            has_tools=bool(body.get("tools")),
+            sensitivity=hints.sensitivity,
+        )
+        policy = compiled.policies[call.policy_id]
+        decision = decide(
+            policy, traits, pinned_model=self.affinity.get(call.team.id, hints.session)
+        )
+        if isinstance(decision, RouteRefusal):
+            call.rule = decision.rule
+            status = _ROUTE_STATUS.get(decision.code, 403)
+            return self.refuse(call, status, decision.code, decision.message)
+        call.rule, call.reason = decision.rule, decision.reason + "; token count, not billed"
+        return await forward_count(self, request, call, compiled, body, decision)
 
     def _signal_loop(self, call: Call, admission: Admission) -> None:
         trip = admission.loop

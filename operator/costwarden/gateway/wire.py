@@ -140,6 +140,10 @@ class WireFormat(Protocol):
         """Tokens of a complete answer; raises MalformedUsageError if missing or invalid."""
         ...
 
+    def tool_calls(self, answer: dict[str, Any]) -> dict[str, int]:
+        """Provider-run tool calls billed per call in a complete answer, by kind."""
+        ...
+
     def prepare(self, body: dict[str, Any], endpoint: Endpoint) -> bool:
         """Adjust the body for metering (once per call); return whether the client asked
         to see usage in a stream."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
 
 from costwarden.api.catalog import PriceCatalog
@@ -12,11 +13,17 @@ from costwarden.api.teambudget import TokenUsage
 PER_MILLION = Decimal(1_000_000)
 
 
-def call_cost(tokens: TokenUsage, pricing: ResolvedPricing) -> Decimal:
-    """The exact USD cost of the tokens of one call.
+def call_cost(
+    tokens: TokenUsage,
+    pricing: ResolvedPricing,
+    tool_calls: Mapping[str, int] | None = None,
+) -> Decimal:
+    """The exact USD cost of the tokens of one call, and of the provider-run tool calls
+    it made (``tool_calls``: count by Responses API output item type).
 
     ``tokens.input`` counts only uncached input; cached reads and cache writes are priced
-    at their own rates, as OpenAI and Anthropic bill them.
+    at their own rates, as OpenAI and Anthropic bill them. A tool call type the pricing
+    has no per-call price for costs nothing (the record still counts it).
     """
     total = (
         tokens.input * pricing.input_per_m_tok_usd
@@ -24,7 +31,14 @@ def call_cost(tokens: TokenUsage, pricing: ResolvedPricing) -> Decimal:
         + tokens.cached_input * pricing.cached_input_per_m_tok_usd
         + tokens.cache_creation * pricing.cache_write_per_m_tok_usd
     )
-    return total / PER_MILLION
+    cost = total / PER_MILLION
+    if tool_calls:
+        prices = pricing.tool_call_usd
+        cost += sum(
+            (prices[kind] * count for kind, count in tool_calls.items() if kind in prices),
+            Decimal(0),
+        )
+    return cost
 
 
 def resolve_pricing(model: ModelBackend, catalog: PriceCatalog) -> ResolvedPricing | None:
@@ -45,4 +59,5 @@ def resolve_pricing(model: ModelBackend, catalog: PriceCatalog) -> ResolvedPrici
             if declared.cache_write_per_m_tok_usd is not None
             else declared.input_per_m_tok_usd
         ),
+        tool_call_usd=dict(declared.tool_call_usd or {}),
     )

@@ -262,3 +262,256 @@ def anthropic_events(
     events.append(delta)
     events.append({"type": "message_stop"})
     return events
+
+
+# The Responses API (POST /v1/responses).
+
+BUILTIN_TOOLS = {
+    "web_search": "web_search_call",
+    "web_search_preview": "web_search_call",
+    "file_search": "file_search_call",
+    "code_interpreter": "code_interpreter_call",
+}
+REASONING_TOKENS = 16
+"""Reasoning tokens a request with ``reasoning`` spends (part of ``output_tokens``)."""
+
+
+def responses_prompt_tokens(body: dict[str, Any]) -> int:
+    """3 + instructions' words + per input item (4 + words), 10 per tool."""
+    total = 3 + count_words(str(body.get("instructions") or ""))
+    items = body.get("input")
+    if isinstance(items, str):
+        total += 4 + count_words(items)
+    elif isinstance(items, list):
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            text = _text_of(item.get("content")) or str(item.get("output") or "")
+            total += 4 + count_words(text)
+    return total + 10 * len(body.get("tools") or [])
+
+
+def responses_tool(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The first tool offered, unless tool_choice says none or the last input item is a
+    tool's output (the model then answers in text)."""
+    tools = body.get("tools") or []
+    items = body.get("input")
+    last = items[-1] if isinstance(items, list) and items else None
+    if isinstance(last, dict) and last.get("type") == "function_call_output":
+        return None
+    if not tools or body.get("tool_choice") == "none":
+        return None
+    tool: dict[str, Any] = tools[0]
+    return tool
+
+
+def responses_words(body: dict[str, Any]) -> tuple[list[str], bool]:
+    """The reply's words and whether ``max_output_tokens`` cut it (status incomplete)."""
+    words = REPLY.split()
+    limit = body.get("max_output_tokens")
+    if isinstance(limit, int) and limit < len(words):
+        return words[: max(1, limit)], True
+    return words, False
+
+
+def responses_output(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The output items: reasoning (if asked), then a built-in tool call and a message, a
+    function call, or a message."""
+    items: list[dict[str, Any]] = []
+    if body.get("reasoning"):
+        items.append({"type": "reasoning", "id": "rs_fake", "summary": []})
+    tool = responses_tool(body)
+    kind = BUILTIN_TOOLS.get(str(tool.get("type"))) if tool else None
+    if tool is not None and kind is None:
+        items.append(
+            {
+                "type": "function_call",
+                "id": "fc_fake",
+                "call_id": "call_fake",
+                "name": _tool_name(tool),
+                "arguments": TOOL_ARGUMENTS,
+                "status": "completed",
+            }
+        )
+        return items
+    if kind == "web_search_call":
+        action = {"type": "search", "query": "weather in Paris"}
+        items.append({"type": kind, "id": "ws_fake", "status": "completed", "action": action})
+    elif kind == "file_search_call":
+        items.append(
+            {
+                "type": kind,
+                "id": "fs_fake",
+                "status": "completed",
+                "queries": ["weather in Paris"],
+                "results": None,
+            }
+        )
+    elif kind == "code_interpreter_call":
+        items.append(
+            {
+                "type": kind,
+                "id": "ci_fake",
+                "status": "completed",
+                "code": "print(1)",
+                "container_id": "cntr_fake",
+                "outputs": None,
+            }
+        )
+    words, _ = responses_words(body)
+    text = " ".join(words)
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    items.append(
+        {
+            "type": "message",
+            "id": "msg_fake",
+            "status": "completed",
+            "role": "assistant",
+            "content": [part],
+        }
+    )
+    return items
+
+
+def responses_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """Input (half of it cached), output (reply words or a tool call, plus reasoning)."""
+    prompt = responses_prompt_tokens(body)
+    tool = responses_tool(body)
+    function_call = tool is not None and str(tool.get("type")) not in BUILTIN_TOOLS
+    reasoning = REASONING_TOKENS if body.get("reasoning") else 0
+    words, _ = responses_words(body)
+    output = (TOOL_OUTPUT_TOKENS if function_call else len(words)) + reasoning
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached_tokens(prompt)},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": prompt + output,
+    }
+
+
+def response_object(
+    body: dict[str, Any], response_id: str, usage: dict[str, Any] | None, status: str
+) -> dict[str, Any]:
+    """A Responses API ``response`` object (status completed, incomplete or failed)."""
+    _, cut = responses_words(body)
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "error": (
+            {"code": "server_error", "message": "the fake upstream failed this response"}
+            if status == "failed"
+            else None
+        ),
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": body.get("model"),
+        "output": responses_output(body) if status != "failed" else [],
+        "parallel_tool_calls": True,
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": body.get("reasoning") or {"effort": None, "summary": None},
+        "store": body.get("store", True),
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+        "metadata": body.get("metadata") or {},
+    }
+
+
+def responses_events(
+    body: dict[str, Any], response_id: str, usage: dict[str, Any] | None, ending: str
+) -> list[dict[str, Any]]:
+    """The streamed event sequence, as the Responses API sends it, ending in ``ending``
+    (``response.completed``, ``response.incomplete`` or ``response.failed``)."""
+    status = ending.removeprefix("response.")
+    final = response_object(body, response_id, usage, status)
+    start = final | {"status": "in_progress", "output": [], "usage": None, "error": None}
+    start["incomplete_details"] = None
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": start},
+        {"type": "response.in_progress", "response": start},
+    ]
+    for index, item in enumerate(final["output"]):
+        events.extend(_item_events(index, item))
+    events.append({"type": ending, "response": final})
+    for number, event in enumerate(events):
+        event["sequence_number"] = number
+    return events
+
+
+def _item_events(index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+    kind, item_id = item["type"], item["id"]
+    where: dict[str, Any] = {"output_index": index, "item_id": item_id}
+    added: dict[str, Any] = item | {"status": "in_progress"} if "status" in item else dict(item)
+    events: list[dict[str, Any]] = []
+    if kind == "message":
+        added["content"] = []
+        text = item["content"][0]["text"]
+        part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        events.append({"type": "response.output_item.added", "output_index": index, "item": added})
+        events.append(
+            {"type": "response.content_part.added", **where, "content_index": 0, "part": part}
+        )
+        for i, word in enumerate(text.split()):
+            events.append(
+                {
+                    "type": "response.output_text.delta",
+                    **where,
+                    "content_index": 0,
+                    "delta": word if i == 0 else " " + word,
+                    "logprobs": [],
+                }
+            )
+        events.append(
+            {
+                "type": "response.output_text.done",
+                **where,
+                "content_index": 0,
+                "text": text,
+                "logprobs": [],
+            }
+        )
+        events.append(
+            {
+                "type": "response.content_part.done",
+                **where,
+                "content_index": 0,
+                "part": item["content"][0],
+            }
+        )
+    elif kind == "function_call":
+        added["arguments"] = ""
+        events.append({"type": "response.output_item.added", "output_index": index, "item": added})
+        for piece in (TOOL_ARGUMENTS[:10], TOOL_ARGUMENTS[10:]):
+            events.append(
+                {"type": "response.function_call_arguments.delta", **where, "delta": piece}
+            )
+        events.append(
+            {
+                "type": "response.function_call_arguments.done",
+                **where,
+                "name": item["name"],
+                "arguments": TOOL_ARGUMENTS,
+            }
+        )
+    elif kind.endswith("_call"):
+        events.append({"type": "response.output_item.added", "output_index": index, "item": added})
+        prefix = f"response.{kind}"
+        phases = (
+            ("in_progress", "searching", "completed")
+            if kind != "code_interpreter_call"
+            else ("in_progress", "interpreting", "completed")
+        )
+        events.extend({"type": f"{prefix}.{phase}", **where} for phase in phases)
+    else:  # reasoning
+        events.append({"type": "response.output_item.added", "output_index": index, "item": added})
+    events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+    return events

@@ -1,8 +1,10 @@
 """A local upstream that speaks the OpenAI and Anthropic wire formats, for tests and demos.
 
 Serves ``POST /v1/chat/completions`` (plain, ``stream`` with ``include_usage``, tool calls),
-``POST /v1/embeddings``, ``GET /v1/models`` and Anthropic ``POST /v1/messages`` (plain and
-the streaming SSE event sequence). Usage is realistic (OpenAI
+``POST /v1/embeddings``, ``GET /v1/models``, the Responses API ``POST /v1/responses`` (plain
+and streamed, function and built-in tool calls, reasoning tokens, stored responses for
+``previous_response_id``), Anthropic ``POST /v1/messages`` (plain and the streaming SSE
+event sequence) and ``POST /v1/messages/count_tokens``. Usage is realistic (OpenAI
 ``prompt_tokens_details.cached_tokens``; Anthropic ``cache_read_input_tokens`` and
 ``cache_creation_input_tokens``) and deterministic: :func:`prompt_tokens` of the request,
 so a test can compute it. Every answer is logged in :attr:`FakeUpstream.calls` with the
@@ -51,6 +53,8 @@ class ServedCall:
     authorization: str
     api_key: str
     body: dict[str, Any]
+    query: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +65,10 @@ class FakeUpstream:
     faults: dict[str, deque[str]] = field(default_factory=dict)
     chunk_delay: float = 0.0
     keep_calls: bool = True
+    name: str = "fake"
+    """Prefix of the response ids this upstream stores (``resp_<name>_<n>``)."""
+    stored: set[str] = field(default_factory=set)
+    """Responses API ids this upstream holds (what ``previous_response_id`` may name)."""
 
     def script(self, model: str, *faults: str) -> None:
         """Queue faults for the next requests naming ``model`` (upstream id)."""
@@ -85,6 +93,8 @@ class FakeUpstream:
                     authorization=request.headers.get("Authorization", ""),
                     api_key=request.headers.get("x-api-key", ""),
                     body=body,
+                    query=request.query_string,
+                    headers=dict(request.headers),
                 )
             )
 
@@ -94,6 +104,8 @@ class FakeUpstream:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/_fake/faults", self._set_faults)
         return app
 
@@ -194,6 +206,57 @@ class FakeUpstream:
             text = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
             await self._send(response, text, slow)
         return response
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """Anthropic token counting: ``{"input_tokens": n}``, free, nothing billed."""
+        body = await request.json()
+        fault = self._fault(str(body.get("model", "")))
+        if early := _early_fault(fault, openai=False, key=_sent_key(request)):
+            self._log(request, body, None)
+            return early
+        self._log(request, body, None)
+        return web.json_response({"input_tokens": prompt_tokens(body)})
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API: a stored response per call; ``previous_response_id`` must name
+        one this upstream stored (else 400, as OpenAI answers). Faults ``failed`` (the
+        stream ends in response.failed without usage; plain: 500) and ``incomplete``
+        (status incomplete, max_output_tokens) besides the common ones."""
+        body = await request.json()
+        fault = self._fault(str(body.get("model", "")))
+        if early := _early_fault(fault, openai=True, key=_sent_key(request)):
+            self._log(request, body, None)
+            return early
+        previous = body.get("previous_response_id")
+        if previous and previous not in self.stored:
+            self._log(request, body, None)
+            error = {
+                "message": f"Previous response with id '{previous}' not found.",
+                "type": "invalid_request_error",
+                "param": "previous_response_id",
+                "code": "previous_response_not_found",
+            }
+            return web.json_response({"error": error}, status=400)
+        if fault == "incomplete":
+            body = body | {"max_output_tokens": body.get("max_output_tokens") or 3}
+        usage = None if fault in ("no-usage", "failed") else answers.responses_usage(body)
+        self._log(request, body, usage)
+        response_id = f"resp_{self.name}_{len(self.stored) + 1}"
+        self.stored.add(response_id)
+        _, cut = answers.responses_words(body)
+        status = "failed" if fault == "failed" else "incomplete" if cut else "completed"
+        if body.get("stream"):
+            response = await _sse_response(request)
+            ending = f"response.{status}"
+            for event in answers.responses_events(body, response_id, usage, ending):
+                if fault == "no-usage" and event["type"] == ending:
+                    break  # the stream stops before its closing event
+                text = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                await self._send(response, text, fault == "slow")
+            return response
+        if fault == "failed":
+            return web.json_response(_error_body("fake upstream failed", openai=True), status=500)
+        return web.json_response(answers.response_object(body, response_id, usage, status))
 
 
 def _sent_key(request: web.Request) -> str:
