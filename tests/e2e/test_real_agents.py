@@ -29,7 +29,6 @@ import pytest
 from costwarden.api.catalog import default_catalog
 from costwarden.api.routingpolicy import ModelBackend, Provider
 from costwarden.api.teambudget import TokenUsage
-from costwarden.api.usage import Endpoint
 from costwarden.policy.pricing import call_cost, resolve_pricing
 from costwarden.testing.answers import REPLY
 from costwarden.testing.upstream import ServedCall
@@ -45,16 +44,6 @@ TASK = "Say hello in one sentence."
 AGENT_TIMEOUT = 180
 # Only the system's directories: an agent must not find a developer's tools (or config).
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-# Codex CLI and the Agents SDK speak the Responses API. Until the gateway (and its fake
-# upstream) serve it, they fail with 404 "no route POST /v1/responses"; strict, so the
-# marker must go once the route exists under another name.
-needs_responses_api = pytest.mark.xfail(
-    not hasattr(Endpoint, "RESPONSES"),
-    reason="the gateway has no POST /v1/responses yet (issue #11, branch responses-api)",
-    strict=True,
-)
 
 
 @pytest.fixture(scope="session")
@@ -233,8 +222,19 @@ def test_claude_code_completes_a_task_metered_to_its_team_and_job(
     assert [c.model for c in calls] == [CLAUDE, CLAUDE]
     assert all(c.stream and c.body.get("tools") for c in calls)
     assert calls[1].body["messages"][-1]["content"][0]["type"] == "tool_result"
+
+    # /context counts the context's tokens with POST /v1/messages/count_tokens?beta=true
+    # (interactive sessions do the same): answered through the routed Claude model, free.
+    done = run_agent([str(agents[CLAUDE_CODE]), "-p", "/context"], env, tmp_path)
+    assert done.returncode == 0
+    assert "Context Usage" in done.stdout
+    counted = [c for c in stack.upstream.calls if c.path == "/v1/messages/count_tokens"]
+    assert counted
+    assert all(c.model == CLAUDE and c.query == "beta=true" for c in counted)
+    assert all(c.usage is None for c in counted)
+
     assert all(status < 400 for _, _, status in routes.seen), routes.routes()
-    assert_metered(team, calls=len(billed(stack)))
+    assert_metered(team, calls=2)
 
 
 def codex_config(base_url: str) -> str:
@@ -251,7 +251,6 @@ wire_api = "responses"
 """
 
 
-@needs_responses_api
 def test_codex_cli_completes_a_task_metered_to_its_team_and_job(
     stack: Stack, namespace: str, agents: dict[str, Path], routes: RouteLog, tmp_path: Path
 ):
@@ -284,12 +283,16 @@ def test_codex_cli_completes_a_task_metered_to_its_team_and_job(
 
 
 AGENTS_SDK_SCRIPT = """\
+import asyncio
 import sys
 from agents import Agent, Runner, function_tool, set_default_openai_client, set_tracing_disabled
 from openai import AsyncOpenAI
 
 set_tracing_disabled(True)
-set_default_openai_client(AsyncOpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2]))
+
+def use_gateway():
+    # An AsyncOpenAI client belongs to one event loop: one per run_sync / asyncio.run.
+    set_default_openai_client(AsyncOpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2]))
 
 @function_tool
 def get_weather(query: str) -> str:
@@ -299,12 +302,21 @@ def get_weather(query: str) -> str:
 
 agent = Agent(name="assistant", instructions="You are terse.", model=sys.argv[3],
               tools=[get_weather])
+use_gateway()
 result = Runner.run_sync(agent, sys.argv[4])
 print(result.final_output)
+
+async def streamed():
+    run = Runner.run_streamed(agent, sys.argv[4])
+    async for _ in run.stream_events():
+        pass
+    print(run.final_output)
+
+use_gateway()
+asyncio.run(streamed())
 """
 
 
-@needs_responses_api
 def test_openai_agents_sdk_completes_a_task_metered_to_its_team_and_job(
     stack: Stack, namespace: str, routes: RouteLog, tmp_path: Path
 ):
@@ -320,12 +332,13 @@ def test_openai_agents_sdk_completes_a_task_metered_to_its_team_and_job(
         tmp_path,
     )
     assert done.returncode == 0
-    assert done.stdout.strip() == REPLY
-    assert "tool called with weather in Paris" in done.stderr
+    assert done.stdout.splitlines() == [REPLY, REPLY]  # Runner.run_sync, Runner.run_streamed
+    assert done.stderr.count("tool called with weather in Paris") == 2
 
     calls = [c for c in stack.upstream.calls if c.path == "/v1/responses"]
-    assert [c.model for c in calls] == [GPT, GPT]
-    assert calls[1].body["input"][-1]["type"] == "function_call_output"
-    assert calls[1].body["input"][-1]["output"] == "sunny, 21 C"
+    assert [(c.model, c.stream) for c in calls] == [(GPT, False)] * 2 + [(GPT, True)] * 2
+    for answered in (calls[1], calls[3]):
+        assert answered.body["input"][-1]["type"] == "function_call_output"
+        assert answered.body["input"][-1]["output"] == "sunny, 21 C"
     assert all(status < 400 for _, _, status in routes.seen), routes.routes()
-    assert_metered(team, calls=2)
+    assert_metered(team, calls=4)
