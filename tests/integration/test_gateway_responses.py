@@ -456,3 +456,34 @@ def test_unknown_route_labels_stay_bounded(gateway: GatewayThread) -> None:
     assert 'path="/v1/files/{id}/content"} 100.0' in "\n".join(lines)
     assert 'path="other"} 100.0' in "\n".join(lines)
     assert len(lines) == 2
+
+
+def test_responses_retry_loop_and_count_tokens_do_not_feed_it(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Identical Responses API calls trip loop detection like chat does (429
+    retry_loop_detected, a LoopSignal for the Job); token counts in between never count."""
+    from costwarden.api.teambudget import LoopDetection
+
+    with ServerThread(fake.app) as upstream:
+        credentials = write_credentials(tmp_path / "credentials")
+        config = sample_config(upstream.url, loop_detection=LoopDetection(identical_requests=3))
+        with GatewayThread(config, credentials_dir=credentials) as gw:
+            client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-x", max_retries=0)
+            claude = anthropic.Anthropic(base_url=gw.url, api_key="sk-x", max_retries=0)
+            messages: Any = [{"role": "user", "content": INPUT}]
+            for _ in range(5):  # identical token counts: never a loop
+                claude.messages.count_tokens(model="claude-fake-sonnet", messages=messages)
+            client.responses.create(model="gpt-4o", input=INPUT)
+            client.responses.create(model="gpt-4o", input=INPUT)
+            with pytest.raises(openai.RateLimitError) as raised:
+                client.responses.create(model="gpt-4o", input=INPUT)
+            sink = gw.sink
+            assert isinstance(sink, MemorySink)
+            signals = list(sink.loop_signals)
+            refused = records(gw, 3)[-1]
+
+    assert raised.value.code == "retry_loop_detected"
+    assert refused.outcome is Outcome.REFUSED
+    assert refused.job == "agent-1"
+    assert [s.job for s in signals] == ["agent-1"]

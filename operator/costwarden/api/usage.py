@@ -145,8 +145,9 @@ class UsageRecord(WireModel):
         default=False,
         description="True if tokens come from the upstream's usage fields; False means unknown.",
     )
-    tool_calls: dict[str, int] = Field(
+    tool_calls: dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict,
+        max_length=8,
         description="Provider-run tool calls billed per call (Responses API output items: "
         "web_search_call, file_search_call, code_interpreter_call), by item type.",
     )

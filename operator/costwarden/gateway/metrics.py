@@ -137,7 +137,7 @@ class GatewayMetrics:
             "costwarden_gateway_unknown_route_total",
             "Requests to routes the gateway does not serve (answered 404), by method and "
             "normalised path: known API path words kept, ids replaced by {id}, anything "
-            "else 'other', and at most 64 distinct paths.",
+            "else 'other'; after 64 distinct paths, new ones count as 'other'.",
             ["method", "path"],
             registry=r,
         )

@@ -127,7 +127,10 @@ class OperatorReportingSink:
     # -- the UsageSink protocol ----------------------------------------------------------
 
     def emit(self, record: UsageRecord) -> None:
-        self._append(b"record", record.model_dump_json(by_alias=True).encode())
+        # toolCalls only when there are some: an operator older than the gateway (during an
+        # upgrade) forbids fields it does not know, and most calls have none.
+        exclude = None if record.tool_calls else {"tool_calls"}
+        self._append(b"record", record.model_dump_json(by_alias=True, exclude=exclude).encode())
 
     def emit_loop_signal(self, signal: LoopSignal) -> None:
         self._append(b"loopSignal", signal.model_dump_json(by_alias=True).encode())

@@ -15,8 +15,9 @@ only, and only the fields the SDKs read:
 - a body that is not JSON, or JSON without that shape (an HTML page, a Kubernetes
   ``Status``), is replaced by a generic message naming the status.
 
-Error events inside a stream (OpenAI ``data: {"error": ...}``, Anthropic ``event: error``)
-get the same treatment as they pass (:func:`sanitize_stream_events`).
+Error events inside a stream (OpenAI ``data: {"error": ...}``, Anthropic ``event: error``,
+the Responses API's ``error`` event and the ``error`` of its ``response.failed``) get the
+same treatment as they pass (:func:`sanitize_stream_events`).
 """
 
 from __future__ import annotations
@@ -139,6 +140,12 @@ def _sanitize_event(provider: Provider, event: bytes, secrets: tuple[str, ...]) 
         data = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return event
+    if isinstance(data, dict) and "error" not in data:
+        kind = data.get("type")
+        if kind == "error" or (
+            kind == "response.failed" and isinstance(data.get("response"), dict)
+        ):
+            return _sanitize_responses_event(lines, data, secrets)
     if not isinstance(data, dict) or "error" not in data:
         return event  # an ordinary event that happens to contain the word
     clean = sanitize_error(provider, 502, payload, secrets)
@@ -146,6 +153,36 @@ def _sanitize_event(provider: Provider, event: bytes, secrets: tuple[str, ...]) 
         clean = _generic_body(provider, generic_message(502))
     prefix = b"event: error\n" if provider is Provider.ANTHROPIC else b""
     return prefix + b"data: " + clean
+
+
+def _sanitize_responses_event(
+    lines: list[bytes], data: dict[str, Any], secrets: tuple[str, ...]
+) -> bytes:
+    """A Responses API ``error`` event rebuilt from its fields, or the ``error`` of a
+    ``response.failed`` event's response rebuilt in place; the ``event:`` line is kept."""
+    head = b"".join(line + b"\n" for line in lines if line.startswith(b"event:"))
+    sequence = data.get("sequence_number")
+    sequence = sequence if isinstance(sequence, int) and not isinstance(sequence, bool) else 0
+    if data.get("type") == "error":
+        clean: dict[str, Any] = {
+            "type": "error",
+            "code": _field(data.get("code"), secrets),
+            "message": scrub(str(data.get("message") or ""), secrets),
+            "param": _field(data.get("param"), secrets),
+            "sequence_number": sequence,
+        }
+    else:
+        response = dict(data["response"])
+        error = response.get("error")
+        if isinstance(error, dict):
+            response["error"] = {
+                "code": _field(error.get("code"), secrets),
+                "message": scrub(str(error.get("message") or ""), secrets),
+            }
+        elif error is not None:
+            response["error"] = None
+        clean = data | {"response": response}
+    return head + b"data: " + orjson.dumps(clean)
 
 
 def _generic_body(provider: Provider, message: str) -> bytes:

@@ -455,7 +455,12 @@ def _item_events(index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
     if kind == "message":
         added["content"] = []
         text = item["content"][0]["text"]
-        part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        part: dict[str, Any] = {
+            "type": "output_text",
+            "text": "",
+            "annotations": [],
+            "logprobs": [],
+        }
         events.append({"type": "response.output_item.added", "output_index": index, "item": added})
         events.append(
             {"type": "response.content_part.added", **where, "content_index": 0, "part": part}
@@ -498,7 +503,6 @@ def _item_events(index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "type": "response.function_call_arguments.done",
                 **where,
-                "name": item["name"],
                 "arguments": TOOL_ARGUMENTS,
             }
         )

@@ -274,3 +274,19 @@ def test_cursors_are_keyed_by_reporter_and_legacy_cursors_are_taken_over():
     assert books.cursors[key].seq == 6
     assert books.cursors[attacker].seq == 2**62
     assert len(apply_entries(books, key, [Entry(7, record())], NOW).records) == 1
+
+
+def test_provider_run_tool_calls_are_priced_into_the_recomputed_cost():
+    """A Responses API call with two web searches: the cost the operator recomputes includes
+    them at the policy's per-call price; the tokens' cost alone is a mismatch."""
+    prices = PRICES.model_copy(update={"tool_call_usd": {"web_search_call": Decimal("0.01")}})
+    cfg = config(prices)
+    calls = {"web_search_call": 2}
+    honest = record(endpoint=Endpoint.RESPONSES, tool_calls=calls, cost_usd=COST + Decimal("0.02"))
+    tokens_only = record(endpoint=Endpoint.RESPONSES, tool_calls=calls, cost_usd=COST)
+
+    checked = check_record(1, honest, check(cfg=cfg))
+    assert checked.refusal is None
+    assert checked.record is not None
+    assert checked.record.cost_usd == COST + Decimal("0.02")
+    assert check_record(2, tokens_only, check(cfg=cfg)).refusal is Refusal.COST_MISMATCH
