@@ -36,7 +36,7 @@ from tests.support.agents import CLAUDE_CODE, CODEX, RouteLog, install_agents
 from tests.support.polling import wait_for
 from tests.support.stack import GROUP, VERSION, Stack, budget_manifest, job_manifest
 
-GPT = "gpt-4o-mini"
+GPT = "gpt-5-mini"
 CLAUDE = "claude-sonnet-4-5"
 CLAUDE_SMALL = "claude-haiku-4-5"
 PROVIDERS = {GPT: Provider.OPENAI, CLAUDE: Provider.ANTHROPIC, CLAUDE_SMALL: Provider.ANTHROPIC}
@@ -222,6 +222,8 @@ def test_claude_code_completes_a_task_metered_to_its_team_and_job(
     assert [c.model for c in calls] == [CLAUDE, CLAUDE]
     assert all(c.stream and c.body.get("tools") for c in calls)
     assert calls[1].body["messages"][-1]["content"][0]["type"] == "tool_result"
+    # Its beta headers reach the upstream (the gateway passes the Anthropic headers on).
+    assert all("anthropic-beta" in {k.lower() for k in c.headers} for c in calls)
 
     # /context counts the context's tokens with POST /v1/messages/count_tokens?beta=true
     # (interactive sessions do the same): answered through the routed Claude model, free.
@@ -278,8 +280,11 @@ def test_codex_cli_completes_a_task_metered_to_its_team_and_job(
     assert [c.model for c in calls] == [GPT, GPT]
     assert all(c.stream and c.body.get("tools") for c in calls)
     assert calls[1].body["input"][-1]["type"] == "function_call_output"
+    # Codex asks a gpt-5 model for reasoning: its tokens are billed as output, and metered.
+    assert all(c.body.get("reasoning") for c in calls)
+    assert all(c.usage and c.usage["output_tokens_details"]["reasoning_tokens"] for c in calls)
     assert all(status < 400 for _, _, status in routes.seen), routes.routes()
-    assert_metered(team, calls=len(billed(stack)))
+    assert_metered(team, calls=2)
 
 
 AGENTS_SDK_SCRIPT = """\
