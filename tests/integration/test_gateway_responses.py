@@ -487,3 +487,90 @@ def test_responses_retry_loop_and_count_tokens_do_not_feed_it(
     assert refused.outcome is Outcome.REFUSED
     assert refused.job == "agent-1"
     assert [s.job for s in signals] == ["agent-1"]
+
+
+def test_query_string_and_beta_headers_pass_through_on_messages(
+    gateway: GatewayThread, fake: FakeUpstream
+) -> None:
+    """Claude Code calls /v1/messages?beta=true with anthropic-beta: both reach the model,
+    and the call is metered as any other."""
+    client = anthropic.Anthropic(base_url=gateway.url, api_key="sk-x", max_retries=0)
+    message = client.beta.messages.create(
+        model="claude-fake-sonnet",
+        max_tokens=50,
+        messages=[{"role": "user", "content": INPUT}],
+        betas=["interleaved-thinking-2025-05-14"],
+        extra_query={"beta": "true"},
+    )
+
+    sent = fake.calls[0]
+    assert sent.path == "/v1/messages"
+    assert sent.query == "beta=true"
+    assert "interleaved-thinking-2025-05-14" in sent.headers["anthropic-beta"]
+    record = records(gateway)[0]
+    assert record.outcome is Outcome.OK
+    assert record.tokens.output == message.usage.output_tokens
+
+
+# --- Anthropic server web search: billed per use -------------------------------------
+
+WEB_SEARCH_ANTHROPIC = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+
+
+def claude_with_search_price(config: GatewayConfig) -> GatewayConfig:
+    policy = config.policies[0]
+    for index, route in enumerate(policy.models):
+        if route.name == "claude-sonnet":
+            pricing = route.pricing.model_copy(
+                update={"tool_call_usd": {"web_search_call": WEB_SEARCH_USD}}
+            )
+            policy.models[index] = route.model_copy(update={"pricing": pricing})
+    return config
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_server_web_search_is_priced_per_use(
+    fake: FakeUpstream, tmp_path: Path, stream: bool
+) -> None:
+    with ServerThread(fake.app) as upstream:
+        credentials = write_credentials(tmp_path / "credentials")
+        config = claude_with_search_price(sample_config(upstream.url))
+        with GatewayThread(config, credentials_dir=credentials) as gw:
+            client = anthropic.Anthropic(base_url=gw.url, api_key="sk-x", max_retries=0)
+            kwargs: Any = {
+                "model": "claude-fake-sonnet",
+                "max_tokens": 100,
+                "messages": [{"role": "user", "content": INPUT}],
+                "tools": [WEB_SEARCH_ANTHROPIC],
+            }
+            if stream:
+                with client.messages.stream(**kwargs) as events:
+                    message = events.get_final_message()
+            else:
+                message = client.messages.create(**kwargs)
+            record = records(gw)[0]
+
+    assert [b.type for b in message.content] == [
+        "server_tool_use",
+        "web_search_tool_result",
+        "text",
+    ]
+    assert message.usage.server_tool_use is not None
+    assert message.usage.server_tool_use.web_search_requests == 1
+    usage = message.usage
+    tokens = TokenUsage(
+        input=usage.input_tokens,
+        output=usage.output_tokens,
+        cached_input=usage.cache_read_input_tokens or 0,
+        cache_creation=usage.cache_creation_input_tokens or 0,
+    )
+    inp, out, cached, write = (Decimal(p) for p in ("3.00", "15.00", "0.30", "3.75"))
+    token_cost = (
+        tokens.input * inp
+        + tokens.output * out
+        + tokens.cached_input * cached
+        + tokens.cache_creation * write
+    ) / Decimal(1_000_000)
+    assert record.tokens == tokens
+    assert record.tool_calls == {"web_search_call": 1}
+    assert record.cost_usd == token_cost + WEB_SEARCH_USD

@@ -32,6 +32,9 @@ from costwarden.api.usage import LoopSignal, UsageRecord
 from costwarden.policy.pricing import call_cost
 
 MAX_RECORD_TOKENS = 50_000_000
+MAX_RECORD_TOOL_CALLS = 1_000
+"""Provider-run tool calls one response can make (a Responses API call with more is not
+a call but a claim)."""
 """Tokens one call may report (input + output + cached + cache writes). The largest
 context windows today are a few million tokens; 50M is generous and still finite, so one
 record cannot claim an absurd amount (docs/security-ingestion.md)."""
@@ -65,7 +68,8 @@ class Refusal(StrEnum):
     MODEL_NOT_IN_POLICY = "model_not_in_policy"
     """The served model is not in the team's RoutingPolicy."""
     TOKENS_OUT_OF_BOUNDS = "tokens_out_of_bounds"
-    """More tokens than one call can use (MAX_RECORD_TOKENS)."""
+    """More tokens (MAX_RECORD_TOKENS) or provider-run tool calls (MAX_RECORD_TOOL_CALLS)
+    than one call can use."""
     TIME_OUT_OF_WINDOW = "time_out_of_window"
     """Stamped in the future, too long ago, or before the pod existed."""
     ACTION_MISMATCH = "action_mismatch"
@@ -221,6 +225,14 @@ def check_record(seq: int, record: UsageRecord, check: Check) -> Checked:
             seq,
             Refusal.TOKENS_OUT_OF_BOUNDS,
             f"seq {seq}: {total} tokens in one call (at most {MAX_RECORD_TOKENS})",
+        )
+    tool_calls = sum(record.tool_calls.values())
+    if tool_calls > MAX_RECORD_TOOL_CALLS:
+        return refuse(
+            seq,
+            Refusal.TOKENS_OUT_OF_BOUNDS,
+            f"seq {seq}: {tool_calls} provider-run tool calls in one call "
+            f"(at most {MAX_RECORD_TOOL_CALLS})",
         )
     if team is None:
         # Unattributed (refused by the gateway before any upstream call): counted nowhere,
@@ -382,6 +394,7 @@ def _plain(amount: Decimal) -> str:
 
 __all__ = [
     "MAX_RECORD_TOKENS",
+    "MAX_RECORD_TOOL_CALLS",
     "Check",
     "Checked",
     "PodFacts",

@@ -4,6 +4,8 @@ Usage: ``input_tokens`` (uncached), ``cache_read_input_tokens``,
 ``cache_creation_input_tokens`` and ``output_tokens``. In a stream, ``message_start``
 carries the input side and a provisional output count, and ``message_delta`` the final
 (cumulative) output count; a field repeated in ``message_delta`` replaces the earlier one.
+Server tools billed per use (web search) are counted from ``usage.server_tool_use`` and
+priced per call like the Responses API's ``web_search_call``.
 The error body adds a ``code`` (costwarden's machine-readable reason) next to Anthropic's
 ``type`` and ``message``; the SDKs ignore fields they do not know.
 """
@@ -36,6 +38,22 @@ _FIELDS = {
     "output": "output_tokens",
 }
 _LOOK = re.compile(rb"message_start|message_delta|message_stop|\"error\"")
+# Server tools Anthropic runs and bills per use, from ``usage.server_tool_use``, by the
+# name costwarden prices them under (the Responses API item type of the same tool).
+_SERVER_TOOLS = {"web_search_requests": "web_search_call"}
+
+
+def server_tool_calls(usage: Any) -> dict[str, int]:
+    """Per-use billed server tool calls (``usage.server_tool_use``), e.g. web searches."""
+    used = usage.get("server_tool_use") if isinstance(usage, dict) else None
+    if not isinstance(used, dict):
+        return {}
+    counts: dict[str, int] = {}
+    for field, kind in _SERVER_TOOLS.items():
+        value = used.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            counts[kind] = value
+    return counts
 
 
 def parse_usage(usage: Any, *, required: tuple[str, ...] = ("input", "output")) -> dict[str, int]:
@@ -51,13 +69,14 @@ def parse_usage(usage: Any, *, required: tuple[str, ...] = ("input", "output")) 
 class AnthropicStreamMeter:
     """Collects usage from ``message_start`` and ``message_delta``; forwards every event."""
 
-    __slots__ = ("_delta_seen", "_parts", "_splitter", "error", "finished", "usage")
+    __slots__ = ("_delta_seen", "_parts", "_splitter", "error", "finished", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self._splitter = SseSplitter()
         self._parts: dict[str, int] = {}
         self._delta_seen = False
         self.usage: TokenUsage | None = None
+        self.tool_calls: dict[str, int] = {}
         self.finished = False
         self.error = ""
 
@@ -79,9 +98,13 @@ class AnthropicStreamMeter:
         kind = data.get("type") if isinstance(data, dict) else None
         try:
             if kind == "message_start":
-                self._parts = parse_usage((data.get("message") or {}).get("usage"))
+                usage = (data.get("message") or {}).get("usage")
+                self._parts = parse_usage(usage)
+                self.tool_calls = server_tool_calls(usage) or self.tool_calls
             elif kind == "message_delta":
-                self._parts.update(parse_usage(data.get("usage"), required=("output",)))
+                usage = data.get("usage")
+                self._parts.update(parse_usage(usage, required=("output",)))
+                self.tool_calls = server_tool_calls(usage) or self.tool_calls  # cumulative
                 self._delta_seen = True
             elif kind == "message_stop":
                 self.finished = True
@@ -109,7 +132,7 @@ class AnthropicFormat:
         return tokens(**parse_usage(answer.get("usage")))
 
     def tool_calls(self, answer: dict[str, Any]) -> dict[str, int]:
-        return {}
+        return server_tool_calls(answer.get("usage"))
 
     def prepare(self, body: dict[str, Any], endpoint: Endpoint) -> bool:
         return True  # Anthropic streams always carry usage; nothing to add or hide.

@@ -134,7 +134,9 @@ def _inferred_hints(rule: RoutingRule | None) -> tuple[str, Sensitivity, bool]:
 
 def _cost(call: UsedCall, policy: PolicyConfig | None, model: str) -> Decimal:
     route = policy.model(model) if policy is not None and model else None
-    return call_cost(call.tokens, route.pricing) if route is not None else Decimal(0)
+    return (
+        call_cost(call.tokens, route.pricing, call.tool_calls) if route is not None else Decimal(0)
+    )
 
 
 def _span_days(calls: list[UsedCall]) -> int:

@@ -61,6 +61,8 @@ class UsedCall:
     sensitivity: Sensitivity | None = None
     has_tools: bool | None = None
     recorded_cost: Decimal | None = None
+    tool_calls: dict[str, int] = field(default_factory=dict)
+    """Provider-run tool calls billed per call (ledger records only; CSV exports have none)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -117,6 +119,7 @@ def _read_ledger(text: str) -> UsageExport:
                 tokens=record.tokens,
                 **_hints(raw),
                 recorded_cost=record.cost_usd,
+                tool_calls=dict(record.tool_calls),
             )
         )
     return export

@@ -168,22 +168,56 @@ def embedding(index: int, encoding: str | None) -> dict[str, Any]:
     return {"object": "embedding", "index": index, "embedding": value}
 
 
+def anthropic_server_tool(body: dict[str, Any]) -> bool:
+    """The first tool offered is Anthropic's server web search (``web_search_2025…``):
+    the model searches once (billed per use) and answers in text."""
+    tool = wants_tool(body)
+    return tool is not None and str(tool.get("type", "")).startswith("web_search_")
+
+
 def anthropic_usage(body: dict[str, Any]) -> dict[str, Any]:
     total = prompt_tokens(body)
     read = cached_tokens(total)
     creation = total // 4
-    output = TOOL_OUTPUT_TOKENS if wants_tool(body) else len(reply_words(body))
-    return {
+    server = anthropic_server_tool(body)
+    tool = wants_tool(body) is not None and not server
+    output = TOOL_OUTPUT_TOKENS if tool else len(reply_words(body))
+    usage: dict[str, Any] = {
         "input_tokens": total - read - creation,
         "cache_creation_input_tokens": creation,
         "cache_read_input_tokens": read,
         "output_tokens": output,
     }
+    if server:
+        usage["server_tool_use"] = {"web_search_requests": 1}
+    return usage
+
+
+def _anthropic_search_blocks() -> list[dict[str, Any]]:
+    result = {
+        "type": "web_search_result",
+        "url": "https://weather.example/paris",
+        "title": "Paris weather",
+        "encrypted_content": "ZmFrZQ==",
+        "page_age": None,
+    }
+    return [
+        {
+            "type": "server_tool_use",
+            "id": "srvtoolu_fake",
+            "name": "web_search",
+            "input": {"query": "weather in Paris"},
+        },
+        {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_fake", "content": [result]},
+    ]
 
 
 def anthropic_message(body: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
-    tool = wants_tool(body)
+    server = anthropic_server_tool(body)
+    tool = None if server else wants_tool(body)
     content: list[dict[str, Any]] = [{"type": "text", "text": " ".join(reply_words(body))}]
+    if server:
+        content = _anthropic_search_blocks() + content
     stop = "end_turn"
     if tool is not None:
         content = [
@@ -213,23 +247,28 @@ def anthropic_events(
     message = anthropic_message(body, usage)
     blocks = message.pop("content")
     # As the API does: message_start carries input usage and a provisional output count.
-    message["usage"] = dict(usage) | {"output_tokens": 1}
+    message["usage"] = {k: v for k, v in usage.items() if k != "server_tool_use"}
+    message["usage"]["output_tokens"] = 1
     message["content"] = []
     message["stop_reason"] = None
     events: list[dict[str, Any]] = [{"type": "message_start", "message": message}]
     if no_usage:
         del message["usage"]
+    index = 0
+    while blocks[0]["type"] in ("server_tool_use", "web_search_tool_result"):
+        events.extend(_server_block_events(index, blocks.pop(0)))
+        index += 1
     block = blocks[0]
     if block["type"] == "tool_use":
         events.append(
-            {"type": "content_block_start", "index": 0, "content_block": block | {"input": {}}}
+            {"type": "content_block_start", "index": index, "content_block": block | {"input": {}}}
         )
         events.append({"type": "ping"})
         for part in (TOOL_ARGUMENTS[:10], TOOL_ARGUMENTS[10:]):
             events.append(
                 {
                     "type": "content_block_delta",
-                    "index": 0,
+                    "index": index,
                     "delta": {"type": "input_json_delta", "partial_json": part},
                 }
             )
@@ -238,7 +277,7 @@ def anthropic_events(
         events.append(
             {
                 "type": "content_block_start",
-                "index": 0,
+                "index": index,
                 "content_block": {"type": "text", "text": ""},
             }
         )
@@ -247,21 +286,42 @@ def anthropic_events(
             events.append(
                 {
                     "type": "content_block_delta",
-                    "index": 0,
+                    "index": index,
                     "delta": {"type": "text_delta", "text": word if i == 0 else " " + word},
                 }
             )
         stop = "end_turn"
-    events.append({"type": "content_block_stop", "index": 0})
+    events.append({"type": "content_block_stop", "index": index})
     delta: dict[str, Any] = {
         "type": "message_delta",
         "delta": {"stop_reason": stop, "stop_sequence": None},
     }
     if not no_usage:
         delta["usage"] = {"output_tokens": usage["output_tokens"]}
+        if "server_tool_use" in usage:  # cumulative, as the API reports it at the end
+            delta["usage"]["server_tool_use"] = usage["server_tool_use"]
     events.append(delta)
     events.append({"type": "message_stop"})
     return events
+
+
+def _server_block_events(index: int, block: dict[str, Any]) -> list[dict[str, Any]]:
+    """A server tool's blocks as the API streams them: the call's input as JSON deltas,
+    the result whole."""
+    if block["type"] != "server_tool_use":
+        return [
+            {"type": "content_block_start", "index": index, "content_block": block},
+            {"type": "content_block_stop", "index": index},
+        ]
+    return [
+        {"type": "content_block_start", "index": index, "content_block": block | {"input": {}}},
+        {
+            "type": "content_block_delta",
+            "index": index,
+            "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])},
+        },
+        {"type": "content_block_stop", "index": index},
+    ]
 
 
 # The Responses API (POST /v1/responses).

@@ -4,7 +4,8 @@ Serves ``POST /v1/chat/completions`` (plain, ``stream`` with ``include_usage``, 
 ``POST /v1/embeddings``, ``GET /v1/models``, the Responses API ``POST /v1/responses`` (plain
 and streamed, function and built-in tool calls, reasoning tokens, stored responses for
 ``previous_response_id``), Anthropic ``POST /v1/messages`` (plain and the streaming SSE
-event sequence) and ``POST /v1/messages/count_tokens``. Usage is realistic (OpenAI
+event sequence, server web search with ``usage.server_tool_use``) and
+``POST /v1/messages/count_tokens``. Usage is realistic (OpenAI
 ``prompt_tokens_details.cached_tokens``; Anthropic ``cache_read_input_tokens`` and
 ``cache_creation_input_tokens``) and deterministic: :func:`prompt_tokens` of the request,
 so a test can compute it. Every answer is logged in :attr:`FakeUpstream.calls` with the

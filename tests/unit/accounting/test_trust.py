@@ -290,3 +290,10 @@ def test_provider_run_tool_calls_are_priced_into_the_recomputed_cost():
     assert checked.record is not None
     assert checked.record.cost_usd == COST + Decimal("0.02")
     assert check_record(2, tokens_only, check(cfg=cfg)).refusal is Refusal.COST_MISMATCH
+
+
+def test_tool_calls_are_bounded_per_record():
+    from costwarden.accounting.trust import MAX_RECORD_TOOL_CALLS
+
+    claim = record(tool_calls={"web_search_call": MAX_RECORD_TOOL_CALLS + 1})
+    assert check_record(1, claim, check()).refusal is Refusal.TOKENS_OUT_OF_BOUNDS

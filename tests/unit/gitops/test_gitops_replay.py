@@ -134,3 +134,37 @@ def test_unreadable_usage_exits_2(cli, tmp_path: Path, change):
     run = cli("diff", *map(str, change), "--usage", str(bad))
     assert run.code == 2
     assert "lacks the columns" in run.err
+
+
+def test_replayed_tool_calls_are_priced_at_the_models_per_call_price():
+    """A Responses API call with web searches costs its tokens plus each search at the
+    replayed model's toolCallUSD (exact)."""
+    from datetime import UTC, datetime
+
+    from costwarden.api.gatewayconfig import ModelRoute, PolicyConfig, ResolvedPricing
+    from costwarden.api.routingpolicy import Provider
+    from costwarden.api.teambudget import TokenUsage
+    from costwarden.gitops.replay import _cost
+    from costwarden.gitops.usage import UsedCall
+
+    pricing = ResolvedPricing.model_validate(
+        {
+            "inputPerMTokUSD": "1",
+            "outputPerMTokUSD": "2",
+            "cachedInputPerMTokUSD": "1",
+            "cacheWritePerMTokUSD": "1",
+            "toolCallUSD": {"web_search_call": "0.01"},
+        }
+    )
+    route = ModelRoute(
+        name="m", provider=Provider.OPENAI, endpoint="http://x/v1", upstream_model="m",
+        locality="External", pricing=pricing,
+    )  # fmt: skip
+    policy = PolicyConfig(id="ns/p", models=[route], default_model="m")
+    call = UsedCall(
+        time=datetime(2026, 11, 1, tzinfo=UTC), team="ns/t", policy="ns/p", rule="default",
+        provider=Provider.OPENAI, requested_model="m", tokens=TokenUsage(input=1000, output=500),
+        tool_calls={"web_search_call": 3},
+    )  # fmt: skip
+
+    assert _cost(call, policy, "m") == Decimal("0.002") + Decimal("0.03")
