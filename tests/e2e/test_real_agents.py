@@ -6,10 +6,12 @@ Claude Code and Codex CLI (npm, pinned in tests/support/agents.py, installed onc
 test extra) each run one non-interactive task against the e2e stack's gateway, with a team
 key for their own Job. The fake upstream answers the first call with a call to the first
 tool offered, and the call after the tool's result with its deterministic text, so each
-agent goes through one tool round trip. Each test asserts the agent finished (exit code 0,
-the upstream's text), that the TeamBudget's status holds exactly the upstream's bill
-(Decimal, and the tokens by kind) attributed to the agent's Job, and records the routes
-the agent called (printed; docs/agents.md lists them).
+agent goes through one tool round trip (Claude Code also runs ``/context``, which counts
+tokens without billing; the Agents SDK runs once plain and once streamed). Each test asserts
+the agent finished (exit code 0, the upstream's text), that every request it sent was
+answered (no 404 from a route the gateway lacks), and that the TeamBudget's status holds
+exactly the upstream's bill (Decimal, and the tokens by kind) attributed to the agent's Job.
+The routes each agent called are printed (``-s``); docs/agents.md lists them.
 """
 
 from __future__ import annotations
