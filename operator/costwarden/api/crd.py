@@ -35,6 +35,8 @@ _KEPT_KEYS = {
     "maxLength",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "required",
     "nullable",
     "anyOf",
