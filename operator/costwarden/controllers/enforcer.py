@@ -134,6 +134,9 @@ class Enforcer:
             # sees it, the relief must still trigger a resume pass for what this stops.
             # (Not in _exhausted: the level check must still stop the team's other Jobs.)
             self._stopped_by_watch.add(budget.id)
+            log.info("%s: %s new Job %s/%s (%s)", budget.id, action.value,
+                     job["metadata"].get("namespace"), job["metadata"].get("name"),
+                     reason.value)  # fmt: skip
             self._spawn(self._stop(budget, job, reason, standing.message, action))
 
     async def run(self) -> None:
