@@ -213,7 +213,9 @@ async def serve(
 ) -> web.AppRunner:
     """Serve ``POST /v1/usage``; over HTTPS with ``ssl_context`` (the operator always passes
     one: reporters send a bearer token, which must not cross the network in clear)."""
-    runner = web.AppRunner(ingestion.app(), access_log=None)
+    # lingering_time=0: a batch refused before its body is read (an unauthenticated
+    # caller) is answered and its connection closed, the body never read (not even drained).
+    runner = web.AppRunner(ingestion.app(), access_log=None, lingering_time=0)
     await runner.setup()
     await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     log.info("usage ingestion listening on %s:%d (%s)", host, port,

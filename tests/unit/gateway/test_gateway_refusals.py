@@ -200,7 +200,42 @@ def test_unattributed_caller_gets_401(
     assert error["code"] == "unattributed_caller"
     assert error["type"] == "authentication_error"
     assert fake.calls == []
-    assert_costs_nothing(gateway, fake, "unattributed_caller")
+    # No team can be charged: nothing goes to the ledger (a flood cannot fill it).
+    assert records(gateway).records == []
+
+
+def test_unauthenticated_call_is_refused_before_its_body_is_read(
+    start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    """Headers announce a 64 MiB body, 1 KiB of it is sent, and the client then waits: the
+    401 arrives at once (the gateway never waits for, reads or parses the body) and the
+    connection is closed (the rest is not drained either)."""
+    gateway = start_gateway(identifier=SharedIdentifier(None, None))
+    answer = send_partial_body(gateway.url, "/v1/chat/completions", 64 * 1024 * 1024)
+
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"unattributed_caller" in answer
+    assert fake.calls == []
+    assert records(gateway).records == []
+
+
+def send_partial_body(url: str, path: str, announced: int) -> bytes:
+    """Send a POST announcing ``announced`` bytes of body but only 1 KiB of it; return
+    everything the server answers before it closes the connection (5 s deadline)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {announced}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b"{" + b" " * 1023)
+        answer = b""
+        while chunk := sock.recv(65536):  # socket.timeout (a failure) if it never answers
+            answer += chunk
+        return answer
 
 
 def test_confidential_with_no_in_cluster_route_is_refused(
