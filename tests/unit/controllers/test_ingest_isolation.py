@@ -1,0 +1,121 @@
+"""Ingestion isolates teams: one team whose books cannot be written holds only its own
+entries; a transient failure still fails the batch (re-sent whole, a no-op where applied)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from costwarden.accounting.batch import BatchItem, UsageBatch
+from costwarden.accounting.books import Books
+from costwarden.accounting.trust import Checked
+from costwarden.api.usage import Endpoint, Outcome, UsageRecord
+from costwarden.controllers import accounting_metrics as metrics
+from costwarden.controllers.ingest import Ingestion, permanent
+from costwarden.controllers.rest import ApiError
+
+
+class Accountant:
+    """Applies mutations to in-memory books per team; ``failures`` makes a team's write
+    raise (as the real accountant does when the API server refuses the patch)."""
+
+    def __init__(self) -> None:
+        now = datetime.now(UTC)
+        self.books: dict[str, Books] = {}
+        self.failures: dict[str, Exception] = {}
+        self.now = now
+
+    async def mutate(self, team: str, mutation: Any) -> tuple[Any, Any]:
+        await asyncio.sleep(0)
+        if team in self.failures:
+            raise self.failures[team]
+        books = self.books.setdefault(
+            team, Books.read({}, self.now.replace(day=1), self.now.replace(year=self.now.year + 1))
+        )
+        applied = mutation(books, self.now)
+
+        class Commit:
+            class after:  # noqa: N801
+                phase = None
+
+        return Commit(), applied
+
+    def budget(self, team: str) -> None:
+        return None  # no Event posted in this test (no API server)
+
+
+def record(team: str) -> UsageRecord:
+    return UsageRecord(
+        time=datetime.now(UTC), team=team, endpoint=Endpoint.CHAT_COMPLETIONS,
+        outcome=Outcome.OK, usage_reported=True, cost_usd=Decimal("0.5"),
+    )  # fmt: skip
+
+
+def ingestion(accountant: Accountant) -> Ingestion:
+    return Ingestion(accountant, None, None, lambda: None, None)  # type: ignore[arg-type]
+
+
+def batch_of(teams: list[str]) -> tuple[UsageBatch, list[Checked]]:
+    items = [BatchItem(seq=n, record=record(t)) for n, t in enumerate(teams, start=1)]
+    checked = [Checked(seq=i.seq, team=i.record.team, record=i.record) for i in items]  # type: ignore[union-attr]
+    return UsageBatch(source="gw/1", items=items), checked
+
+
+def test_one_teams_permanent_error_holds_only_its_entries() -> None:
+    accountant = Accountant()
+    accountant.failures["ns/poison"] = ApiError(422, "PATCH", "/status", b"spentUSD: too long")
+    batch, checked = batch_of(["ns/ok", "ns/poison", "ns/ok", "ns/poison", "ns/other"])
+    held_before = metrics.RECORDS_HELD.labels(team="ns/poison")._value.get()
+
+    ack = asyncio.run(ingestion(accountant).apply(batch, "r#gw/1", checked))
+
+    assert [(h.seq, h.team, h.reason) for h in ack.held] == [
+        (2, "ns/poison", "http_422"), (4, "ns/poison", "http_422"),
+    ]  # fmt: skip
+    assert ack.acked_seq == 1  # an older gateway re-sends from the first held entry
+    assert ack.applied_through == 5
+    assert ack.records == 3
+    assert accountant.books["ns/ok"].spent == Decimal(1)
+    assert accountant.books["ns/other"].spent == Decimal("0.5")
+    assert "ns/poison" not in accountant.books
+    assert metrics.RECORDS_HELD.labels(team="ns/poison")._value.get() == held_before + 2
+
+    # Fixed: the re-sent held entries apply; the others are duplicates (per-team cursors).
+    del accountant.failures["ns/poison"]
+    again = asyncio.run(ingestion(accountant).apply(batch, "r#gw/1", checked))
+    assert again.held == [] and again.acked_seq == 5
+    assert again.records == 2 and again.duplicates == 3
+    assert accountant.books["ns/poison"].spent == Decimal(1)
+    assert accountant.books["ns/ok"].spent == Decimal(1)
+
+
+def test_a_transient_error_fails_the_whole_batch() -> None:
+    accountant = Accountant()
+    accountant.failures["ns/slow"] = ApiError(503, "PATCH", "/status", b"unavailable")
+    batch, checked = batch_of(["ns/ok", "ns/slow"])
+
+    with pytest.raises(ApiError):
+        asyncio.run(ingestion(accountant).apply(batch, "r#gw/1", checked))
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ApiError(422, "PATCH", "/", b""), True),
+        (ApiError(400, "PATCH", "/", b""), True),
+        (ApiError(403, "PATCH", "/", b""), True),
+        (ApiError(409, "PATCH", "/", b""), False),
+        (ApiError(429, "PATCH", "/", b""), False),
+        (ApiError(500, "PATCH", "/", b""), False),
+        (ValueError("no model accepts it"), True),
+        (OSError("reset"), False),
+        (TimeoutError(), False),
+        (RuntimeError("10 conflicting writes"), False),
+    ],
+)
+def test_permanent_or_transient(error: Exception, expected: bool) -> None:
+    assert permanent(error) is expected
