@@ -87,8 +87,10 @@ def test_one_teams_permanent_error_holds_only_its_entries() -> None:
     # Fixed: the re-sent held entries apply; the others are duplicates (per-team cursors).
     del accountant.failures["ns/poison"]
     again = asyncio.run(ingestion(accountant).apply(batch, "r#gw/1", checked))
-    assert again.held == [] and again.acked_seq == 5
-    assert again.records == 2 and again.duplicates == 3
+    assert again.held == []
+    assert again.acked_seq == 5
+    assert again.records == 2
+    assert again.duplicates == 3
     assert accountant.books["ns/poison"].spent == Decimal(1)
     assert accountant.books["ns/ok"].spent == Decimal(1)
 
