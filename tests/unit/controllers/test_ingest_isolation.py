@@ -121,3 +121,38 @@ def test_a_transient_error_fails_the_whole_batch() -> None:
 )
 def test_permanent_or_transient(error: Exception, expected: bool) -> None:
     assert permanent(error) is expected
+
+
+def test_status_holds_any_spend_a_team_can_reach() -> None:
+    """No 12-digit ceiling: a spend of 10^20 USD (an upstream billing absurd usage past every
+    cap), a 300-character model name and the percentage of a micro-dollar cap are written as
+    status the CRD schema accepts, and read back exactly."""
+    import re
+
+    import yaml
+
+    from costwarden.accounting.ledger import Entry as LedgerEntry
+    from costwarden.accounting.ledger import apply_entries
+    from costwarden.api.teambudget import MAX_PERCENT, TeamBudgetStatus
+    from costwarden.policy.status import _percent
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    start, end = now.replace(day=1), now.replace(year=now.year + 1)
+    books = Books.read({}, start, end)
+    huge = Decimal("123456789012345678901.5")  # exact: within Decimal's 28 digits
+    rec = record("ns/b").model_copy(update={"cost_usd": huge, "served_model": "m" * 300})
+    apply_entries(books, "r#gw", [LedgerEntry(1, rec)], now)
+    fragment = {k: v for k, v in books.fragment().items() if v is not None}
+
+    status = TeamBudgetStatus.model_validate(fragment)
+    assert status.spent_exact_usd == huge
+    assert Books.read(fragment, start, end).spent == huge
+    crd = yaml.safe_load(open("crds/costwarden.io_teambudgets.yaml"))  # noqa: SIM115
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    props = schema["properties"]
+    for field in ("spentUSD", "spentExactUSD"):
+        assert re.match(props[field]["pattern"], fragment[field]), field
+        assert len(fragment[field]) <= props[field]["maxLength"]
+    assert len(fragment["byModel"][0]["model"]) == 128
+    assert _percent(huge, Decimal("0.000001")) == MAX_PERCENT
+    assert props["usedPercent"]["maximum"] == MAX_PERCENT
