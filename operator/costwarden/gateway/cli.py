@@ -134,6 +134,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ledger durability (docs/ledger.md)",
     )
     parser.add_argument(
+        "--ledger-max-bytes",
+        type=int,
+        default=48 * 1024 * 1024,
+        help="bound of --ledger: at it, new calls are refused with 503 ledger_full rather "
+        "than lose usage (with --report-to, acknowledged entries are rotated out first); "
+        "keep it under the volume's size (docs/ledger.md)",
+    )
+    parser.add_argument(
         "--replica-id",
         default=env("POD_NAME") or socket.gethostname(),
         help="this replica's name in usage records (default: POD_NAME or host)",
@@ -198,10 +206,11 @@ def _sink(args: argparse.Namespace) -> UsageSink:
             fsync=FsyncPolicy(args.ledger_fsync),
             token_file=args.report_token_file,
             ca_file=args.report_ca_file,
+            max_bytes=args.ledger_max_bytes,
         )
     if args.ledger is None:
         return FanoutSink([])  # records still reach metrics and the decision log
-    return JsonlLedgerSink(args.ledger, FsyncPolicy(args.ledger_fsync))
+    return JsonlLedgerSink(args.ledger, FsyncPolicy(args.ledger_fsync), args.ledger_max_bytes)
 
 
 def build_gateway(args: argparse.Namespace) -> Gateway:

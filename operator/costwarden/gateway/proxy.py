@@ -147,6 +147,14 @@ class Gateway:
         refused = await self._attribute(request, call, compiled)
         if refused is not None:
             return refused
+        if getattr(self.sink, "full", False):
+            # The ledger is at its bound: a call now could not be recorded, so it is not
+            # made (docs/ledger.md); it frees up as the operator acknowledges usage.
+            return self.refuse(
+                call, 503, "ledger_full",
+                "the gateway's usage ledger is full (usage not yet delivered to the "
+                "operator); retry later",
+            )  # fmt: skip
         raw = await request.read()
         try:
             body = orjson.loads(raw)
@@ -411,12 +419,7 @@ class Gateway:
                 call.cost,
                 upstream_error=call.outcome in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_MALFORMED),
             )
-        if call.team is not None:
-            # A call no team can be charged for (unauthenticated, unattributed) costs
-            # nothing and the operator would drop it: it stays out of the ledger, so a
-            # flood of junk calls cannot fill the ledger's volume (docs/ledger.md). It
-            # still reaches the metrics and the decision log.
-            self.sink.emit(record)
+        self.sink.emit(record)  # a ledger keeps only what can cost: sinks.worth_keeping
         added = time.perf_counter() - call.started - call.upstream_seconds
         self.metrics.observe(record, added_seconds=added)
         log_decision(call, record)

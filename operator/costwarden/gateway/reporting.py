@@ -35,7 +35,7 @@ import orjson
 
 from costwarden.api.teambudget import BudgetPhase
 from costwarden.api.usage import LoopSignal, UsageRecord
-from costwarden.gateway.sinks import FsyncPolicy, JsonlLedgerSink
+from costwarden.gateway.sinks import FsyncPolicy, JsonlLedgerSink, worth_keeping
 
 log = logging.getLogger("costwarden.gateway.reporting")
 
@@ -45,6 +45,11 @@ MAX_QUEUED = 200_000
 """Unacknowledged entries held in memory; beyond this, a ledger is re-read when the queue
 drains (nothing lost), and without a ledger the oldest are dropped (counted)."""
 BACKOFF_MAX = 5.0
+ROTATE_BYTES = 4 * 1024 * 1024
+"""Once the ledger is this large, it is rewritten with only what is not yet acknowledged."""
+MAX_LEDGER_BYTES = 48 * 1024 * 1024
+"""Default bound of the ledger (the chart's emptyDir is 64 MiB): at the bound new calls are
+refused (503 ledger_full) rather than usage lost (docs/ledger.md)."""
 PARKED_PER_BATCH = 500
 """Held entries re-sent per batch, oldest first (the rest of the batch is fresh entries)."""
 PARKED_RETRY_MIN = 5.0
@@ -68,7 +73,14 @@ class OperatorReportingSink:
         on_rejected: Callable[[str], None] | None = None,
         send_seconds: float = SEND_SECONDS,
         ca_file: Path | None = None,
+        max_bytes: int = MAX_LEDGER_BYTES,
+        rotate_bytes: int = ROTATE_BYTES,
     ) -> None:
+        self.max_bytes = max_bytes
+        self._rotate_bytes = rotate_bytes
+        self._base = 0  # seq of the line before the ledger's first entry (after rotations)
+        self._size = 0
+        self.rotations = 0
         self.url = url.rstrip("/") + "/v1/usage"
         self._ca_file = ca_file
         self._ca_stamp: tuple[int, int, int] | None = None
@@ -109,7 +121,8 @@ class OperatorReportingSink:
 
     def _open_ledger(self, path: Path, replica_id: str) -> tuple[str, int]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lines = _complete_lines(path)
+        self._base, header = _ledger_base(path)
+        lines = self._base + _complete_lines(path) - header  # the last seq in the ledger
         cursor = _read_cursor(self._cursor_path) if self._cursor_path else None
         if cursor is not None and cursor[1] <= lines:
             source, self.acked = cursor[0], cursor[1]
@@ -123,6 +136,7 @@ class OperatorReportingSink:
             self.acked = 0 if cursor is None else lines
             self._write_cursor(source, self.acked)
         self._ledger = JsonlLedgerSink(path, self._fsync)
+        self._size = path.stat().st_size
         self._load_unacked(path)
         return source, lines
 
@@ -132,7 +146,10 @@ class OperatorReportingSink:
         self._reload_needed = False
         held_from = self._held_from if self._held else self.acked + 1
         with path.open("rb") as ledger:
-            for seq, line in enumerate(ledger, start=1):
+            first = ledger.readline()
+            if not first.startswith(_HEADER):
+                ledger.seek(0)
+            for seq, line in enumerate(ledger, start=self._base + 1):
                 if seq < held_from or not line.endswith(b"\n"):
                     continue
                 entry = _entry(line)
@@ -154,6 +171,8 @@ class OperatorReportingSink:
     def emit(self, record: UsageRecord) -> None:
         # toolCalls only when there are some: an operator older than the gateway (during an
         # upgrade) forbids fields it does not know, and most calls have none.
+        if not worth_keeping(record):
+            return  # costs nothing, changes no books: not in the ledger, not sent
         exclude = None if record.tool_calls else {"tool_calls"}
         raw = record.model_dump_json(by_alias=True, exclude=exclude).encode()
         self._append(b"record", raw, record.team)
@@ -164,7 +183,8 @@ class OperatorReportingSink:
     def _append(self, key: bytes, raw: bytes, team: str = "") -> None:
         self.seq += 1
         if self._ledger is not None:
-            self._ledger.append_now(raw + b"\n")  # line number == seq, before the answer
+            self._ledger.append_now(raw + b"\n")  # line (after the base) == seq, before the answer
+            self._size += len(raw) + 1
         if team and team in self._held:
             self._parked.append((self.seq, key, raw, team))  # behind its team's held entries
         elif len(self._queue) >= MAX_QUEUED:
@@ -190,6 +210,51 @@ class OperatorReportingSink:
     @property
     def pending(self) -> int:
         return len(self._queue) + len(self._parked)
+
+    @property
+    def full(self) -> bool:
+        """The ledger reached its bound: the gateway refuses new calls (503 ledger_full)
+        until acknowledged entries are rotated out (docs/ledger.md)."""
+        return self._ledger is not None and self._size >= self.max_bytes
+
+    @property
+    def ledger_bytes(self) -> int:
+        return self._size
+
+    def _maybe_rotate(self) -> None:
+        """Rewrite the ledger without its acknowledged entries once it is ROTATE_BYTES large.
+
+        On the event loop, synchronously: no entry is appended meanwhile. The new file
+        starts with a header line naming its base (the seq before its first entry), is
+        fsync'd and then atomically renamed over the ledger, so a crash leaves either the
+        old ledger or the new one, both complete; the cursor file is unaffected (seqs)."""
+        if self._ledger is None or self._ledger_path is None or self._size < self._rotate_bytes:
+            return
+        keep = self.acked + 1
+        if self._parked:
+            keep = min(keep, self._parked[0][0])
+        if self._queue:
+            keep = min(keep, self._queue[0][0])
+        if keep - 1 <= self._base:
+            return  # nothing acknowledged to remove
+        path = self._ledger_path
+        temporary = path.with_name(path.name + ".rotate")
+        with path.open("rb") as old, temporary.open("wb") as new:
+            new.write(_HEADER + b"%d}\n" % (keep - 1))
+            first = old.readline()
+            if not first.startswith(_HEADER):
+                old.seek(0)
+            for seq, line in enumerate(old, start=self._base + 1):
+                if seq >= keep:
+                    new.write(line)
+            new.flush()
+            os.fsync(new.fileno())
+        os.replace(temporary, path)
+        _fsync_dir(path.parent)
+        self._ledger.reopen()
+        self._base = keep - 1
+        self._size = path.stat().st_size
+        self.rotations += 1
 
     @property
     def held_teams(self) -> dict[str, str]:
@@ -258,6 +323,7 @@ class OperatorReportingSink:
         # (a no-op for the operator), never loses them. Held ones moved to _parked above.
         while self._queue and self._queue[0][0] <= acked:
             self._queue.popleft()
+        self._maybe_rotate()
         return True
 
     def _settle_parked(
@@ -427,6 +493,32 @@ def _entry(line: bytes) -> tuple[bytes, bytes, str] | None:
     except (orjson.JSONDecodeError, AttributeError):
         return None  # a torn line (node crash): its number is used, its content lost
     return (b"loopSignal" if kind == "LoopSignal" else b"record"), raw, team
+
+
+_HEADER = b'{"kind":"LedgerBase","base":'
+
+
+def _ledger_base(path: Path) -> tuple[int, int]:
+    """(base, 1) if the ledger starts with a rotation header, else (0, 0)."""
+    try:
+        with path.open("rb") as ledger:
+            first = ledger.readline()
+    except OSError:
+        return 0, 0
+    if first.startswith(_HEADER) and first.endswith(b"\n"):
+        try:
+            return int(orjson.loads(first)["base"]), 1
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass
+    return 0, 0
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _team_of(raw: bytes) -> str:

@@ -13,7 +13,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 
-from costwarden.api.usage import LoopSignal, UsageRecord, UsageSink
+from costwarden.api.usage import LoopSignal, Outcome, UsageRecord, UsageSink
 
 log = logging.getLogger("costwarden.gateway.sinks")
 
@@ -27,6 +27,22 @@ class FsyncPolicy(StrEnum):
     NONE = "none"
     """Written before the answer, fsync left to the kernel: a killed process loses nothing
     answered, a node crash more than with ``batch``."""
+
+
+def worth_keeping(record: UsageRecord) -> bool:
+    """Whether a ledger keeps the record. A call no team can be charged for (unattributed,
+    unauthenticated) and a call the gateway refused before any upstream call cost nothing
+    and change no books: they stay out of the ledger, so a flood of junk or refused calls
+    cannot fill its volume (docs/ledger.md). They still reach the metrics and the decision
+    log (one line per call)."""
+    if not record.team:
+        return False
+    return not (
+        record.outcome is Outcome.REFUSED
+        and not record.usage_reported
+        and record.cost_usd == 0
+        and record.tokens.total() == 0
+    )
 
 
 class MemorySink:
@@ -53,11 +69,15 @@ class JsonlLedgerSink:
     answer), fsync'd from a background task every :data:`FLUSH_SECONDS` (policy batch).
     """
 
-    def __init__(self, path: Path, fsync: FsyncPolicy = FsyncPolicy.BATCH) -> None:
+    def __init__(
+        self, path: Path, fsync: FsyncPolicy = FsyncPolicy.BATCH, max_bytes: int | None = None
+    ) -> None:
         self.path = path
         self._fsync = fsync
+        self.max_bytes = max_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._size = os.fstat(self._fd).st_size
         self._pending: list[bytes] = []
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
@@ -66,6 +86,8 @@ class JsonlLedgerSink:
         # Written at once (one write(2), before the call's answer leaves the gateway): a
         # killed process loses nothing it answered; fsync follows within FLUSH_SECONDS
         # (policy batch), which bounds what a node crash can lose (docs/ledger.md).
+        if not worth_keeping(record):
+            return
         self.append_now(record.model_dump_json(by_alias=True).encode() + b"\n")
         self._ensure_task()
 
@@ -96,7 +118,15 @@ class JsonlLedgerSink:
         if self._fsync is FsyncPolicy.BATCH:
             os.fsync(self._fd)
 
+    @property
+    def full(self) -> bool:
+        """At its bound (``max_bytes``): the gateway refuses new calls (503 ledger_full)
+        rather than lose their usage. Nothing acknowledges a ledger-only ledger, so it is
+        never rotated by the gateway (docs/ledger.md)."""
+        return self.max_bytes is not None and self._size >= self.max_bytes
+
     def _write_all(self, data: bytes) -> None:
+        self._size += len(data)
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
@@ -108,6 +138,11 @@ class JsonlLedgerSink:
         (gateway/reporting.py). Do not mix with ``emit`` on the same ledger."""
         self._write_all(line)
         self._dirty = True
+
+    def reopen(self) -> None:
+        """Open the path again (it was atomically replaced by a rotated ledger)."""
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def sync(self) -> None:
         os.fsync(self._fd)

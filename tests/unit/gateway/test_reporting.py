@@ -358,3 +358,45 @@ def test_a_held_team_never_holds_back_another_teams_usage_and_loses_nothing(
             await runner.cleanup()
 
     asyncio.run(run())
+
+
+def test_acknowledged_entries_are_rotated_out_and_numbering_survives(tmp_path: Path):
+    """The ledger stays small while the operator acknowledges (rotated at rotate_bytes);
+    a restart after rotations continues the same numbering and re-sends only what was not
+    acknowledged; at max_bytes with nothing acknowledged the sink reports full."""
+    ledger = tmp_path / "usage.jsonl"
+
+    async def first(fake: FakeOperator, url: str) -> tuple[str, int]:
+        reporter = sink(url, ledger, rotate_bytes=4000, max_bytes=8000)
+        for n in range(1, 101):
+            reporter.emit(record(n))
+            if n % 10 == 0:
+                await drained(reporter)
+        await drained(reporter)
+        assert reporter.rotations > 0
+        assert ledger.stat().st_size < 8000  # 100 records of ~300 bytes: rotated
+        assert fake.seqs() == list(range(1, 101))
+        fake.down = True  # nothing acknowledged from here on
+        while not reporter.full:
+            reporter.emit(record(1))
+        assert reporter.seq > 100
+        source, last = reporter.source, reporter.seq
+        assert reporter._task is not None
+        reporter._task.cancel()  # killed: no close
+        if reporter._session is not None:
+            await reporter._session.close()
+        return source, last
+
+    source, last = asyncio.run(with_operator(first))
+
+    async def second(fake: FakeOperator, url: str) -> None:
+        reporter = sink(url, ledger, rotate_bytes=4000, max_bytes=8000)
+        assert reporter.source == source
+        assert reporter.seq == last  # numbering continues across rotations
+        reporter.start()
+        await drained(reporter)
+        assert fake.seqs() == list(range(101, last + 1))  # only the unacknowledged
+        assert not reporter.full
+        await reporter.close()
+
+    asyncio.run(with_operator(second))
