@@ -262,7 +262,7 @@ class TeamOperator:
         for item in batch.items:
             assert item.record is not None
             by_team.setdefault(item.record.team, []).append(item.seq)
-        held = []
+        held: list[dict[str, Any]] = []
         for team, seqs in by_team.items():
             if team in self.poisoned:
                 held += [{"seq": s, "team": team, "reason": "http_422"} for s in seqs]
