@@ -25,6 +25,7 @@ from costwarden.gateway.egress import CA_FILE_ENV, Egress
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
 from costwarden.gateway.metrics import rejected_reason
 from costwarden.gateway.proxy import Gateway
+from costwarden.gateway.reporting import OperatorReportingSink
 from costwarden.gateway.server import serve
 from costwarden.gateway.sinks import FanoutSink, FsyncPolicy, JsonlLedgerSink
 from costwarden.gateway.upstream import CLIENTS, make_upstream
@@ -197,8 +198,6 @@ def _identifier(args: argparse.Namespace) -> Identifier:
 
 def _sink(args: argparse.Namespace) -> UsageSink:
     if args.report_to:
-        from costwarden.gateway.reporting import OperatorReportingSink
-
         return OperatorReportingSink(
             args.report_to,
             replica_id=args.replica_id,
@@ -236,6 +235,13 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         gateway.sink.on_rejected = lambda reason: rejected.labels(
             reason=rejected_reason(reason)
         ).inc()
+    sink = gateway.sink
+    if isinstance(sink, OperatorReportingSink):
+        gateway.metrics.usage_pending.set_function(lambda: sink.pending)
+        gateway.metrics.usage_held_teams.set_function(lambda: len(sink.held_teams))
+        gateway.metrics.ledger_bytes.set_function(lambda: sink.ledger_bytes)
+    elif isinstance(sink, JsonlLedgerSink):
+        gateway.metrics.ledger_bytes.set_function(lambda: sink.ledger_bytes)
     return gateway
 
 

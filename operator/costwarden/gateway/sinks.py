@@ -119,6 +119,10 @@ class JsonlLedgerSink:
             os.fsync(self._fd)
 
     @property
+    def ledger_bytes(self) -> int:
+        return self._size
+
+    @property
     def full(self) -> bool:
         """At its bound (``max_bytes``): the gateway refuses new calls (503 ledger_full)
         rather than lose their usage. Nothing acknowledges a ledger-only ledger, so it is
