@@ -156,3 +156,44 @@ def test_status_holds_any_spend_a_team_can_reach() -> None:
     assert len(fragment["byModel"][0]["model"]) == 128
     assert _percent(huge, Decimal("0.000001")) == MAX_PERCENT
     assert props["usedPercent"]["maximum"] == MAX_PERCENT
+
+
+def test_ingestion_refuses_an_unauthenticated_batch_before_reading_its_body(
+    tmp_path: Any,
+) -> None:
+    """Headers announce a 64 MiB batch and 1 KiB of it is sent: the 401 arrives at once and
+    the connection is closed; the body is never waited for, read or parsed."""
+    from costwarden.controllers.ingest import serve
+    from costwarden.controllers.ingest_auth import IngestAuth
+    from costwarden.ports import free_port
+
+    token = tmp_path / "token"
+    token.write_text("the-shared-token\n")
+    auth = IngestAuth(token_file=token)
+    port = free_port()
+
+    async def scenario() -> bytes:
+        runner = await serve(ingestion_with(auth), "127.0.0.1", port)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /v1/usage HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nAuthorization: Bearer wrong\r\n\r\n"
+                % (64 << 20)
+                + b"{"
+                + b" " * 1023
+            )
+            await writer.drain()
+            async with asyncio.timeout(5):  # TimeoutError (a failure) if it waits for more
+                answer = await reader.read()  # until the server closes the connection
+            writer.close()
+            return answer
+        finally:
+            await runner.cleanup()
+
+    answer = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+
+def ingestion_with(auth: Any) -> Ingestion:
+    return Ingestion(Accountant(), auth, None, lambda: None, None)  # type: ignore[arg-type]

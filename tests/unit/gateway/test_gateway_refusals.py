@@ -277,3 +277,21 @@ def test_token_cap_counts_as_the_hard_cap(start_gateway: StartGateway, fake: Fak
 
     assert "total-token cap" in error["message"]
     assert len(fake.calls) == 1
+
+
+def test_a_full_ledger_refuses_calls_with_503_before_any_upstream_call(
+    start_gateway: StartGateway, fake: FakeUpstream, tmp_path: Any
+) -> None:
+    """At --ledger-max-bytes a call is refused (503 ledger_full), never made unrecorded."""
+    from costwarden.gateway.sinks import JsonlLedgerSink
+
+    ledger = tmp_path / "usage.jsonl"
+    gateway = start_gateway(sink=JsonlLedgerSink(ledger, max_bytes=1))
+
+    assert post(gateway.url, CHAT).status_code == 200  # the first line reaches the bound
+    lines = ledger.read_bytes().count(b"\n")
+    response = post(gateway.url, CHAT)
+
+    assert_openai_refusal(response, 503, "ledger_full")
+    assert len(fake.calls) == 1
+    assert ledger.read_bytes().count(b"\n") == lines == 1
