@@ -145,6 +145,13 @@ class OperatorReportingSink:
         self._parked.clear()
         self._reload_needed = False
         held_from = self._held_from if self._held else self.acked + 1
+        seen: set[int] = set()
+        if self._held:
+            # Held entries the ledger rotated past are in the held file (_maybe_rotate).
+            for seq, key, raw, team in _read_held(self._held_path):
+                if team in self._held and seq not in seen:
+                    seen.add(seq)
+                    self._parked.append((seq, key, raw, team))
         with path.open("rb") as ledger:
             first = ledger.readline()
             if not first.startswith(_HEADER):
@@ -157,7 +164,8 @@ class OperatorReportingSink:
                     continue
                 key, raw, team = entry
                 if team in self._held:
-                    self._parked.append((seq, key, raw, team))
+                    if seq not in seen:
+                        self._parked.append((seq, key, raw, team))
                     continue
                 if seq <= self.acked:
                     continue
@@ -165,6 +173,7 @@ class OperatorReportingSink:
                     self._reload_needed = True
                     return
                 self._queue.append((seq, key, raw))
+        self._parked.sort(key=lambda e: e[0])
 
     # -- the UsageSink protocol ----------------------------------------------------------
 
@@ -230,14 +239,17 @@ class OperatorReportingSink:
         old ledger or the new one, both complete; the cursor file is unaffected (seqs)."""
         if self._ledger is None or self._ledger_path is None or self._size < self._rotate_bytes:
             return
-        keep = self.acked + 1
-        if self._parked:
-            keep = min(keep, self._parked[0][0])
+        keep = self.acked + 1  # held (parked) entries go to the held file instead
         if self._queue:
             keep = min(keep, self._queue[0][0])
         if keep - 1 <= self._base:
             return  # nothing acknowledged to remove
         path = self._ledger_path
+        if self._parked:
+            # Held entries are kept in the held file, so that one held team never pins the
+            # ledger (and, at its bound, every other team's calls); written before the
+            # ledger is replaced, so a crash in between leaves them in one file or both.
+            self._write_held()
         temporary = path.with_name(path.name + ".rotate")
         with path.open("rb") as old, temporary.open("wb") as new:
             new.write(_HEADER + b"%d}\n" % (keep - 1))
@@ -255,6 +267,25 @@ class OperatorReportingSink:
         self._base = keep - 1
         self._size = path.stat().st_size
         self.rotations += 1
+
+    @property
+    def _held_path(self) -> Path | None:
+        path = self._ledger_path
+        return path.with_name(path.name + ".held") if path is not None else None
+
+    def _write_held(self) -> None:
+        """The held entries, ``{"seq","team","key","item"}`` per line, fsync'd, renamed."""
+        path = self._held_path
+        assert path is not None
+        temporary = path.with_name(path.name + ".tmp")
+        with temporary.open("wb") as held:
+            for seq, key, raw, team in self._parked:
+                held.write(b'{"seq":%d,"team":%s,"key":"%s","item":%s}\n'
+                           % (seq, orjson.dumps(team), key, raw))  # fmt: skip
+            held.flush()
+            os.fsync(held.fileno())
+        os.replace(temporary, path)
+        _fsync_dir(path.parent)
 
     @property
     def held_teams(self) -> dict[str, str]:
@@ -379,6 +410,9 @@ class OperatorReportingSink:
         self._held_from = self._parked[0][0] if self._parked else 0
         if (set(self._held), self._held_from) != before:
             self._cursor_stale = True
+        held_path = self._held_path
+        if not self._parked and held_path is not None:
+            held_path.unlink(missing_ok=True)  # nothing held: the held file is stale
 
     def _ca_changed(self) -> bool:
         """Whether the CA bundle file changed since the session was made (the operator
@@ -519,6 +553,22 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_held(path: Path | None) -> list[tuple[int, bytes, bytes, str]]:
+    """The held file's entries; a torn or unreadable line is skipped (it is also still in
+    the ledger unless a rotation completed, which happens only after the file was synced)."""
+    if path is None or not path.exists():
+        return []
+    entries = []
+    for line in path.read_bytes().splitlines():
+        try:
+            data = orjson.loads(line)
+            key = b"loopSignal" if data["key"] == "loopSignal" else b"record"
+            entries.append((int(data["seq"]), key, orjson.dumps(data["item"]), str(data["team"])))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return entries
 
 
 def _team_of(raw: bytes) -> str:

@@ -400,3 +400,56 @@ def test_acknowledged_entries_are_rotated_out_and_numbering_survives(tmp_path: P
         await reporter.close()
 
     asyncio.run(with_operator(second))
+
+
+def test_a_held_team_does_not_pin_the_ledger_and_survives_rotation_and_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """While one team is held, the other team's acknowledged entries are still rotated out
+    (the held ones move to the held file): the ledger stays far below its bound, and after
+    a kill and restart every held entry is re-sent and applies exactly once."""
+    import costwarden.gateway.reporting as reporting
+
+    monkeypatch.setattr(reporting, "PARKED_RETRY_MIN", 0.05)
+    operator = TeamOperator()
+    operator.poisoned.add("ns/poison")
+    ledger = tmp_path / "usage.jsonl"
+    teams: dict[str, list[int]] = {"ns/ok": [], "ns/poison": []}
+
+    async def run() -> None:
+        runner, url = await serve_operator(operator.handle)
+        try:
+            reporter = sink(url, ledger, rotate_bytes=4000, max_bytes=20_000)
+            reporter.emit(team_record("ns/poison"))
+            teams["ns/poison"].append(reporter.seq)
+            await until(lambda: bool(reporter.held_teams), "ns/poison held")
+            for n in range(300):  # ~100 KB of the other team's usage: 5x the bound
+                team = "ns/poison" if n % 100 == 0 else "ns/ok"
+                assert not reporter.full, f"ledger full after {n} entries"
+                reporter.emit(team_record(team))
+                teams[team].append(reporter.seq)
+                if n % 10 == 0:
+                    await until(lambda: operator.applied.get("ns/ok", [])[-1:] ==
+                                teams["ns/ok"][-1:], "ns/ok applied")  # fmt: skip
+            await until(lambda: operator.applied.get("ns/ok") == teams["ns/ok"], "ns/ok")
+            assert reporter.rotations > 0
+            assert ledger.stat().st_size < 20_000
+            assert "ns/poison" not in operator.applied
+            assert reporter._task is not None
+            reporter._task.cancel()  # killed
+            if reporter._session is not None:
+                await reporter._session.close()
+            restarted = sink(url, ledger, rotate_bytes=4000, max_bytes=20_000)
+            assert restarted.held_teams.keys() == {"ns/poison"}
+            assert [e[0] for e in restarted._parked] == teams["ns/poison"]
+            operator.poisoned.clear()
+            restarted.start()
+            await until(lambda: restarted.pending == 0, "held entries delivered")
+            assert operator.applied["ns/poison"] == teams["ns/poison"]
+            assert operator.applied["ns/ok"] == teams["ns/ok"]  # nothing twice
+            assert not (tmp_path / "usage.jsonl.held").exists()
+            await restarted.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(run())
