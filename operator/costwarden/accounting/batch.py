@@ -39,6 +39,12 @@ class UsageBatch(WireModel):
     items: list[BatchItem] = Field(default_factory=list, max_length=MAX_BATCH_ITEMS)
 
 
+class HeldEntry(WireModel):
+    seq: int
+    team: str
+    reason: str = ""
+
+
 class BatchAck(WireModel):
     api_version: str = Field(default=RECORD_API_VERSION, alias="apiVersion")
     kind: str = ACK_KIND
@@ -50,3 +56,16 @@ class BatchAck(WireModel):
     )
     records: int = 0
     duplicates: int = 0
+    applied_through: int = Field(
+        default=0,
+        description="Every entry up to this seq is applied except those listed in held (set "
+        "only when held is not empty; ackedSeq then stops below the first held entry, so a "
+        "gateway that does not know held re-sends them, never drops them).",
+    )
+    held: list[HeldEntry] = Field(
+        default_factory=list,
+        description="Entries not applied because their team's books cannot be written for a "
+        "reason a re-send does not cure (e.g. the API server refuses the status, 422): the "
+        "gateway keeps them (its ledger), holds back that team's later entries behind them, "
+        "and re-sends them until they apply. Other teams' entries are applied meanwhile.",
+    )

@@ -20,6 +20,7 @@ from costwarden.api.accounting import MAX_CURSORS, MAX_JOBS, MAX_MODELS, ClosedP
 from costwarden.api.usage import LoopSignal, UsageRecord
 
 OTHER_MODEL = "other"
+MAX_MODEL_NAME = 128
 CURSOR_IDLE = timedelta(days=35)
 """A source silent this long is forgotten: longer than a month, so a gateway coming back
 after a long outage still finds its cursor (see docs/accounting.md)."""
@@ -95,7 +96,9 @@ def _count(books: Books, record: UsageRecord, applied: Applied) -> None:
     books.spent += cost
     books.tokens = books.tokens.plus(tokens)
     total = tokens.total()
-    name = record.served_model or record.requested_model or "unknown"
+    # byModel[].model holds 128 characters (the schema); a longer name (a hostile or broken
+    # upstream's) is cut, never a reason the team's books cannot be written.
+    name = (record.served_model or record.requested_model or "unknown")[:MAX_MODEL_NAME]
     if name not in books.models and len(books.models) >= MAX_MODELS - 1:
         name = OTHER_MODEL
     _add(books.models.setdefault(name, Spend()), cost, total)

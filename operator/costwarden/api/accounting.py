@@ -6,7 +6,7 @@ conditions, remainingUSD, usedPercent and observedGeneration. docs/accounting.md
 the whole design.
 
 Amounts here are exact (``ExactAmount``): a call often costs less than a micro-dollar, and
-a sum of rounded amounts drifts. ``spentUSD`` (``Money``, six decimals, rounded down) is
+a sum of rounded amounts drifts. ``spentUSD`` (``StatusMoney``, six decimals, rounded down) is
 for display and for the CRD's printer column; ``spentExactUSD`` carries every digit.
 """
 
@@ -20,14 +20,15 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema
 
 from costwarden.api.base import WireModel
-from costwarden.api.money import Money
+from costwarden.api.money import StatusMoney
 
 MAX_MODELS = 32
 MAX_JOBS = 50
 MAX_HISTORY = 6
 MAX_CURSORS = 128
 
-EXACT_PATTERN = r"^[0-9]{1,15}([.][0-9]{1,18})?$"
+EXACT_PATTERN = r"^[0-9]{1,30}([.][0-9]{1,18})?$"
+"""30 integer digits: beyond any spend a team can reach (see money.StatusMoney)."""
 
 
 def parse_exact(value: Any) -> Decimal:
@@ -53,7 +54,7 @@ ExactAmount = Annotated[
     BeforeValidator(parse_exact),
     PlainSerializer(format_exact, return_type=str, when_used="json"),
     WithJsonSchema(
-        {"type": "string", "maxLength": 40, "pattern": EXACT_PATTERN},
+        {"type": "string", "maxLength": 49, "pattern": EXACT_PATTERN},
     ),
 ]
 """USD with every digit (up to 18 decimals) as a decimal string."""
@@ -164,7 +165,9 @@ class ClosedPeriod(WireModel):
 
     start: datetime
     end: datetime
-    spent_usd: Money = Field(alias="spentUSD", description="Spend, rounded down to 6 decimals.")
+    spent_usd: StatusMoney = Field(
+        alias="spentUSD", description="Spend, rounded down to 6 decimals."
+    )
     spent_exact_usd: ExactAmount = Field(alias="spentExactUSD")
     tokens: TokenUsage = Field(default_factory=TokenUsage)
     results: Results = Field(default_factory=Results)

@@ -29,6 +29,10 @@ MONEY_CEL_RULE = {
 
 def parse_money(value: Any) -> Decimal:
     """Accept an int, a decimal string or a Decimal; refuse floats and anything inexact."""
+    return _parse(value, _MONEY_RE, MONEY_CEL_RULE["message"])
+
+
+def _parse(value: Any, pattern: re.Pattern[str], message: str) -> Decimal:
     if isinstance(value, bool):
         raise PydanticCustomError("money", "must be a USD amount, not a boolean")
     if isinstance(value, Decimal):
@@ -43,8 +47,8 @@ def parse_money(value: Any) -> Decimal:
             'must be an integer or a decimal string (e.g. "12.50"), not {kind}',
             {"kind": type(value).__name__},
         )
-    if not _MONEY_RE.match(text):
-        raise PydanticCustomError("money", MONEY_CEL_RULE["message"])
+    if not pattern.match(text):
+        raise PydanticCustomError("money", message)
     return Decimal(text)
 
 
@@ -82,3 +86,25 @@ PlainMoney = Annotated[
 """A USD amount like :data:`Money`, checked by the API server with an OpenAPI ``pattern``
 instead of a CEL rule, so a string only: for amounts inside maps, where a CEL rule per
 value would exceed the CRD's CEL cost budget."""
+
+
+STATUS_MONEY_PATTERN = r"^[0-9]{1,30}([.][0-9]{1,6})?$"
+"""What the operator *reports* (spend in status): 30 integer digits, beyond anything a team
+can spend (a spec amount stays within 12). A spend that a hostile or broken upstream
+inflates past every cap must still be writable, or the team's books could not be written
+at all (docs/operations.md)."""
+_STATUS_MONEY_RE = re.compile(STATUS_MONEY_PATTERN)
+
+
+def parse_status_money(value: Any) -> Decimal:
+    return _parse(value, _STATUS_MONEY_RE, "must be a non-negative USD amount, 6 decimals at most")
+
+
+StatusMoney = Annotated[
+    Decimal,
+    BeforeValidator(parse_status_money),
+    PlainSerializer(format_money, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": STATUS_MONEY_PATTERN, "maxLength": 37}),
+]
+"""A USD amount in status (written by the operator only): like :data:`PlainMoney` with 30
+integer digits, so no spend a team can reach is refused by the API server."""

@@ -33,7 +33,7 @@ from costwarden.api.meta import (
     LocalObjectReference,
     ObjectName,
 )
-from costwarden.api.money import Money
+from costwarden.api.money import Money, StatusMoney
 from costwarden.api.rules import CelRule
 
 KIND = "TeamBudget"
@@ -42,6 +42,8 @@ SINGULAR = "teambudget"
 SHORT_NAMES = ["tb", "budget"]
 
 MAX_RECENT_ACTIONS = 20
+MAX_PERCENT = 1_000_000_000
+"""usedPercent is clamped here (an int64 cannot hold every ratio of spend to a micro-dollar cap)."""
 
 
 def _quantity(path: str) -> str:
@@ -396,14 +398,17 @@ class TeamBudgetStatus(WireModel):
     phase: BudgetPhase | None = Field(
         default=None, description="Active, SoftLimited, Exhausted or Invalid."
     )
-    spent_usd: Money | None = Field(
+    spent_usd: StatusMoney | None = Field(
         default=None, alias="spentUSD", description="Spend in the current period, in USD."
     )
     remaining_usd: Money | None = Field(
         default=None, alias="remainingUSD", description="Hard cap minus spend, never below 0."
     )
     used_percent: int | None = Field(
-        default=None, ge=0, description="Spend as a whole percentage of the hard cap."
+        default=None,
+        ge=0,
+        le=MAX_PERCENT,
+        description=f"Spend as a whole percentage of the hard cap (at most {MAX_PERCENT}).",
     )
     tokens: TokenUsage | None = Field(default=None, description="Tokens in the current period.")
     current_period: PeriodWindow | None = Field(default=None, description="The current period.")

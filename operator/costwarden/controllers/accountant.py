@@ -78,6 +78,9 @@ class Accountant:
             writer = self._writers[budget_id] = _TeamWriter(self, budget_id)
         return await writer.submit(mutation)
 
+    def budget(self, budget_id: str) -> Budget | None:
+        return self._budgets.get(budget_id)
+
     def _current(self, budget: Budget) -> dict[str, Any] | None:
         """Our own last write, if newer than what the watch has delivered."""
         latest = self._latest.get(budget.id)

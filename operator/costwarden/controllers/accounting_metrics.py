@@ -26,6 +26,19 @@ RECORDS_UNATTRIBUTED = Counter(
     "costwarden_ingest_records_unattributed_total",
     "Records without a (valid, existing) TeamBudget: nobody to charge.",
 )
+RECORDS_HELD = Counter(
+    "costwarden_ingest_records_held_total",
+    "Usage entries held (not applied, kept and re-sent by the gateway) because their team's "
+    "books could not be written for a reason a re-send does not cure, by team. Other teams "
+    "are unaffected; the team's spend lags until the cause is fixed (docs/operations.md).",
+    ["team"],
+)
+TEAM_FAILURES = Counter(
+    "costwarden_ingest_team_failures_total",
+    "Permanent failures writing one team's books from a usage batch, by team and reason "
+    "(http_<status> or the error's type).",
+    ["team", "reason"],
+)
 REFUSED = Counter(
     "costwarden_ingest_refused_total",
     "Usage entries refused because they disagree with what the operator recomputes "

@@ -2,9 +2,12 @@
 
 Only the leader applies batches (others answer 503 and the gateway retries, reaching the
 leader through the Service or after a handover). A batch is acknowledged only once every
-team it touches has its books patched in the API server; a failure for any team fails
-the batch (503), and the re-sent batch is a no-op for the teams already applied, thanks to
-the per-source cursors (docs/accounting.md).
+team it touches has its books patched in the API server. A transient failure for any team
+fails the batch (503), and the re-sent batch is a no-op for the teams already applied,
+thanks to the per-source cursors (docs/accounting.md). A permanent failure for one team
+(the API server refuses its status) *holds* that team's entries: the answer lists them
+(``held``), the gateway keeps them and re-sends them, and every other team's entries are
+applied and acknowledged (one team never blocks another).
 
 Nothing in an entry is taken as sent (docs/security-ingestion.md): the team, the job, the
 cost, the tokens' bounds, the time and a loop signal's action are recomputed or checked
@@ -29,24 +32,28 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from costwarden.accounting.batch import BatchAck, UsageBatch
+from costwarden.accounting.batch import BatchAck, HeldEntry, UsageBatch
 from costwarden.accounting.books import Books
 from costwarden.accounting.ledger import Applied, Entry, apply_entries
 from costwarden.accounting.trust import Checked, Refusal
 from costwarden.api.gatewayconfig import GatewayConfig
+from costwarden.api.meta import API_VERSION
 from costwarden.api.teambudget import BudgetPhase
 from costwarden.controllers import accounting_metrics as metrics
 from costwarden.controllers import clock
 from costwarden.controllers.accountant import Accountant, BudgetGoneError, Commit
+from costwarden.controllers.events import event_body, post_event
 from costwarden.controllers.ingest_auth import IngestAuth
 from costwarden.controllers.ingest_trust import PodView, PriceMemory, TransientError, check_batch
 from costwarden.controllers.leadership import Leadership
-from costwarden.controllers.rest import Rest
+from costwarden.controllers.rest import ApiError, Rest
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 1024 * 1024
 MAX_REJECTED_LISTED = 5000
+EVENT_SECONDS = 300.0
+"""At most one UsageHeld Event per team this often (the metric counts every batch)."""
 
 
 def usage_mutation(source: str, entries: list[Entry], legacy: str = "") -> Any:
@@ -72,6 +79,8 @@ class Ingestion:
         self.auth = auth
         self.leadership = leadership
         self.config = config
+        self.rest = rest
+        self._held_events: dict[str, float] = {}
         self.pods = PodView(rest)
         self.prices = PriceMemory()
 
@@ -150,6 +159,15 @@ class Ingestion:
         return web.Response(status=403, body=orjson.dumps(body), content_type="application/json")
 
     async def apply(self, batch: UsageBatch, cursor: str, checked: list[Checked]) -> BatchAck:
+        """Apply each team's entries (one guarded write per team, in parallel).
+
+        Teams are isolated: a team whose books cannot be written for a reason a re-send
+        does not cure (:func:`permanent`, e.g. a 422 from the API server) has its entries
+        *held* (listed in the answer, not applied; the gateway keeps them in its ledger and
+        re-sends them, with that team's later entries queued behind them) while every other
+        team's entries are applied and acknowledged. A transient failure of any team fails
+        the batch (503) as before: the re-sent batch is a no-op for the teams already
+        applied (their cursors moved in the same write as their totals)."""
         by_team: dict[str, list[Entry]] = defaultdict(list)
         unattributed = 0
         for entry in checked:
@@ -157,22 +175,68 @@ class Ingestion:
                 unattributed += 1  # refused by the gateway before attribution: costs nothing
                 continue
             by_team[entry.team].append(Entry(entry.seq, entry.record, entry.signal))
+        teams = list(by_team)
         results = await asyncio.gather(
-            *(
-                self._apply_team(cursor, batch.source, team, entries)
-                for team, entries in by_team.items()
-            )
+            *(self._apply_team(cursor, batch.source, team, by_team[team]) for team in teams),
+            return_exceptions=True,
         )
-        phases = {team: phase for team, phase, _ in results if phase is not None}
-        applied = [a for _, _, a in results if a is not None]
+        phases: dict[str, BudgetPhase] = {}
+        applied: list[Applied] = []
+        held: list[HeldEntry] = []
+        transient: BaseException | None = None
+        for team, result in zip(teams, results, strict=True):
+            if isinstance(result, BaseException):
+                if not permanent(result):
+                    transient = transient or result
+                    continue
+                reason = _reason(result)
+                held.extend(HeldEntry(seq=e.seq, team=team, reason=reason) for e in by_team[team])
+                await self._report_held(team, len(by_team[team]), batch.source, result)
+                continue
+            _, phase, done = result
+            if phase is not None:
+                phases[team] = phase
+            if done is not None:
+                applied.append(done)
+        if transient is not None:
+            raise transient
         metrics.RECORDS_UNATTRIBUTED.inc(unattributed)
+        last = max((item.seq for item in batch.items), default=0)
+        first_held = min((h.seq for h in held), default=last + 1)
         return BatchAck(
             source=batch.source,
-            acked_seq=max((item.seq for item in batch.items), default=0),
+            acked_seq=min(last, first_held - 1),
             teams=phases,
             records=sum(len(a.records) for a in applied),
             duplicates=sum(a.duplicates for a in applied),
+            applied_through=last if held else 0,
+            held=sorted(held, key=lambda h: h.seq),
         )
+
+    async def _report_held(self, team: str, count: int, source: str, error: BaseException) -> None:
+        """A team's usage is held: a metric, a log line and a Warning Event on its
+        TeamBudget (what ``kubectl describe teambudget`` shows)."""
+        metrics.RECORDS_HELD.labels(team=team).inc(count)
+        metrics.TEAM_FAILURES.labels(team=team, reason=_reason(error)).inc()
+        log.error(
+            "TeamBudget %s: %d usage entries from %s held (not applied; re-sent by the "
+            "gateway, other teams unaffected): %s", team, count, source, error,
+        )  # fmt: skip
+        budget = self.accountant.budget(team)
+        now = time.monotonic()
+        if budget is None or now - self._held_events.get(team, -EVENT_SECONDS) < EVENT_SECONDS:
+            return  # one Event per team per EVENT_SECONDS: the gateway re-sends often
+        self._held_events[team] = now
+        await post_event(
+            self.rest,
+            event_body(
+                api_version=API_VERSION, kind="TeamBudget", namespace=budget.namespace,
+                name=budget.name, uid=budget.uid, event_type="Warning", reason="UsageHeld",
+                message=f"{count} usage entries from gateway {source} could not be written "
+                f"to this TeamBudget's status and are held (kept by the gateway, re-sent "
+                f"until they apply; nothing is lost): {str(error)[:600]}",
+            ),
+        )  # fmt: skip
 
     async def _apply_team(
         self, cursor: str, source: str, team: str, entries: list[Entry]
@@ -187,6 +251,22 @@ class Ingestion:
             return team, None, None
         _observe(commit, applied)
         return team, commit.after.phase, applied
+
+
+def permanent(error: BaseException) -> bool:
+    """Whether a team's write failed for a reason that re-sending the same entries does not
+    cure: the API server refused the status (400, 403, 413, 422: a schema bound, a webhook,
+    a quota) or the books could not be rendered (a value no model accepts). Conflicts,
+    throttling, 5xx and network errors are transient (the batch is retried)."""
+    if isinstance(error, ApiError):
+        return 400 <= error.status < 500 and error.status not in (404, 408, 409, 429)
+    return isinstance(error, ValueError | ValidationError | ArithmeticError)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, ApiError):
+        return f"http_{error.status}"
+    return type(error).__name__
 
 
 def _observe(commit: Commit, applied: Applied) -> None:
@@ -213,7 +293,9 @@ async def serve(
 ) -> web.AppRunner:
     """Serve ``POST /v1/usage``; over HTTPS with ``ssl_context`` (the operator always passes
     one: reporters send a bearer token, which must not cross the network in clear)."""
-    runner = web.AppRunner(ingestion.app(), access_log=None)
+    # lingering_time=0: a batch refused before its body is read (an unauthenticated
+    # caller) is answered and its connection closed, the body never read (not even drained).
+    runner = web.AppRunner(ingestion.app(), access_log=None, lingering_time=0)
     await runner.setup()
     await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     log.info("usage ingestion listening on %s:%d (%s)", host, port,

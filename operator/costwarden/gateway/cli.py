@@ -25,6 +25,7 @@ from costwarden.gateway.egress import CA_FILE_ENV, Egress
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
 from costwarden.gateway.metrics import rejected_reason
 from costwarden.gateway.proxy import Gateway
+from costwarden.gateway.reporting import OperatorReportingSink
 from costwarden.gateway.server import serve
 from costwarden.gateway.sinks import FanoutSink, FsyncPolicy, JsonlLedgerSink
 from costwarden.gateway.upstream import CLIENTS, make_upstream
@@ -134,6 +135,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ledger durability (docs/ledger.md)",
     )
     parser.add_argument(
+        "--ledger-max-bytes",
+        type=int,
+        default=48 * 1024 * 1024,
+        help="bound of --ledger: at it, new calls are refused with 503 ledger_full rather "
+        "than lose usage (with --report-to, acknowledged entries are rotated out first); "
+        "keep it under the volume's size (docs/ledger.md)",
+    )
+    parser.add_argument(
         "--replica-id",
         default=env("POD_NAME") or socket.gethostname(),
         help="this replica's name in usage records (default: POD_NAME or host)",
@@ -189,8 +198,6 @@ def _identifier(args: argparse.Namespace) -> Identifier:
 
 def _sink(args: argparse.Namespace) -> UsageSink:
     if args.report_to:
-        from costwarden.gateway.reporting import OperatorReportingSink
-
         return OperatorReportingSink(
             args.report_to,
             replica_id=args.replica_id,
@@ -198,10 +205,11 @@ def _sink(args: argparse.Namespace) -> UsageSink:
             fsync=FsyncPolicy(args.ledger_fsync),
             token_file=args.report_token_file,
             ca_file=args.report_ca_file,
+            max_bytes=args.ledger_max_bytes,
         )
     if args.ledger is None:
         return FanoutSink([])  # records still reach metrics and the decision log
-    return JsonlLedgerSink(args.ledger, FsyncPolicy(args.ledger_fsync))
+    return JsonlLedgerSink(args.ledger, FsyncPolicy(args.ledger_fsync), args.ledger_max_bytes)
 
 
 def build_gateway(args: argparse.Namespace) -> Gateway:
@@ -227,6 +235,13 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         gateway.sink.on_rejected = lambda reason: rejected.labels(
             reason=rejected_reason(reason)
         ).inc()
+    sink = gateway.sink
+    if isinstance(sink, OperatorReportingSink):
+        gateway.metrics.usage_pending.set_function(lambda: sink.pending)
+        gateway.metrics.usage_held_teams.set_function(lambda: len(sink.held_teams))
+        gateway.metrics.ledger_bytes.set_function(lambda: sink.ledger_bytes)
+    elif isinstance(sink, JsonlLedgerSink):
+        gateway.metrics.ledger_bytes.set_function(lambda: sink.ledger_bytes)
     return gateway
 
 

@@ -126,6 +126,23 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.usage_pending = Gauge(
+            "costwarden_gateway_usage_pending",
+            "Usage entries not yet acknowledged by the operator (including held ones).",
+            registry=r,
+        )
+        self.usage_held_teams = Gauge(
+            "costwarden_gateway_usage_held_teams",
+            "Teams whose usage the operator holds (its books could not be written): their "
+            "entries are kept and re-sent (docs/operations.md).",
+            registry=r,
+        )
+        self.ledger_bytes = Gauge(
+            "costwarden_gateway_ledger_bytes",
+            "Size of the usage ledger; at --ledger-max-bytes calls are refused with 503 "
+            "ledger_full (docs/ledger.md).",
+            registry=r,
+        )
         self.count_tokens = Counter(
             "costwarden_gateway_count_tokens_total",
             "Token-count calls (POST /v1/messages/count_tokens) answered: never billed, "

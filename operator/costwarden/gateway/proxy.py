@@ -142,6 +142,19 @@ class Gateway:
         if compiled is None:
             return self.refuse(call, 503, "not_ready", "the gateway has no configuration yet")
         call.revision = compiled.revision
+        # Authenticate and attribute from the headers alone, before the body (up to
+        # MAX_BODY) is read or parsed: an unauthenticated caller costs no read, no parse.
+        refused = await self._attribute(request, call, compiled)
+        if refused is not None:
+            return refused
+        if getattr(self.sink, "full", False):
+            # The ledger is at its bound: a call now could not be recorded, so it is not
+            # made (docs/ledger.md); it frees up as the operator acknowledges usage.
+            return self.refuse(
+                call, 503, "ledger_full",
+                "the gateway's usage ledger is full (usage not yet delivered to the "
+                "operator); retry later",
+            )  # fmt: skip
         raw = await request.read()
         try:
             body = orjson.loads(raw)
@@ -153,9 +166,6 @@ class Gateway:
             )
         call.requested_model = str(body.get("model") or "")[:128]
         call.streaming = bool(body.get("stream"))
-        refused = await self._attribute(request, call, compiled)
-        if refused is not None:
-            return refused
         return await self._route(request, call, compiled, body, len(raw))
 
     async def _attribute(
@@ -323,6 +333,9 @@ class Gateway:
         if compiled is None:
             return self.refuse(call, 503, "not_ready", "the gateway has no configuration yet")
         call.revision = compiled.revision
+        refused = await self._attribute(request, call, compiled)  # before the body is read
+        if refused is not None:
+            return refused
         raw = await request.read()
         try:
             body = orjson.loads(raw)
@@ -333,9 +346,6 @@ class Gateway:
                 call, 400, RefusalReason.BAD_REQUEST, "the body is not a JSON object"
             )
         call.requested_model = str(body.get("model") or "")[:128]
-        refused = await self._attribute(request, call, compiled)
-        if refused is not None:
-            return refused
         assert call.team is not None
         try:
             hints = take_hints(request.headers, body)
@@ -409,7 +419,7 @@ class Gateway:
                 call.cost,
                 upstream_error=call.outcome in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_MALFORMED),
             )
-        self.sink.emit(record)
+        self.sink.emit(record)  # a ledger keeps only what can cost: sinks.worth_keeping
         added = time.perf_counter() - call.started - call.upstream_seconds
         self.metrics.observe(record, added_seconds=added)
         log_decision(call, record)

@@ -56,9 +56,13 @@ class GatewayServer:
             ("GET", "/readyz"): lambda request: readyz(gateway),
         }
         # No access log: the decision log already has one line per call.
+        # lingering_time=0: a call refused before its body was read (unauthenticated,
+        # unattributed) gets its answer and the connection is closed; the body is never
+        # read, not even to discard it (aiohttp would otherwise drain it for up to 10 s).
         self.server = web.Server(
-            self._dispatch, request_factory=self._make_request, access_log=None
-        )
+            self._dispatch, request_factory=self._make_request, access_log=None,
+            lingering_time=0,
+        )  # fmt: skip
 
     def _api(self, fmt: WireFormat, endpoint: Endpoint) -> Handler:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:

@@ -17,7 +17,7 @@ from costwarden.accounting.periods import rollover_fragment
 from costwarden.api.conditions import ConditionType, Reason, set_condition
 from costwarden.api.meta import Condition, ConditionStatus
 from costwarden.api.money import format_money
-from costwarden.api.teambudget import BudgetPhase
+from costwarden.api.teambudget import MAX_PERCENT, BudgetPhase
 from costwarden.policy.render import BudgetVerdict, PolicyVerdict, Verdict, observed_spend
 
 
@@ -117,6 +117,8 @@ def changed_fields(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> d
 def _percent(spent: Decimal, cap: Decimal) -> int:
     if cap <= 0:
         return 100
+    if spent * 100 >= cap * MAX_PERCENT:
+        return MAX_PERCENT  # the schema's bound (and no quotient beyond Decimal's 28 digits)
     return int(spent * 100 // cap)
 
 

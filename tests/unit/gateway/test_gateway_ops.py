@@ -135,23 +135,58 @@ def gateway_cost(line: str) -> Decimal:
     return Decimal(json.loads(line, parse_float=Decimal)["costUSD"])
 
 
-def test_ledger_flushes_in_the_background(tmp_path: Path) -> None:
-    async def scenario() -> int:
-        sink = JsonlLedgerSink(tmp_path / "l.jsonl")
+def test_ledger_writes_each_record_before_emit_returns(tmp_path: Path) -> None:
+    """Ledger-only mode: the line is in the file (write(2), the page cache) when emit
+    returns, i.e. before the call's answer leaves the gateway: a kill -9 cannot lose it.
+    A call that costs nothing and charges no team (unattributed, refused before any
+    upstream call) is not written at all."""
+
+    async def scenario() -> tuple[int, int]:
+        path = tmp_path / "l.jsonl"
+        sink = JsonlLedgerSink(path)
         sink.emit(
             UsageRecord.model_validate(
-                {"time": "2026-01-01T00:00:00Z", "endpoint": "messages", "outcome": "OK"}
+                {"time": "2026-01-01T00:00:00Z", "endpoint": "messages", "outcome": "OK",
+                 "team": "ns/b"}
             )
-        )
-        for _ in range(100):
-            if (tmp_path / "l.jsonl").stat().st_size:
-                break
-            await asyncio.sleep(0.05)
-        size = (tmp_path / "l.jsonl").stat().st_size
+        )  # fmt: skip
+        written = path.stat().st_size  # no waiting: already there
+        for free in (
+            {"outcome": "OK"},  # no team: nobody to charge
+            {"outcome": "Refused", "team": "ns/b", "reason": "hard_cap_reached"},
+        ):
+            sink.emit(
+                UsageRecord.model_validate(
+                    {"time": "2026-01-01T00:00:00Z", "endpoint": "messages", **free}
+                )
+            )
+        after = path.stat().st_size
         await sink.close()
-        return size
+        return written, after
 
-    assert asyncio.run(scenario()) > 0
+    written, after = asyncio.run(scenario())
+    assert written > 0
+    assert after == written
+
+
+def test_ledger_only_sink_is_full_at_its_bound(tmp_path: Path) -> None:
+    async def scenario() -> list[bool]:
+        sink = JsonlLedgerSink(tmp_path / "l.jsonl", max_bytes=1000)
+        states = []
+        for _ in range(5):
+            sink.emit(
+                UsageRecord.model_validate(
+                    {"time": "2026-01-01T00:00:00Z", "endpoint": "messages", "outcome": "OK",
+                     "team": "ns/b"}
+                )
+            )  # fmt: skip
+            states.append(sink.full)
+        await sink.close()
+        return states
+
+    states = asyncio.run(scenario())
+    assert states[0] is False
+    assert states[-1] is True
 
 
 def test_hot_path_record_equals_the_validated_model(gateway: Any) -> None:

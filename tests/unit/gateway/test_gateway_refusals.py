@@ -203,6 +203,40 @@ def test_unattributed_caller_gets_401(
     assert_costs_nothing(gateway, fake, "unattributed_caller")
 
 
+def test_unauthenticated_call_is_refused_before_its_body_is_read(
+    start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    """Headers announce a 64 MiB body, 1 KiB of it is sent, and the client then waits: the
+    401 arrives at once (the gateway never waits for, reads or parses the body) and the
+    connection is closed (the rest is not drained either)."""
+    gateway = start_gateway(identifier=SharedIdentifier(None, None))
+    answer = send_partial_body(gateway.url, "/v1/chat/completions", 64 * 1024 * 1024)
+
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"unattributed_caller" in answer
+    assert fake.calls == []
+    assert_costs_nothing(gateway, fake, "unattributed_caller")
+
+
+def send_partial_body(url: str, path: str, announced: int) -> bytes:
+    """Send a POST announcing ``announced`` bytes of body but only 1 KiB of it; return
+    everything the server answers before it closes the connection (5 s deadline)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {announced}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b"{" + b" " * 1023)
+        answer = b""
+        while chunk := sock.recv(65536):  # socket.timeout (a failure) if it never answers
+            answer += chunk
+        return answer
+
+
 def test_confidential_with_no_in_cluster_route_is_refused(
     upstream: ServerThread, start_gateway: StartGateway, fake: FakeUpstream
 ) -> None:
@@ -243,3 +277,21 @@ def test_token_cap_counts_as_the_hard_cap(start_gateway: StartGateway, fake: Fak
 
     assert "total-token cap" in error["message"]
     assert len(fake.calls) == 1
+
+
+def test_a_full_ledger_refuses_calls_with_503_before_any_upstream_call(
+    start_gateway: StartGateway, fake: FakeUpstream, tmp_path: Any
+) -> None:
+    """At --ledger-max-bytes a call is refused (503 ledger_full), never made unrecorded."""
+    from costwarden.gateway.sinks import JsonlLedgerSink
+
+    ledger = tmp_path / "usage.jsonl"
+    gateway = start_gateway(sink=JsonlLedgerSink(ledger, max_bytes=1))
+
+    assert post(gateway.url, CHAT).status_code == 200  # the first line reaches the bound
+    lines = ledger.read_bytes().count(b"\n")
+    response = post(gateway.url, CHAT)
+
+    assert_openai_refusal(response, 503, "ledger_full")
+    assert len(fake.calls) == 1
+    assert ledger.read_bytes().count(b"\n") == lines == 1

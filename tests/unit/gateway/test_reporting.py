@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from costwarden.accounting.batch import UsageBatch
@@ -244,3 +245,211 @@ def test_an_exhausted_phase_in_the_acknowledgement_refuses_calls_until_the_next_
     assert refused.refusal is not None
     assert refused.refusal.code == "hard_cap_reached"
     assert limits.admit(team, "rev-2", "job", "fp-3").refusal is None  # a new config decides
+
+
+class TeamOperator:
+    """Applies batches as the operator does: per team and per source cursor, a team whose
+    books cannot be written (``poisoned``) held (listed in ``held``), the others applied."""
+
+    def __init__(self) -> None:
+        self.cursors: dict[str, int] = {}
+        self.applied: dict[str, list[int]] = {}
+        self.poisoned: set[str] = set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        batch = UsageBatch.model_validate(json.loads(await request.read()))
+        by_team: dict[str, list[int]] = {}
+        for item in batch.items:
+            assert item.record is not None
+            by_team.setdefault(item.record.team, []).append(item.seq)
+        held: list[dict[str, Any]] = []
+        for team, seqs in by_team.items():
+            if team in self.poisoned:
+                held += [{"seq": s, "team": team, "reason": "http_422"} for s in seqs]
+                continue
+            for seq in sorted(seqs):
+                if seq > self.cursors.get(team, 0):
+                    self.applied.setdefault(team, []).append(seq)
+                    self.cursors[team] = seq
+        top = max((i.seq for i in batch.items), default=0)
+        first_held = min((h["seq"] for h in held), default=top + 1)
+        body: dict[str, Any] = {"source": batch.source, "ackedSeq": min(top, first_held - 1)}
+        if held:
+            body |= {"appliedThrough": top, "held": held}
+        return web.json_response(body)
+
+
+def team_record(team: str) -> UsageRecord:
+    return UsageRecord(
+        time=datetime.now(UTC), team=team, endpoint=Endpoint.CHAT_COMPLETIONS,
+        outcome=Outcome.OK, usage_reported=True, cost_usd=Decimal(1),
+    )  # fmt: skip
+
+
+async def serve_operator(handler: Any) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_post("/v1/usage", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def until(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_a_held_team_never_holds_back_another_teams_usage_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Team ns/poison's books cannot be written: its entries are held (kept in the ledger,
+    re-sent), ns/ok's entries, before and after them, are all applied meanwhile; once the
+    cause is fixed every held entry applies exactly once, in order, across a restart."""
+    import costwarden.gateway.reporting as reporting
+
+    # Small batches: held entries would stall everything behind them within a few batches.
+    monkeypatch.setattr(reporting, "MAX_BATCH", 20)
+    monkeypatch.setattr(reporting, "PARKED_PER_BATCH", 5)
+    monkeypatch.setattr(reporting, "PARKED_RETRY_MIN", 0.05)
+    operator = TeamOperator()
+    operator.poisoned.add("ns/poison")
+    ledger = tmp_path / "usage.jsonl"
+    teams = {"ns/ok": [], "ns/poison": []}  # type: dict[str, list[int]]
+
+    async def run() -> None:
+        runner, url = await serve_operator(operator.handle)
+        try:
+            reporter = sink(url, ledger)
+            for n in range(1, 301):
+                team = "ns/poison" if n % 3 == 0 else "ns/ok"
+                reporter.emit(team_record(team))
+                teams[team].append(reporter.seq)
+                if n % 50 == 0:
+                    await asyncio.sleep(0.02)
+            await until(lambda: operator.applied.get("ns/ok") == teams["ns/ok"], "ns/ok")
+            assert "ns/poison" not in operator.applied
+            assert reporter.held_teams.keys() == {"ns/poison"}
+            assert reporter.pending == len(teams["ns/poison"])
+            # A restart (no close: as after kill -9) while held: read back from the ledger.
+            assert reporter._task is not None
+            reporter._task.cancel()
+            if reporter._session is not None:
+                await reporter._session.close()
+            restarted = sink(url, ledger)
+            assert restarted.held_teams.keys() == {"ns/poison"}
+            assert restarted.pending == len(teams["ns/poison"])
+            restarted.start()
+            restarted.emit(team_record("ns/ok"))
+            teams["ns/ok"].append(restarted.seq)
+            restarted.emit(team_record("ns/poison"))
+            teams["ns/poison"].append(restarted.seq)
+            await until(lambda: operator.applied.get("ns/ok") == teams["ns/ok"], "ns/ok again")
+            operator.poisoned.clear()  # the cause fixed (e.g. the CRD upgraded)
+            await until(lambda: restarted.pending == 0, "held entries delivered")
+            assert operator.applied["ns/poison"] == teams["ns/poison"]  # once each, in order
+            assert restarted.held_teams == {}
+            await restarted.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(run())
+
+
+def test_acknowledged_entries_are_rotated_out_and_numbering_survives(tmp_path: Path):
+    """The ledger stays small while the operator acknowledges (rotated at rotate_bytes);
+    a restart after rotations continues the same numbering and re-sends only what was not
+    acknowledged; at max_bytes with nothing acknowledged the sink reports full."""
+    ledger = tmp_path / "usage.jsonl"
+
+    async def first(fake: FakeOperator, url: str) -> tuple[str, int]:
+        reporter = sink(url, ledger, rotate_bytes=4000, max_bytes=8000)
+        for n in range(1, 101):
+            reporter.emit(record(n))
+            if n % 10 == 0:
+                await drained(reporter)
+        await drained(reporter)
+        assert reporter.rotations > 0
+        assert ledger.stat().st_size < 8000  # 100 records of ~300 bytes: rotated
+        assert fake.seqs() == list(range(1, 101))
+        fake.down = True  # nothing acknowledged from here on
+        while not reporter.full:
+            reporter.emit(record(1))
+        assert reporter.seq > 100
+        source, last = reporter.source, reporter.seq
+        assert reporter._task is not None
+        reporter._task.cancel()  # killed: no close
+        if reporter._session is not None:
+            await reporter._session.close()
+        return source, last
+
+    source, last = asyncio.run(with_operator(first))
+
+    async def second(fake: FakeOperator, url: str) -> None:
+        reporter = sink(url, ledger, rotate_bytes=4000, max_bytes=8000)
+        assert reporter.source == source
+        assert reporter.seq == last  # numbering continues across rotations
+        reporter.start()
+        await drained(reporter)
+        assert fake.seqs() == list(range(101, last + 1))  # only the unacknowledged
+        assert not reporter.full
+        await reporter.close()
+
+    asyncio.run(with_operator(second))
+
+
+def test_a_held_team_does_not_pin_the_ledger_and_survives_rotation_and_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """While one team is held, the other team's acknowledged entries are still rotated out
+    (the held ones move to the held file): the ledger stays far below its bound, and after
+    a kill and restart every held entry is re-sent and applies exactly once."""
+    import costwarden.gateway.reporting as reporting
+
+    monkeypatch.setattr(reporting, "PARKED_RETRY_MIN", 0.05)
+    operator = TeamOperator()
+    operator.poisoned.add("ns/poison")
+    ledger = tmp_path / "usage.jsonl"
+    teams: dict[str, list[int]] = {"ns/ok": [], "ns/poison": []}
+
+    async def run() -> None:
+        runner, url = await serve_operator(operator.handle)
+        try:
+            reporter = sink(url, ledger, rotate_bytes=4000, max_bytes=20_000)
+            reporter.emit(team_record("ns/poison"))
+            teams["ns/poison"].append(reporter.seq)
+            await until(lambda: bool(reporter.held_teams), "ns/poison held")
+            for n in range(300):  # ~100 KB of the other team's usage: 5x the bound
+                team = "ns/poison" if n % 100 == 0 else "ns/ok"
+                assert not reporter.full, f"ledger full after {n} entries"
+                reporter.emit(team_record(team))
+                teams[team].append(reporter.seq)
+                if n % 10 == 0:
+                    await until(lambda: operator.applied.get("ns/ok", [])[-1:] ==
+                                teams["ns/ok"][-1:], "ns/ok applied")  # fmt: skip
+            await until(lambda: operator.applied.get("ns/ok") == teams["ns/ok"], "ns/ok")
+            assert reporter.rotations > 0
+            assert ledger.stat().st_size < 20_000
+            assert "ns/poison" not in operator.applied
+            assert reporter._task is not None
+            reporter._task.cancel()  # killed
+            if reporter._session is not None:
+                await reporter._session.close()
+            restarted = sink(url, ledger, rotate_bytes=4000, max_bytes=20_000)
+            assert restarted.held_teams.keys() == {"ns/poison"}
+            assert [e[0] for e in restarted._parked] == teams["ns/poison"]
+            operator.poisoned.clear()
+            restarted.start()
+            await until(lambda: restarted.pending == 0, "held entries delivered")
+            assert operator.applied["ns/poison"] == teams["ns/poison"]
+            assert operator.applied["ns/ok"] == teams["ns/ok"]  # nothing twice
+            assert not (tmp_path / "usage.jsonl.held").exists()
+            await restarted.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(run())
