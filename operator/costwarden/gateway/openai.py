@@ -22,7 +22,7 @@ from costwarden.gateway.wire import (
     MalformedUsageError,
     SseSplitter,
     error_type,
-    sse_data,
+    sse_json_object,
     tokens,
     usage_int,
 )
@@ -70,14 +70,10 @@ class OpenAIStreamMeter:
         if not any(m in event for m in _USAGE_MARKERS) and b'"error"' not in event:
             return True
         try:
-            data = orjson.loads(sse_data(event))
-        except orjson.JSONDecodeError:
-            self.error = "the stream carried an event that is not JSON"
-            return True
-        if isinstance(data, dict) and data.get("error"):
-            self.error = "the upstream reported an error mid-stream"
-            return True
-        try:
+            data = sse_json_object(event)
+            if data.get("error"):
+                self.error = "the upstream reported an error mid-stream"
+                return True
             self.usage = parse_usage(data.get("usage"), Endpoint.CHAT_COMPLETIONS)
         except MalformedUsageError as exc:
             self.error = str(exc)
