@@ -26,7 +26,9 @@ an array), ``stream-truncated`` (cut in the middle of the usage event, no end),
 ``stream-negative-usage``, ``stream-huge-usage`` (10**30 prompt tokens),
 ``stream-not-json`` (the usage event is not JSON), ``stream-message-not-object``
 (Anthropic ``message_start.message`` is an array; OpenAI ``usage`` is a string) and
-``stream-string-usage`` (token counts as strings). The usage logged in
+``stream-string-usage`` (token counts as strings); the same on Responses API streams
+(where ``stream-message-not-object`` makes the closing ``response`` an array);
+``slow-no-usage`` is a chat stream without usage at one chunk per 50 ms. The usage logged in
 :attr:`FakeUpstream.calls` is what a real provider would have billed.
 
 Run it as a process: ``python -m costwarden.testing.upstream --port 9000``.
@@ -145,12 +147,14 @@ class FakeUpstream:
         if early := _early_fault(fault, openai=True, key=_sent_key(request)):
             self._log(request, body, None)
             return early
+        slow = fault == "slow-no-usage"  # one chunk per 50 ms, no usage: for disconnects
+        fault = "no-usage" if slow else fault
         if body.get("stream") and fault in HOSTILE_STREAMS:
             billed = answers.openai_usage(body)
             self._log(request, body, billed)
             response = await _sse_response(request)
             for text in _hostile_chat(fault, body, billed):
-                await response.write(text)
+                await self._send(response, text.decode(), slow)
             return response
         usage: dict[str, Any] | None = None if fault == "no-usage" else answers.openai_usage(body)
         self._log(request, body, usage)
@@ -278,6 +282,13 @@ class FakeUpstream:
         self.stored.add(response_id)
         _, cut = answers.responses_words(body)
         status = "failed" if fault == "failed" else "incomplete" if cut else "completed"
+        if body.get("stream") and fault in HOSTILE_STREAMS and fault != "no-usage":
+            billed = answers.responses_usage(body)
+            self._log(request, body, billed)
+            response = await _sse_response(request)
+            for text in _hostile_responses(fault, body, response_id, billed, status):
+                await response.write(text)
+            return response
         if body.get("stream"):
             response = await _sse_response(request)
             ending = f"response.{status}"
@@ -344,6 +355,41 @@ def _hostile_messages(fault: str, body: dict[str, Any], usage: dict[str, Any]) -
     if fault == "stream-truncated":
         at = names.index("message_delta")
         return [*texts[:at], texts[at][: len(texts[at]) // 2]]
+    return texts
+
+
+def _hostile_responses(
+    fault: str, body: dict[str, Any], response_id: str, usage: dict[str, Any], status: str
+) -> list[bytes]:
+    """A Responses API stream that misbehaves as ``fault`` says (HOSTILE_STREAMS; the
+    Responses ``stream-message-not-object`` makes the closing event's ``response`` an
+    array)."""
+    ending = f"response.{status}"
+    events: list[Any] = json.loads(
+        json.dumps(answers.responses_events(body, response_id, usage, ending))
+    )
+    final = events[-1]
+    if fault == "stream-negative-usage":
+        final["response"]["usage"]["input_tokens"] = -usage["input_tokens"] - 1
+    elif fault == "stream-huge-usage":
+        final["response"]["usage"]["input_tokens"] = 10**30
+    elif fault == "stream-string-usage":
+        final["response"]["usage"] = {
+            k: str(v) if isinstance(v, int) else v for k, v in usage.items()
+        }
+    elif fault == "stream-message-not-object":
+        final["response"] = [final["response"]]
+    names = [e["type"] for e in events]
+    if fault == "stream-array-events":
+        events = [[e] for e in events]
+    texts = [
+        f"event: {name}\ndata: {json.dumps(e)}\n\n".encode()
+        for name, e in zip(names, events, strict=True)
+    ]
+    if fault == "stream-not-json":
+        texts[-1] = f'event: {ending}\ndata: {{"type": "{ending}", oops\n\n'.encode()
+    if fault == "stream-truncated":
+        texts[-1] = texts[-1][: len(texts[-1]) // 2]
     return texts
 
 

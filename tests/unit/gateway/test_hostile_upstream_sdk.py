@@ -96,3 +96,32 @@ def test_anthropic_sdk_stream_from_a_hostile_upstream_is_charged_and_raised(
         assert "without valid usage" in raised, raised
     _charged(gateway, before)
     assert _estimated(gateway, "claude-sonnet") == estimated + 1
+
+
+@pytest.mark.parametrize("fault", HOSTILE_STREAMS)
+def test_responses_sdk_stream_from_a_hostile_upstream_is_charged_and_reported(
+    gateway: GatewayThread, fake: FakeUpstream, fault: str
+) -> None:
+    fake.script("gpt-4o-mini", fault)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    before = len(records(gateway).records)
+    estimated = _estimated(gateway, "gpt-4o-mini")
+
+    stream = client.responses.create(model="gpt-4o-mini", input=PROMPT, stream=True)
+    seen: list[Any] = []
+    try:
+        seen.extend(stream)
+        raised = ""
+    except (openai.APIError, json.JSONDecodeError) as exc:
+        raised = type(exc).__name__
+
+    # The Responses API's own error event (the SDK yields it typed), or, for bytes the
+    # gateway passes on untouched as they arrive, the SDK's own error on them.
+    errors = [e for e in seen if getattr(e, "type", "") == "error"]
+    if raised:
+        assert fault in UNTOUCHED_GARBAGE, raised
+    else:
+        assert errors, [getattr(e, "type", e) for e in seen]
+        assert errors[-1].code == "upstream_malformed"
+    _charged(gateway, before)
+    assert _estimated(gateway, "gpt-4o-mini") == estimated + 1
