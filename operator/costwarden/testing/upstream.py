@@ -286,8 +286,8 @@ class FakeUpstream:
             billed = answers.responses_usage(body)
             self._log(request, body, billed)
             response = await _sse_response(request)
-            for text in _hostile_responses(fault, body, response_id, billed, status):
-                await response.write(text)
+            for hostile in _hostile_responses(fault, body, response_id, billed, status):
+                await response.write(hostile)
             return response
         if body.get("stream"):
             response = await _sse_response(request)
