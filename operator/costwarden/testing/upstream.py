@@ -28,7 +28,8 @@ an array), ``stream-truncated`` (cut in the middle of the usage event, no end),
 (Anthropic ``message_start.message`` is an array; OpenAI ``usage`` is a string) and
 ``stream-string-usage`` (token counts as strings); the same on Responses API streams
 (where ``stream-message-not-object`` makes the closing ``response`` an array);
-``slow-no-usage`` is a chat stream without usage at one chunk per 50 ms. The usage logged in
+``slow-no-usage`` is a chat stream without usage at one chunk per 50 ms; ``raw-stream``
+answers the next bytes queued in :attr:`FakeUpstream.raw_streams`. The usage logged in
 :attr:`FakeUpstream.calls` is what a real provider would have billed.
 
 Run it as a process: ``python -m costwarden.testing.upstream --port 9000``.
@@ -91,6 +92,15 @@ class FakeUpstream:
     """Prefix of the response ids this upstream stores (``resp_<name>_<n>``)."""
     stored: set[str] = field(default_factory=set)
     """Responses API ids this upstream holds (what ``previous_response_id`` may name)."""
+    raw_streams: deque[bytes] = field(default_factory=deque)
+    """What the fault ``raw-stream`` answers, one entry a call, as an event stream (for
+    fuzzing the gateway with arbitrary upstream bytes)."""
+
+    async def _raw_stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        self._log(request, body, None)
+        response = await _sse_response(request)
+        await response.write(self.raw_streams.popleft())
+        return response
 
     def script(self, model: str, *faults: str) -> None:
         """Queue faults for the next requests naming ``model`` (upstream id)."""
@@ -144,6 +154,8 @@ class FakeUpstream:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         fault = self._fault(str(body.get("model", "")))
+        if fault == "raw-stream":
+            return await self._raw_stream(request, body)
         if early := _early_fault(fault, openai=True, key=_sent_key(request)):
             self._log(request, body, None)
             return early
@@ -207,6 +219,8 @@ class FakeUpstream:
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         fault = self._fault(str(body.get("model", "")))
+        if fault == "raw-stream":
+            return await self._raw_stream(request, body)
         if early := _early_fault(fault, openai=False, key=_sent_key(request)):
             self._log(request, body, None)
             return early
@@ -261,6 +275,8 @@ class FakeUpstream:
         (status incomplete, max_output_tokens) besides the common ones."""
         body = await request.json()
         fault = self._fault(str(body.get("model", "")))
+        if fault == "raw-stream":
+            return await self._raw_stream(request, body)
         if early := _early_fault(fault, openai=True, key=_sent_key(request)):
             self._log(request, body, None)
             return early

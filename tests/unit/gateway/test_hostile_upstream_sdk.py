@@ -1,6 +1,7 @@
 """Hostile upstream streams, through the official SDKs: each of the eight misbehaviours of
 the fake upstream (HOSTILE_STREAMS) reaches the caller as an error the SDK raises, and is
-charged (an estimate, usage reported), never delivered free at 200."""
+charged (an estimate, usage reported), never delivered free at 200. And arbitrary upstream
+streams (hypothesis) through the real gateway: metered, or charged an estimate."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ import json
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from costwarden.api.teambudget import LoopDetection
 from costwarden.api.usage import Outcome
+from costwarden.gateway.wire import MAX_TOKENS_PER_CALL
 from costwarden.testing.gateway import GatewayThread
 from costwarden.testing.upstream import HOSTILE_STREAMS, FakeUpstream
 
-from .conftest import records, wait_for
+from .conftest import StartGateway, records, wait_for
+from .test_wire_fuzz import event_names, payloads, sse
 
 PROMPT = "please summarise the quarterly report in three short bullet points"
 
@@ -125,3 +132,70 @@ def test_responses_sdk_stream_from_a_hostile_upstream_is_charged_and_reported(
         assert errors[-1].code == "upstream_malformed"
     _charged(gateway, before)
     assert _estimated(gateway, "gpt-4o-mini") == estimated + 1
+
+
+# End to end: arbitrary upstream streams through the real gateway (sockets, relay, record).
+RAW_ROUTES = {
+    "chat": (
+        "gpt-4o-mini",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": PROMPT}]},
+    ),
+    "messages": (
+        "claude-fake-sonnet",
+        "/v1/messages",
+        {"max_tokens": 50, "messages": [{"role": "user", "content": PROMPT}]},
+    ),
+    "responses": ("gpt-4o-mini", "/v1/responses", {"input": PROMPT}),
+}
+
+
+@pytest.fixture
+def fuzz_gateway(start_gateway: StartGateway) -> GatewayThread:
+    """A gateway whose loop detection is off: the fuzz sends the same request many times."""
+    return start_gateway(team={"loop_detection": LoopDetection(enabled=False)})
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    route=st.sampled_from(sorted(RAW_ROUTES)),
+    events=st.lists(st.tuples(event_names, payloads), max_size=6),
+    crlf=st.booleans(),
+    cut=st.integers(min_value=0, max_value=4000),
+)
+def test_any_upstream_stream_is_metered_or_charged_never_free(
+    fuzz_gateway: GatewayThread,
+    fake: FakeUpstream,
+    route: str,
+    events: list[tuple[str, bytes]],
+    crlf: bool,
+    cut: int,
+) -> None:
+    gateway = fuzz_gateway
+    model, path, body = RAW_ROUTES[route]
+    stream = sse(events, crlf)
+    fake.raw_streams.append(stream[: max(cut, len(stream) // 2)])
+    fake.script(model, "raw-stream")
+    sink = records(gateway)
+    before = len(sink.records)
+
+    response = httpx.post(
+        gateway.url + path, json={**body, "model": model, "stream": True}, timeout=10
+    )
+
+    assert response.status_code == 200
+    record = wait_for(lambda: sink.records[before:], what="the call's record")[-1]
+    for value in (record.tokens.input, record.tokens.output, record.tokens.cached_input):
+        assert 0 <= value <= MAX_TOKENS_PER_CALL
+    if record.usage_reported:
+        assert record.outcome in (Outcome.OK, Outcome.UPSTREAM_MALFORMED), record
+        assert record.cost_usd >= 0
+        if record.outcome is Outcome.UPSTREAM_MALFORMED:
+            assert record.reason == "usage_estimated"
+            assert record.cost_usd > 0
+    else:  # only the provider's own failure (Responses response.failed) goes unbilled
+        assert (record.outcome, record.reason) == (Outcome.UPSTREAM_ERROR, "upstream_failed")
