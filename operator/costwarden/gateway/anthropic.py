@@ -22,6 +22,7 @@ from costwarden.api.routingpolicy import Provider
 from costwarden.api.teambudget import TokenUsage
 from costwarden.api.usage import Endpoint
 from costwarden.gateway.wire import (
+    OVERFLOW_ERROR,
     MalformedUsageError,
     SseSplitter,
     error_type,
@@ -113,6 +114,8 @@ class AnthropicStreamMeter:
             self.error = str(exc)
 
     def end(self) -> bytes:
+        if self._splitter.overflowed and self.usage is None:
+            self.error = self.error or OVERFLOW_ERROR
         if self._delta_seen and "input" in self._parts and not self.error:
             self.usage = tokens(**self._parts)
         elif not self.error:

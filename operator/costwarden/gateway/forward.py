@@ -55,6 +55,32 @@ if TYPE_CHECKING:
     from costwarden.gateway.proxy import Gateway
 
 DRAIN_SECONDS = 120.0
+MAX_ANSWER_BYTES = 128 * 2**20
+"""The largest non-streamed answer the gateway reads (128 MiB: a 2,048-input embeddings
+batch of 3,072 dimensions as JSON floats is ~125 MB); a larger one is refused 502
+``upstream_malformed`` and not billed (the client never gets it)."""
+MAX_ERROR_BYTES = 2**20
+"""The most of an upstream error body read (1 MiB); the rest is not needed to rebuild it."""
+
+
+class AnswerTooLargeError(Exception):
+    pass
+
+
+async def read_bounded(response: UpstreamResponse, limit: int) -> bytes:
+    """The whole body, or AnswerTooLargeError past ``limit`` bytes (the upstream connection
+    is closed then)."""
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.chunks():
+        size += len(part)
+        if size > limit:
+            await response.aclose()
+            raise AnswerTooLargeError(f"the answer is over {limit // 2**20} MiB")
+        parts.append(part)
+    return b"".join(parts)
+
+
 _RETRYABLE = frozenset({408, 429})
 # The string values that carry generated text in the three stream formats (chat
 # ``content``/``refusal``/tool ``arguments``, Anthropic ``text``/``thinking``/
@@ -278,8 +304,8 @@ async def _pass_error(
     key-like removed (gateway/sanitize.py); any other body is withheld."""
     started = time.perf_counter()
     try:
-        data = await response.read()
-    except UpstreamUnavailableError:
+        data = await read_bounded(response, MAX_ERROR_BYTES)
+    except (UpstreamUnavailableError, AnswerTooLargeError):
         data = b""
     call.upstream_seconds += time.perf_counter() - started
     call.outcome, call.error, call.status = (
@@ -308,8 +334,8 @@ async def _relay_plain(
 ) -> web.Response:
     started = time.perf_counter()
     try:
-        data = await response.read()
-    except UpstreamUnavailableError as exc:
+        data = await read_bounded(response, MAX_ANSWER_BYTES)
+    except (UpstreamUnavailableError, AnswerTooLargeError) as exc:
         call.upstream_seconds += time.perf_counter() - started
         return _error(call, 502, "upstream_malformed", _malformed(gw, call, route, str(exc)))
     call.upstream_seconds += time.perf_counter() - started

@@ -21,6 +21,7 @@ from costwarden.api.routingpolicy import Provider
 from costwarden.api.teambudget import TokenUsage
 from costwarden.api.usage import Endpoint
 from costwarden.gateway.wire import (
+    OVERFLOW_ERROR,
     MalformedUsageError,
     SseSplitter,
     error_type,
@@ -85,6 +86,8 @@ class OpenAIStreamMeter:
         return self._show_usage or bool(data.get("choices"))
 
     def end(self) -> bytes:
+        if self._splitter.overflowed and self.usage is None:
+            self.error = self.error or OVERFLOW_ERROR
         rest = self._splitter.rest().strip()
         if rest:  # an event the upstream did not terminate: metered, kept only if whole
             rest = rest + b"\n\n" if self._keep(rest) and b"data:" in rest else b""

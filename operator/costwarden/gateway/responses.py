@@ -28,6 +28,7 @@ from costwarden.api.teambudget import TokenUsage
 from costwarden.api.usage import Endpoint
 from costwarden.gateway.openai import OPENAI
 from costwarden.gateway.wire import (
+    OVERFLOW_ERROR,
     MalformedUsageError,
     SseSplitter,
     sse_json_object,
@@ -138,6 +139,8 @@ class ResponsesStreamMeter:
             self.error = str(exc)
 
     def end(self) -> bytes:
+        if self._splitter.overflowed and self.usage is None:
+            self.error = self.error or OVERFLOW_ERROR
         if self.usage is None and not self.error:
             self.error = (
                 "the stream ended without response.completed, response.incomplete or "

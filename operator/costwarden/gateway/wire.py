@@ -127,13 +127,21 @@ class StreamMeter(Protocol):
         ...
 
 
+MAX_EVENT_BYTES = 16 * 2**20
+"""The longest SSE event a stream meter holds while waiting for its end (16 MiB: a
+Responses API closing event repeats the whole answer). An upstream that sends more without
+a blank line has the partial event discarded, and the stream counts as without usage."""
+
+
 class SseSplitter:
     """Cuts a byte stream into whole SSE events (separated by a blank line)."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "overflowed")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self.overflowed = False
+        """An event grew past MAX_EVENT_BYTES and was discarded."""
 
     def events(self, chunk: bytes) -> list[bytes]:
         data = self._buffer + chunk
@@ -141,6 +149,8 @@ class SseSplitter:
             data = data.replace(b"\r\n", b"\n")
         parts = data.split(b"\n\n")
         self._buffer = parts.pop()
+        if len(self._buffer) > MAX_EVENT_BYTES:
+            self._buffer, self.overflowed = b"", True
         return [p for p in parts if p]
 
     @property
@@ -151,6 +161,9 @@ class SseSplitter:
     def rest(self) -> bytes:
         rest, self._buffer = self._buffer, b""
         return rest
+
+
+OVERFLOW_ERROR = f"the stream carried an event over {MAX_EVENT_BYTES // 2**20} MiB"
 
 
 def sse_data(event: bytes) -> bytes:

@@ -215,3 +215,20 @@ def test_client_disconnect_from_a_stream_without_usage_is_charged_an_estimate(
     assert record.usage_reported
     assert record.tokens.input > 0
     assert record.cost_usd > 0
+
+
+def test_an_answer_over_the_size_bound_is_refused_not_buffered(
+    gateway: Any, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from costwarden.gateway import forward
+
+    monkeypatch.setattr(forward, "MAX_ANSWER_BYTES", 64)
+
+    response = post(gateway.url, CHAT)
+
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_malformed"
+    assert "over 0 MiB" in response.json()["error"]["message"]
+    record = records(gateway).records[-1]
+    assert record.outcome is Outcome.UPSTREAM_MALFORMED
+    assert not record.usage_reported

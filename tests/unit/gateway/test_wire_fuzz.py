@@ -23,7 +23,12 @@ from costwarden.api.usage import Endpoint
 from costwarden.gateway.anthropic import ANTHROPIC
 from costwarden.gateway.openai import OPENAI
 from costwarden.gateway.responses import RESPONSES
-from costwarden.gateway.wire import MAX_TOKENS_PER_CALL, MalformedUsageError, StreamMeter
+from costwarden.gateway.wire import (
+    MAX_EVENT_BYTES,
+    MAX_TOKENS_PER_CALL,
+    MalformedUsageError,
+    StreamMeter,
+)
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -321,3 +326,17 @@ def test_absurd_counts_are_refused_not_billed() -> None:
         OPENAI.usage(answer, Endpoint.CHAT_COMPLETIONS)
     at_bound = {"usage": {"prompt_tokens": MAX_TOKENS_PER_CALL, "completion_tokens": 0}}
     assert OPENAI.usage(at_bound, Endpoint.CHAT_COMPLETIONS).input == MAX_TOKENS_PER_CALL
+
+
+def test_an_event_that_never_ends_is_discarded_past_the_bound() -> None:
+    """A hostile upstream streaming without a blank line cannot grow a meter's buffer."""
+    for _, meter in meters():
+        splitter = meter._splitter  # type: ignore[attr-defined]
+        piece = b'data: {"usage":{"prompt_tokens":1' + b"x" * 2**20
+        for _ in range(MAX_EVENT_BYTES // 2**20 + 2):
+            meter.feed(piece)
+        assert len(splitter._buffer) <= MAX_EVENT_BYTES + len(piece)
+        assert splitter.overflowed
+        meter.end()
+        assert meter.usage is None
+        assert meter.error
