@@ -265,7 +265,12 @@ def test_responses_stream_without_closing_event_ends_in_an_error_event(
     assert last.type == "error"
     assert last.code == "upstream_malformed"
     assert "without valid usage" in last.message
-    assert records(gateway)[0].outcome is Outcome.UPSTREAM_MALFORMED
+    record = records(gateway)[0]
+    assert record.outcome is Outcome.UPSTREAM_MALFORMED
+    # The provider bills a stream it sent: charged an estimate, never free.
+    assert record.reason == "usage_estimated"
+    assert record.usage_reported
+    assert record.cost_usd > 0
 
 
 def test_responses_hard_cap_is_a_429_in_the_responses_error_shape(

@@ -119,6 +119,9 @@ class RefusalReason(StrEnum):
     PROVIDER_HOST_NOT_ALLOWED = "provider_host_not_allowed"
     PREVIOUS_RESPONSE_ELSEWHERE = "previous_response_elsewhere"
     """A Responses API call continues a stored response no allowed backend holds."""
+    IDENTITY_CHECK_UNAVAILABLE = "identity_check_unavailable"
+    """A token that needs a TokenReview could not be checked now: the identity-check rate
+    limit is reached (429) or the API server did not answer in time (503). Retryable."""
 
 
 class UsageRecord(WireModel):

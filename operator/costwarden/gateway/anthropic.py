@@ -22,10 +22,11 @@ from costwarden.api.routingpolicy import Provider
 from costwarden.api.teambudget import TokenUsage
 from costwarden.api.usage import Endpoint
 from costwarden.gateway.wire import (
+    OVERFLOW_ERROR,
     MalformedUsageError,
     SseSplitter,
     error_type,
-    sse_data,
+    sse_json_object,
     tokens,
     usage_int,
 )
@@ -91,14 +92,13 @@ class AnthropicStreamMeter:
 
     def _inspect(self, event: bytes) -> None:
         try:
-            data = orjson.loads(sse_data(event))
-        except orjson.JSONDecodeError:
-            self.error = "the stream carried an event that is not JSON"
-            return
-        kind = data.get("type") if isinstance(data, dict) else None
-        try:
+            data = sse_json_object(event)
+            kind = data.get("type")
             if kind == "message_start":
-                usage = (data.get("message") or {}).get("usage")
+                message = data.get("message")
+                if not isinstance(message, dict):
+                    raise MalformedUsageError("message_start carries no message object")
+                usage = message.get("usage")
                 self._parts = parse_usage(usage)
                 self.tool_calls = server_tool_calls(usage) or self.tool_calls
             elif kind == "message_delta":
@@ -114,6 +114,8 @@ class AnthropicStreamMeter:
             self.error = str(exc)
 
     def end(self) -> bytes:
+        if self._splitter.overflowed and self.usage is None:
+            self.error = self.error or OVERFLOW_ERROR
         if self._delta_seen and "input" in self._parts and not self.error:
             self.usage = tokens(**self._parts)
         elif not self.error:

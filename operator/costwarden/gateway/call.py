@@ -50,6 +50,8 @@ class Call:
     admitted: bool = False
     streaming: bool = False
     attempts: int = 0
+    prompt_bytes: int = 0
+    """Size of the body last sent upstream (what an estimate of unreported input uses)."""
     upstream_seconds: float = 0.0
     tokens: TokenUsage | None = None
     tool_calls: dict[str, int] = field(default_factory=dict)

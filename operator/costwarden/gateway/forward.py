@@ -15,6 +15,12 @@
   ``costwarden_gateway_missing_credentials_total{model}``, and if no candidate is left the
   call is refused with **503** ``missing_credentials`` naming the Secret reference (a
   gateway misconfiguration the caller cannot fix: not a 401, and ``x-should-retry: false``).
+- A stream whose usage never comes or cannot be used (ends early, drops, events that are
+  not JSON objects, negative or absurd counts: see :data:`wire.MAX_TOKENS_PER_CALL`) was
+  still sent to the client, and the provider bills it: it is charged an estimate
+  (:func:`charge_unmetered_stream`), recorded ``UpstreamMalformed`` (or
+  ``ClientDisconnected``) with reason ``usage_estimated``, counted in
+  ``costwarden_gateway_estimated_usage_total``, and the client still gets the error event.
 - A client that disconnects mid-stream does not stop metering: the gateway keeps reading
   the upstream (at most :data:`DRAIN_SECONDS`) to get the usage it reports at the end, and
   records ``ClientDisconnected`` with that usage.
@@ -34,7 +40,12 @@ from costwarden.gateway.call import Call
 from costwarden.gateway.config import CompiledConfig
 from costwarden.gateway.sanitize import generic_message, sanitize_error, sanitize_stream_events
 from costwarden.gateway.upstream import UpstreamResponse, UpstreamUnavailableError
-from costwarden.gateway.wire import MalformedUsageError
+from costwarden.gateway.wire import (
+    MAX_TOKENS_PER_CALL,
+    MalformedUsageError,
+    estimate_prompt_tokens,
+    tokens,
+)
 from costwarden.policy.pricing import call_cost
 from costwarden.policy.routing import RouteDecision
 
@@ -42,7 +53,54 @@ if TYPE_CHECKING:
     from costwarden.gateway.proxy import Gateway
 
 DRAIN_SECONDS = 120.0
+MAX_ANSWER_BYTES = 128 * 2**20
+"""The largest non-streamed answer the gateway reads (128 MiB: a 2,048-input embeddings
+batch of 3,072 dimensions as JSON floats is ~125 MB); a larger one is refused 502
+``upstream_malformed`` and not billed (the client never gets it)."""
+MAX_ERROR_BYTES = 2**20
+"""The most of an upstream error body read (1 MiB); the rest is not needed to rebuild it."""
+
+
+class AnswerTooLargeError(Exception):
+    pass
+
+
+async def read_bounded(response: UpstreamResponse, limit: int) -> bytes:
+    """The whole body, or AnswerTooLargeError past ``limit`` bytes (the upstream connection
+    is closed then)."""
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.chunks():
+        size += len(part)
+        if size > limit:
+            await response.aclose()
+            raise AnswerTooLargeError(f"the answer is over {limit // 2**20} MiB")
+        parts.append(part)
+    return b"".join(parts)
+
+
 _RETRYABLE = frozenset({408, 429})
+
+
+def charge_unmetered_stream(gw: Gateway, call: Call, route: ModelRoute, streamed: int) -> None:
+    """Charge a stream that reached the client without usable usage (the provider bills it).
+
+    The one place this policy lives: until reservations land (branch ``reserve``, which
+    charges such a stream its reservation), the charge is an estimate: input at
+    :data:`wire.BYTES_PER_TOKEN` bytes a token of the request body as sent upstream, output
+    one token per ``data:`` event streamed (``streamed``; the providers stream about one
+    token per content event, and counting events costs one C-level scan per chunk where
+    reading the text out of each event cost ~2.5 us), each at most
+    :data:`wire.MAX_TOKENS_PER_CALL`, priced like reported usage.
+    """
+    estimate = tokens(
+        min(estimate_prompt_tokens(call.prompt_bytes), MAX_TOKENS_PER_CALL),
+        min(streamed, MAX_TOKENS_PER_CALL),
+    )
+    call.tokens = estimate
+    call.cost = call_cost(estimate, route.pricing, call.tool_calls)
+    call.error = "usage_estimated"
+    gw.metrics.estimated_usage.labels(route.name, route.provider.value).inc()
 
 
 def _retryable(status: int) -> bool:
@@ -172,13 +230,15 @@ async def _attempt(
         call.served = route
         call.attempts += 1
         body["model"] = route.upstream_model
+        payload = orjson.dumps(body)
+        call.prompt_bytes = len(payload)
         headers = call.fmt.upstream_headers(api_key, request.headers)
         url = compiled.url(call.policy_id, route, call.endpoint)
         if request.query_string:  # ?beta=true and the like go on as the client sent them
             url += "?" + request.query_string
         started = time.perf_counter()
         try:
-            response = await gw.upstream.post(url, headers, orjson.dumps(body))
+            response = await gw.upstream.post(url, headers, payload)
         except UpstreamUnavailableError as exc:
             call.upstream_seconds += time.perf_counter() - started
             _count_error(gw, route, "unreachable")
@@ -233,8 +293,8 @@ async def _pass_error(
     key-like removed (gateway/sanitize.py); any other body is withheld."""
     started = time.perf_counter()
     try:
-        data = await response.read()
-    except UpstreamUnavailableError:
+        data = await read_bounded(response, MAX_ERROR_BYTES)
+    except (UpstreamUnavailableError, AnswerTooLargeError):
         data = b""
     call.upstream_seconds += time.perf_counter() - started
     call.outcome, call.error, call.status = (
@@ -263,8 +323,8 @@ async def _relay_plain(
 ) -> web.Response:
     started = time.perf_counter()
     try:
-        data = await response.read()
-    except UpstreamUnavailableError as exc:
+        data = await read_bounded(response, MAX_ANSWER_BYTES)
+    except (UpstreamUnavailableError, AnswerTooLargeError) as exc:
         call.upstream_seconds += time.perf_counter() - started
         return _error(call, 502, "upstream_malformed", _malformed(gw, call, route, str(exc)))
     call.upstream_seconds += time.perf_counter() - started
@@ -302,6 +362,7 @@ async def _relay_stream(
     call.status = response.status
     await out.prepare(request)
     gone_at = 0.0
+    streamed = 0
     chunks = response.chunks().__aiter__()
     while True:
         started = time.perf_counter()
@@ -314,6 +375,7 @@ async def _relay_stream(
             break
         finally:
             call.upstream_seconds += time.perf_counter() - started
+        streamed += chunk.count(b"data:")  # events: the output estimate if usage never comes
         data = sanitize_stream_events(provider, meter.feed(chunk), secrets)
         if gone_at:
             if time.perf_counter() - gone_at > DRAIN_SECONDS:
@@ -321,7 +383,7 @@ async def _relay_stream(
         elif data:
             gone_at = await _write(out, data)
     await response.aclose()
-    return await _finish_stream(gw, call, out, meter, route, gone_at, secrets)
+    return await _finish_stream(gw, call, out, meter, route, gone_at, secrets, streamed)
 
 
 async def _write(out: web.StreamResponse, data: bytes) -> float:
@@ -341,6 +403,7 @@ async def _finish_stream(
     route: ModelRoute,
     gone_at: float,
     secrets: tuple[str, ...],
+    streamed: int,
 ) -> web.StreamResponse:
     rest = sanitize_stream_events(call.fmt.provider, meter.end(), secrets)
     call.tool_calls = getattr(meter, "tool_calls", {})
@@ -356,10 +419,13 @@ async def _finish_stream(
         call.outcome, call.error = Outcome.UPSTREAM_ERROR, "upstream_failed"
         if gone_at:
             call.outcome = Outcome.CLIENT_DISCONNECTED
-    elif gone_at:  # the client left and the usage never came: unknown, and said so
-        call.outcome, call.error = Outcome.CLIENT_DISCONNECTED, "usage_unknown"
+    elif gone_at:  # the client left and the usage never came: billed by the provider anyway
+        call.outcome = Outcome.CLIENT_DISCONNECTED
+        charge_unmetered_stream(gw, call, route, streamed)
     else:
         message = _malformed(gw, call, route, meter.error)
+        charge_unmetered_stream(gw, call, route, streamed)
+        message += "; this call is charged an estimate of its usage"
         rest += call.fmt.stream_error_event("upstream_malformed", message)
     if not gone_at:
         if rest:

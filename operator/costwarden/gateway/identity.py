@@ -38,6 +38,15 @@ class UnattributedError(Exception):
     """The caller cannot be identified; the message says why (never echoing a secret)."""
 
 
+class IdentityUnavailableError(Exception):
+    """The credential could not be checked now (rate limit or API server too slow): the
+    call is refused with ``status`` (429 or 503) and may be retried."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     via: str

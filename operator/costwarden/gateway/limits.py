@@ -29,6 +29,11 @@ from costwarden.policy.limits import LimitRefusal
 from costwarden.policy.loops import LoopState, LoopTrip, check_request, record_outcome
 
 MAX_JOBS = 50_000  # least recently seen jobs are forgotten beyond this
+MAX_REMEMBERED_TOTAL = 400_000
+"""Requests remembered for loop detection across all jobs (each job keeps at most
+``policy.loops.MAX_REMEMBERED``). Beyond it, the loop windows of the least recently seen
+jobs are forgotten first (their cost, token and rate counters are kept): about 200 bytes a
+remembered request, so ~80 MB at most; see docs/operations.md, "Memory bounds"."""
 
 
 @dataclass
@@ -62,6 +67,8 @@ class Limits:
         self._clock = clock
         self._teams: dict[str, TeamSeen] = {}
         self._jobs: OrderedDict[tuple[str, str], JobState] = OrderedDict()
+        self.remembered = 0
+        """Requests held in all jobs' loop windows (bounded by MAX_REMEMBERED_TOTAL)."""
 
     def _team(self, team: TeamConfig, revision: str) -> TeamSeen:
         seen = self._teams.get(team.id)
@@ -83,10 +90,23 @@ class Limits:
         if state is None:
             state = self._jobs[key] = JobState()
             if len(self._jobs) > MAX_JOBS:
-                self._jobs.popitem(last=False)
+                _, old = self._jobs.popitem(last=False)
+                self.remembered -= len(old.loop.order)
         else:
             self._jobs.move_to_end(key)
         return state
+
+    def _shed_loop_windows(self, current: JobState) -> None:
+        """Forget the loop windows of the least recently seen jobs until the total is back
+        to 90% of MAX_REMEMBERED_TOTAL (the current job's last)."""
+        target = MAX_REMEMBERED_TOTAL * 9 // 10
+        for state in self._jobs.values():
+            if self.remembered <= target:
+                return
+            if state is not current:
+                self.remembered -= state.loop.forget_window()
+        if self.remembered > target:
+            self.remembered -= current.loop.forget_window()
 
     def admit(self, team: TeamConfig, revision: str, unit: str, fingerprint: str) -> Admission:
         """Hard cap, per-job caps, retry loop, then rate (a refused call is not counted)."""
@@ -103,7 +123,11 @@ class Limits:
         if refusal is not None:
             return Admission(refusal, phase)
         now = self._clock()
+        before = len(job.loop.order)
         trip = check_request(job.loop, team.loop_detection, fingerprint, now)
+        self.remembered += len(job.loop.order) - before
+        if self.remembered > MAX_REMEMBERED_TOTAL:
+            self._shed_loop_windows(job)
         if trip is not None:
             return Admission(_loop_refusal(team, unit, trip), phase, trip)
         rpm = team.per_job.max_requests_per_minute if team.per_job else None

@@ -86,6 +86,13 @@ class GatewayMetrics:
             ["model", "provider", "kind"],
             registry=r,
         )
+        self.estimated_usage = Counter(
+            "costwarden_gateway_estimated_usage_total",
+            "Streams delivered without usable usage from the upstream (ended or dropped "
+            "early, malformed or absurd counts) and charged an estimate instead, by model.",
+            ["model", "provider"],
+            registry=r,
+        )
         self.missing_credentials = Counter(
             "costwarden_gateway_missing_credentials_total",
             "Attempts not sent because the model's provider key (a Secret reference in the "

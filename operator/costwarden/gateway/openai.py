@@ -4,7 +4,9 @@ Usage comes from ``usage.prompt_tokens`` (of which ``prompt_tokens_details.cache
 were cache reads) and ``usage.completion_tokens``. A stream only reports usage when asked
 (``stream_options.include_usage``): the gateway always asks, and drops the usage-only
 final chunk again when the client did not ask for it. The ``"usage": null`` field the
-provider then adds to every other chunk is left in place (the SDKs accept it).
+provider then adds to every other chunk is left in place (the SDKs accept it). A stream
+whose ``[DONE]`` comes before any usable usage has its ``[DONE]`` withheld: the gateway's
+error event takes its place (the SDKs stop reading at ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from costwarden.api.routingpolicy import Provider
 from costwarden.api.teambudget import TokenUsage
 from costwarden.api.usage import Endpoint
 from costwarden.gateway.wire import (
+    OVERFLOW_ERROR,
     MalformedUsageError,
     SseSplitter,
     error_type,
-    sse_data,
+    sse_json_object,
     tokens,
     usage_int,
 )
@@ -66,26 +69,28 @@ class OpenAIStreamMeter:
     def _keep(self, event: bytes) -> bool:
         if _DONE in event:
             self.finished = True
-            return True
+            # Without usage the gateway ends the stream with an error event instead: the
+            # SDKs stop reading at [DONE], so an error after it would never be raised.
+            return self.usage is not None
         if not any(m in event for m in _USAGE_MARKERS) and b'"error"' not in event:
             return True
         try:
-            data = orjson.loads(sse_data(event))
-        except orjson.JSONDecodeError:
-            self.error = "the stream carried an event that is not JSON"
-            return True
-        if isinstance(data, dict) and data.get("error"):
-            self.error = "the upstream reported an error mid-stream"
-            return True
-        try:
+            data = sse_json_object(event)
+            if data.get("error"):
+                self.error = "the upstream reported an error mid-stream"
+                return True  # the upstream's own error goes on (sanitised) to the client
             self.usage = parse_usage(data.get("usage"), Endpoint.CHAT_COMPLETIONS)
         except MalformedUsageError as exc:
             self.error = str(exc)
-            return True
+            return False  # broken bytes are not passed on: the gateway's error event follows
         return self._show_usage or bool(data.get("choices"))
 
     def end(self) -> bytes:
-        rest = self._splitter.rest()
+        if self._splitter.overflowed and self.usage is None:
+            self.error = self.error or OVERFLOW_ERROR
+        rest = self._splitter.rest().strip()
+        if rest:  # an event the upstream did not terminate: metered, kept only if whole
+            rest = rest + b"\n\n" if self._keep(rest) and b"data:" in rest else b""
         if self.usage is None and not self.error:
             self.error = "the stream ended without a usage chunk"
         return rest

@@ -7,6 +7,7 @@ so a refused call always gets the API's own error shape, costs nothing and is re
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -28,7 +29,12 @@ from costwarden.gateway.call import Call, log_decision
 from costwarden.gateway.config import CompiledConfig, ConfigStore
 from costwarden.gateway.credentials import Credentials
 from costwarden.gateway.forward import forward, forward_count
-from costwarden.gateway.identity import Identifier, UnattributedError, resolve_team
+from costwarden.gateway.identity import (
+    Identifier,
+    IdentityUnavailableError,
+    UnattributedError,
+    resolve_team,
+)
 from costwarden.gateway.limits import Admission, Limits
 from costwarden.gateway.metrics import GatewayMetrics
 from costwarden.gateway.upstream import UpstreamClient
@@ -61,43 +67,58 @@ _FINAL = {
 _ROUTE_STATUS = {"incompatible_route": 400, "confidential_requires_in_cluster": 403}
 
 
-class SessionAffinity:
-    """Which model served a conversation (team, session key) last; bounded LRU."""
+def key_digest(text: str) -> bytes:
+    """A 16-byte digest of a client- or upstream-chosen key (a session id of up to the
+    header limit, a response id): what the bounded maps below store instead of the key, so
+    an entry's size does not depend on what the caller sends."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+class _BoundedLru:
+    """``(team, digest) -> model`` with at most ``size`` entries, least recently used
+    evicted first. Team ids and model names come from the configuration (bounded there);
+    the digest is 16 bytes: about 180 bytes an entry (measured), 17 MiB at the default
+    :data:`MAX_SESSIONS` (docs/operations.md, "Memory bounds")."""
 
     def __init__(self, size: int = MAX_SESSIONS) -> None:
         self._size = size
-        self._models: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._models: OrderedDict[tuple[str, bytes], str] = OrderedDict()
 
-    def get(self, team: str, session: str) -> str:
-        return self._models.get((team, session), "") if session else ""
+    def __len__(self) -> int:
+        return len(self._models)
 
-    def remember(self, team: str, session: str, model: str) -> None:
-        key = (team, session)
-        self._models[key] = model
-        self._models.move_to_end(key)
-        if len(self._models) > self._size:
+    def _get(self, team: str, key: str) -> str:
+        return self._models.get((team, key_digest(key)), "")
+
+    def _remember(self, team: str, key: str, model: str) -> None:
+        entry = (team, key_digest(key))
+        self._models[entry] = model
+        self._models.move_to_end(entry)
+        while len(self._models) > self._size:
             self._models.popitem(last=False)
 
 
-class ResponseHolders:
+class SessionAffinity(_BoundedLru):
+    """Which model served a conversation (team, session key) last; bounded LRU."""
+
+    def get(self, team: str, session: str) -> str:
+        return self._get(team, session) if session else ""
+
+    def remember(self, team: str, session: str, model: str) -> None:
+        self._remember(team, session, model)
+
+
+class ResponseHolders(_BoundedLru):
     """Which model served a stored Responses API answer (team, response id); bounded LRU.
 
     A call that continues it (``previous_response_id``) must go to the backend that stores
     it: another backend, even one speaking the same format, does not have it."""
 
-    def __init__(self, size: int = MAX_SESSIONS) -> None:
-        self._size = size
-        self._models: OrderedDict[tuple[str, str], str] = OrderedDict()
-
     def get(self, team: str, response_id: str) -> str:
-        return self._models.get((team, response_id), "")
+        return self._get(team, response_id)
 
     def remember(self, team: str, response_id: str, model: str) -> None:
-        key = (team, response_id)
-        self._models[key] = model
-        self._models.move_to_end(key)
-        if len(self._models) > self._size:
-            self._models.popitem(last=False)
+        self._remember(team, response_id, model)
 
 
 class Gateway:
@@ -175,6 +196,9 @@ class Gateway:
             call.caller = await self.identifier.identify(request.headers)
         except UnattributedError as exc:
             return self.refuse(call, 401, RefusalReason.UNATTRIBUTED, str(exc))
+        except IdentityUnavailableError as exc:
+            reason = RefusalReason.IDENTITY_CHECK_UNAVAILABLE
+            return self.refuse(call, exc.status, reason, str(exc))
         call.team = resolve_team(call.caller, compiled)
         if call.team is None:
             caller = call.caller

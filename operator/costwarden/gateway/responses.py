@@ -27,7 +27,14 @@ from costwarden.api.routingpolicy import Provider
 from costwarden.api.teambudget import TokenUsage
 from costwarden.api.usage import Endpoint
 from costwarden.gateway.openai import OPENAI
-from costwarden.gateway.wire import MalformedUsageError, SseSplitter, sse_data, tokens, usage_int
+from costwarden.gateway.wire import (
+    OVERFLOW_ERROR,
+    MalformedUsageError,
+    SseSplitter,
+    sse_json_object,
+    tokens,
+    usage_int,
+)
 
 BILLED_TOOL_ITEMS = frozenset({"web_search_call", "file_search_call", "code_interpreter_call"})
 """Output item types of provider-run tools billed per call."""
@@ -103,11 +110,9 @@ class ResponsesStreamMeter:
 
     def _inspect(self, event: bytes) -> None:
         try:
-            data = orjson.loads(sse_data(event))
-        except orjson.JSONDecodeError:
-            self.error = "the stream carried an event that is not JSON"
-            return
-        if not isinstance(data, dict):
+            data = sse_json_object(event)
+        except MalformedUsageError as exc:
+            self.error = str(exc)
             return
         kind = data.get("type")
         if kind == "error":
@@ -134,6 +139,8 @@ class ResponsesStreamMeter:
             self.error = str(exc)
 
     def end(self) -> bytes:
+        if self._splitter.overflowed and self.usage is None:
+            self.error = self.error or OVERFLOW_ERROR
         if self.usage is None and not self.error:
             self.error = (
                 "the stream ended without response.completed, response.incomplete or "

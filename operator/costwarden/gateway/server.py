@@ -19,7 +19,7 @@ from aiohttp import web
 from costwarden.api.usage import Endpoint
 from costwarden.gateway.anthropic import ANTHROPIC
 from costwarden.gateway.call import Call
-from costwarden.gateway.identity import UnattributedError, resolve_team
+from costwarden.gateway.identity import IdentityUnavailableError, UnattributedError, resolve_team
 from costwarden.gateway.openai import OPENAI
 from costwarden.gateway.proxy import Gateway
 from costwarden.gateway.responses import RESPONSES
@@ -192,6 +192,8 @@ async def models(gateway: Gateway, request: web.BaseRequest) -> web.Response:
         caller = await gateway.identifier.identify(request.headers)
     except UnattributedError as exc:
         return gateway.refuse(call, 401, "unattributed_caller", str(exc))
+    except IdentityUnavailableError as exc:
+        return gateway.refuse(call, exc.status, "identity_check_unavailable", str(exc))
     team = resolve_team(caller, compiled)
     policy = compiled.policies.get(team.routing_policy or "") if team else None
     names = sorted(policy.models) if policy else []

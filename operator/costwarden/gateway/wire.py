@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from costwarden.api.routingpolicy import Provider, Sensitivity
 from costwarden.api.teambudget import TokenUsage
 from costwarden.api.usage import Endpoint
@@ -24,6 +26,11 @@ SESSION_HEADER = "X-Costwarden-Session"
 HINT_KEYS = ("task", "sensitivity")
 _SENSITIVITIES = {s.value.lower(): s for s in Sensitivity}
 BYTES_PER_TOKEN = 4
+MAX_TOKENS_PER_CALL = 10_000_000
+"""The most tokens one usage field of one call may report (10 million). The largest
+context windows and outputs offered are a few million tokens; a count above this is an
+upstream's bug or hostility (``10**30`` prompt tokens), refused as malformed usage rather
+than billed or allowed to overflow a team's counters."""
 
 
 class MalformedUsageError(ValueError):
@@ -77,8 +84,31 @@ def usage_int(usage: Mapping[str, Any], key: str, *, required: bool = False) -> 
     if value is None and not required:
         return 0
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise MalformedUsageError(f"usage.{key} is {value!r}, not a token count")
+        raise MalformedUsageError(f"usage.{key} is {_short(value)}, not a token count")
+    if value > MAX_TOKENS_PER_CALL:
+        raise MalformedUsageError(
+            f"usage.{key} is {_short(value)}, over the {MAX_TOKENS_PER_CALL} tokens a call may "
+            "report"
+        )
     return value
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut short (an upstream chooses it)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def sse_json_object(event: bytes) -> dict[str, Any]:
+    """The JSON object an SSE event carries; MalformedUsageError if it is not JSON or not an
+    object (an array, a string, a number: no provider sends those)."""
+    try:
+        data = orjson.loads(sse_data(event))
+    except orjson.JSONDecodeError:
+        raise MalformedUsageError("the stream carried an event that is not JSON") from None
+    if not isinstance(data, dict):
+        raise MalformedUsageError("the stream carried an event that is not a JSON object")
+    return data
 
 
 class StreamMeter(Protocol):
@@ -97,13 +127,21 @@ class StreamMeter(Protocol):
         ...
 
 
+MAX_EVENT_BYTES = 16 * 2**20
+"""The longest SSE event a stream meter holds while waiting for its end (16 MiB: a
+Responses API closing event repeats the whole answer). An upstream that sends more without
+a blank line has the partial event discarded, and the stream counts as without usage."""
+
+
 class SseSplitter:
     """Cuts a byte stream into whole SSE events (separated by a blank line)."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "overflowed")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self.overflowed = False
+        """An event grew past MAX_EVENT_BYTES and was discarded."""
 
     def events(self, chunk: bytes) -> list[bytes]:
         data = self._buffer + chunk
@@ -111,6 +149,8 @@ class SseSplitter:
             data = data.replace(b"\r\n", b"\n")
         parts = data.split(b"\n\n")
         self._buffer = parts.pop()
+        if len(self._buffer) > MAX_EVENT_BYTES:
+            self._buffer, self.overflowed = b"", True
         return [p for p in parts if p]
 
     @property
@@ -121,6 +161,9 @@ class SseSplitter:
     def rest(self) -> bytes:
         rest, self._buffer = self._buffer, b""
         return rest
+
+
+OVERFLOW_ERROR = f"the stream carried an event over {MAX_EVENT_BYTES // 2**20} MiB"
 
 
 def sse_data(event: bytes) -> bytes:

@@ -81,6 +81,13 @@ class LoopState:
             else:
                 del self.counts[old]
 
+    def forget_window(self) -> int:
+        """Forget every remembered request (not the trip or the error count); how many."""
+        dropped = len(self.order)
+        self.order.clear()
+        self.counts.clear()
+        return dropped
+
     def reset(self) -> None:
         self.order.clear()
         self.counts.clear()

@@ -20,6 +20,18 @@ message), ``echo-key-fragment`` (the same with 12 characters of it), ``echo-key-
 (401 text/plain with the key), ``html`` (502 with an internal HTML page) and
 ``stream-echo-key`` (a stream that ends in an error event carrying the key).
 
+Hostile streams (chat completions and messages, ``stream: true``; :data:`HOSTILE_STREAMS`):
+``no-usage`` (never reports usage), ``stream-array-events`` (every event's JSON wrapped in
+an array), ``stream-truncated`` (cut in the middle of the usage event, no end),
+``stream-negative-usage``, ``stream-huge-usage`` (10**30 prompt tokens),
+``stream-not-json`` (the usage event is not JSON), ``stream-message-not-object``
+(Anthropic ``message_start.message`` is an array; OpenAI ``usage`` is a string) and
+``stream-string-usage`` (token counts as strings); the same on Responses API streams
+(where ``stream-message-not-object`` makes the closing ``response`` an array);
+``slow-no-usage`` is a chat stream without usage at one chunk per 50 ms; ``raw-stream``
+answers the next bytes queued in :attr:`FakeUpstream.raw_streams`. The usage logged in
+:attr:`FakeUpstream.calls` is what a real provider would have billed.
+
 Run it as a process: ``python -m costwarden.testing.upstream --port 9000``.
 """
 
@@ -41,6 +53,16 @@ from costwarden.testing.threads import ServerThread
 __all__ = ["FakeUpstream", "ServedCall", "ServerThread", "main", "prompt_tokens", "serve"]
 
 FAULT_PREFIX = "fault-"
+HOSTILE_STREAMS = (
+    "no-usage",
+    "stream-array-events",
+    "stream-truncated",
+    "stream-negative-usage",
+    "stream-huge-usage",
+    "stream-not-json",
+    "stream-message-not-object",
+    "stream-string-usage",
+)
 
 
 @dataclass
@@ -70,6 +92,15 @@ class FakeUpstream:
     """Prefix of the response ids this upstream stores (``resp_<name>_<n>``)."""
     stored: set[str] = field(default_factory=set)
     """Responses API ids this upstream holds (what ``previous_response_id`` may name)."""
+    raw_streams: deque[bytes] = field(default_factory=deque)
+    """What the fault ``raw-stream`` answers, one entry a call, as an event stream (for
+    fuzzing the gateway with arbitrary upstream bytes)."""
+
+    async def _raw_stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        self._log(request, body, None)
+        response = await _sse_response(request)
+        await response.write(self.raw_streams.popleft())
+        return response
 
     def script(self, model: str, *faults: str) -> None:
         """Queue faults for the next requests naming ``model`` (upstream id)."""
@@ -123,9 +154,20 @@ class FakeUpstream:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         fault = self._fault(str(body.get("model", "")))
+        if fault == "raw-stream":
+            return await self._raw_stream(request, body)
         if early := _early_fault(fault, openai=True, key=_sent_key(request)):
             self._log(request, body, None)
             return early
+        slow = fault == "slow-no-usage"  # one chunk per 50 ms, no usage: for disconnects
+        fault = "no-usage" if slow else fault
+        if body.get("stream") and fault in HOSTILE_STREAMS:
+            billed = answers.openai_usage(body)
+            self._log(request, body, billed)
+            response = await _sse_response(request)
+            for text in _hostile_chat(fault, body, billed):
+                await self._send(response, text.decode(), slow)
+            return response
         usage: dict[str, Any] | None = None if fault == "no-usage" else answers.openai_usage(body)
         self._log(request, body, usage)
         if body.get("stream") and fault == "stream-echo-key":
@@ -177,10 +219,18 @@ class FakeUpstream:
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         fault = self._fault(str(body.get("model", "")))
+        if fault == "raw-stream":
+            return await self._raw_stream(request, body)
         if early := _early_fault(fault, openai=False, key=_sent_key(request)):
             self._log(request, body, None)
             return early
         usage = answers.anthropic_usage(body)
+        if body.get("stream") and fault in HOSTILE_STREAMS:
+            self._log(request, body, usage)
+            response = await _sse_response(request)
+            for text in _hostile_messages(fault, body, usage):
+                await response.write(text)
+            return response
         self._log(request, body, None if fault == "no-usage" else usage)
         if body.get("stream") and fault == "stream-echo-key":
             return await _stream_echoing_key(request, body, openai=False)
@@ -225,6 +275,8 @@ class FakeUpstream:
         (status incomplete, max_output_tokens) besides the common ones."""
         body = await request.json()
         fault = self._fault(str(body.get("model", "")))
+        if fault == "raw-stream":
+            return await self._raw_stream(request, body)
         if early := _early_fault(fault, openai=True, key=_sent_key(request)):
             self._log(request, body, None)
             return early
@@ -246,6 +298,13 @@ class FakeUpstream:
         self.stored.add(response_id)
         _, cut = answers.responses_words(body)
         status = "failed" if fault == "failed" else "incomplete" if cut else "completed"
+        if body.get("stream") and fault in HOSTILE_STREAMS and fault != "no-usage":
+            billed = answers.responses_usage(body)
+            self._log(request, body, billed)
+            response = await _sse_response(request)
+            for hostile in _hostile_responses(fault, body, response_id, billed, status):
+                await response.write(hostile)
+            return response
         if body.get("stream"):
             response = await _sse_response(request)
             ending = f"response.{status}"
@@ -258,6 +317,96 @@ class FakeUpstream:
         if fault == "failed":
             return web.json_response(_error_body("fake upstream failed", openai=True), status=500)
         return web.json_response(answers.response_object(body, response_id, usage, status))
+
+
+def _hostile_chat(fault: str, body: dict[str, Any], usage: dict[str, Any]) -> list[bytes]:
+    """A chat completion stream that misbehaves as ``fault`` says (HOSTILE_STREAMS)."""
+    events: list[Any] = list(answers.chat_chunks(body, True))
+    final: dict[str, Any] = answers.chunk_base(body) | {"choices": [], "usage": dict(usage)}
+    if fault == "stream-negative-usage":
+        final["usage"]["prompt_tokens"] = -usage["prompt_tokens"] - 1
+    elif fault == "stream-huge-usage":
+        final["usage"]["prompt_tokens"] = 10**30
+    elif fault == "stream-string-usage":
+        final["usage"] = {k: str(v) for k, v in usage.items()}
+    elif fault == "stream-message-not-object":
+        final["usage"] = json.dumps(usage)
+    if fault != "no-usage":
+        events.append(final)
+    if fault == "stream-array-events":
+        events = [[e] for e in events]
+    texts = [f"data: {json.dumps(e)}\n\n".encode() for e in events]
+    if fault == "stream-not-json":
+        texts[-1] = b'data: {"usage": {"prompt_tokens": 12, oops\n\n'
+    if fault == "stream-truncated":
+        return [*texts[:-1], texts[-1][: len(texts[-1]) // 2]]
+    return [*texts, b"data: [DONE]\n\n"]
+
+
+def _hostile_messages(fault: str, body: dict[str, Any], usage: dict[str, Any]) -> list[bytes]:
+    """An Anthropic message stream that misbehaves as ``fault`` says (HOSTILE_STREAMS)."""
+    events: list[Any] = json.loads(
+        json.dumps(answers.anthropic_events(body, usage, no_usage=fault == "no-usage"))
+    )
+    start = next(e for e in events if e["type"] == "message_start")
+    delta = next(e for e in events if e["type"] == "message_delta")
+    if fault == "stream-negative-usage":
+        start["message"]["usage"]["input_tokens"] = -usage["input_tokens"] - 1
+    elif fault == "stream-huge-usage":
+        start["message"]["usage"]["input_tokens"] = 10**30
+    elif fault == "stream-string-usage":
+        delta["usage"] = {k: str(v) for k, v in delta["usage"].items()}
+    elif fault == "stream-message-not-object":
+        start["message"] = [start["message"]]
+    names = [e["type"] for e in events]
+    if fault == "stream-array-events":
+        events = [[e] for e in events]
+    texts = [
+        f"event: {name}\ndata: {json.dumps(e)}\n\n".encode()
+        for name, e in zip(names, events, strict=True)
+    ]
+    if fault == "stream-not-json":
+        at = names.index("message_delta")
+        texts[at] = b'event: message_delta\ndata: {"type": "message_delta", "usage": {oops\n\n'
+    if fault == "stream-truncated":
+        at = names.index("message_delta")
+        return [*texts[:at], texts[at][: len(texts[at]) // 2]]
+    return texts
+
+
+def _hostile_responses(
+    fault: str, body: dict[str, Any], response_id: str, usage: dict[str, Any], status: str
+) -> list[bytes]:
+    """A Responses API stream that misbehaves as ``fault`` says (HOSTILE_STREAMS; the
+    Responses ``stream-message-not-object`` makes the closing event's ``response`` an
+    array)."""
+    ending = f"response.{status}"
+    events: list[Any] = json.loads(
+        json.dumps(answers.responses_events(body, response_id, usage, ending))
+    )
+    final = events[-1]
+    if fault == "stream-negative-usage":
+        final["response"]["usage"]["input_tokens"] = -usage["input_tokens"] - 1
+    elif fault == "stream-huge-usage":
+        final["response"]["usage"]["input_tokens"] = 10**30
+    elif fault == "stream-string-usage":
+        final["response"]["usage"] = {
+            k: str(v) if isinstance(v, int) else v for k, v in usage.items()
+        }
+    elif fault == "stream-message-not-object":
+        final["response"] = [final["response"]]
+    names = [e["type"] for e in events]
+    if fault == "stream-array-events":
+        events = [[e] for e in events]
+    texts = [
+        f"event: {name}\ndata: {json.dumps(e)}\n\n".encode()
+        for name, e in zip(names, events, strict=True)
+    ]
+    if fault == "stream-not-json":
+        texts[-1] = f'event: {ending}\ndata: {{"type": "{ending}", oops\n\n'.encode()
+    if fault == "stream-truncated":
+        texts[-1] = texts[-1][: len(texts[-1]) // 2]
+    return texts
 
 
 def _sent_key(request: web.Request) -> str:

@@ -195,3 +195,40 @@ def test_client_credentials_are_never_forwarded(gateway: Any, fake: FakeUpstream
     post(gateway.url, MESSAGE, "/v1/messages", headers={"x-api-key": "sk-client"})
 
     assert "sk-client" not in repr([(c.authorization, c.api_key) for c in fake.calls])
+
+
+def test_client_disconnect_from_a_stream_without_usage_is_charged_an_estimate(
+    gateway: Any, fake: FakeUpstream
+) -> None:
+    fake.script("gpt-4o-mini", "slow-no-usage")
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST", gateway.url + "/v1/chat/completions", json={**CHAT, "stream": True}
+        ) as response,
+    ):
+        next(response.iter_raw())  # the first event, then hang up
+    record = wait_for(lambda: records(gateway).records[-1:], what="a record")[0]
+
+    assert record.outcome is Outcome.CLIENT_DISCONNECTED
+    assert record.reason == "usage_estimated"
+    assert record.usage_reported
+    assert record.tokens.input > 0
+    assert record.cost_usd > 0
+
+
+def test_an_answer_over_the_size_bound_is_refused_not_buffered(
+    gateway: Any, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from costwarden.gateway import forward
+
+    monkeypatch.setattr(forward, "MAX_ANSWER_BYTES", 64)
+
+    response = post(gateway.url, CHAT)
+
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_malformed"
+    assert "over 0 MiB" in response.json()["error"]["message"]
+    record = records(gateway).records[-1]
+    assert record.outcome is Outcome.UPSTREAM_MALFORMED
+    assert not record.usage_reported
