@@ -149,3 +149,27 @@ def test_two_tasks_may_not_share_a_name():
         task.cancel()
 
     asyncio.run(main())
+
+
+def test_the_operator_liveness_probe_fails_past_the_bound():
+    import kopf
+
+    from costwarden.controllers.handlers import supervised_tasks
+
+    clock = Clock()
+    supervisor, _, _ = _supervisor(clock, stable_after=1000, unhealthy_after=60)
+    memo = kopf.Memo(supervisor=supervisor)
+
+    async def broken() -> None:
+        raise ConnectionError("API server unreachable")
+
+    async def main() -> None:
+        task = supervisor.start("reconciler", broken)
+        await _until(lambda: supervisor.failing() == ["reconciler"])
+        assert supervised_tasks(memo=memo) == ["reconciler"]  # recovering: still alive
+        clock.now = 120.0
+        with pytest.raises(kopf.PermanentError, match="reconciler: failing for 120s"):
+            supervised_tasks(memo=memo)
+        task.cancel()
+
+    asyncio.run(main())
