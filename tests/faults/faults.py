@@ -81,10 +81,14 @@ def edit_reaches_the_gateway_config(stack: Stack, namespace: str, cap: str) -> f
 
     wait_for(patched, timeout=60, interval=0.5, what="the budget edit accepted")
     team = f"{namespace}/{BUDGET}"
-    wait_for(
-        lambda: published_cap(stack, team) == Decimal(cap),
-        timeout=90, interval=0.5, what=f"hardCapUSD {cap} in the gateway ConfigMap",
-    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: published_cap(stack, team) == Decimal(cap),
+            timeout=90, interval=0.5, what=f"hardCapUSD {cap} in the gateway ConfigMap",
+        )  # fmt: skip
+    except AssertionError as failure:
+        state = "alive" if stack.operator.alive else "EXITED"
+        raise AssertionError(f"{failure}\noperator {state}:\n{stack.operator.logs(tail=60)}")
     return time.monotonic() - started
 
 

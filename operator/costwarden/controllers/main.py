@@ -37,6 +37,9 @@ from costwarden.supervision import UNHEALTHY_AFTER, Supervisor
 
 log = logging.getLogger("costwarden.operator")
 
+KOPF_API_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21) + (10,) * 55
+"""Seconds between Kopf's retries of a failed API request: ~10 minutes in all."""
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -223,6 +226,10 @@ def run(args: argparse.Namespace) -> int:
     priority = random.SystemRandom().randint(1, 2**31 - 1)
     settings = kopf.OperatorSettings()
     settings.peering.lifetime = args.peering_lifetime
+    # Kopf's own requests (watches, the peering keep-alive) retry about a minute by default;
+    # then the keep-alive fails and Kopf stops the whole operator (measured: a 60 s API-server
+    # outage ended the process). Retry for about ten minutes instead (docs/operations.md).
+    settings.networking.error_backoffs = KOPF_API_BACKOFFS
     copies = None
     if args.webhook_port:
         options = webhook_options(args)
