@@ -88,7 +88,8 @@ def edit_reaches_the_gateway_config(stack: Stack, namespace: str, cap: str) -> f
         )  # fmt: skip
     except AssertionError as failure:
         state = "alive" if stack.operator.alive else "EXITED"
-        raise AssertionError(f"{failure}\noperator {state}:\n{stack.operator.logs(tail=60)}")
+        logs = stack.operator.logs(tail=60)
+        raise AssertionError(f"{failure}\noperator {state}:\n{logs}") from failure
     return time.monotonic() - started
 
 
