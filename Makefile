@@ -60,7 +60,7 @@ integration: install
 faults: install
 	$(SUITE) COSTWARDEN_LONG_FAULTS=1 $(PY) -m pytest tests/faults -s
 
-## make soak: 100 kill -9 restarts of the operator and the gateway under load (~30 min).
+## make soak: 100 kill -9 restarts of the operator and the gateway under load (~25 min).
 soak: install
 	$(SUITE) COSTWARDEN_SOAK=1 $(PY) -m pytest tests/faults -s -k soak --timeout 7200
 
