@@ -16,7 +16,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 SYSTEM_PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 SUITE := env PATH="$(abspath $(VENV))/bin:$(SYSTEM_PATH)" COSTWARDEN_GO="$(shell command -v go)"
 
-.PHONY: install system-tools test lint unit integration demo bench crds clean-cache
+.PHONY: install system-tools test lint unit integration faults soak demo bench crds clean-cache
 
 $(STAMP): pyproject.toml
 	@mkdir -p $(CACHE)
@@ -55,6 +55,14 @@ unit: install
 
 integration: install
 	$(SUITE) $(PY) -m pytest tests/integration tests/e2e
+
+## make faults: the whole fault suite, the slow cases too (a 60 s API-server outage).
+faults: install
+	$(SUITE) COSTWARDEN_LONG_FAULTS=1 $(PY) -m pytest tests/faults -s
+
+## make soak: 100 kill -9 restarts of the operator and the gateway under load (~25 min).
+soak: install
+	$(SUITE) COSTWARDEN_SOAK=1 $(PY) -m pytest tests/faults -s -k soak --timeout 7200
 
 ## make demo: the local demo (control plane, operator, gateway, a budget, an agent stopped).
 demo: install

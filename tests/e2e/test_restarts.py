@@ -4,47 +4,14 @@ mid-stream, and a batch delivered again after an operator restart."""
 from __future__ import annotations
 
 import json
-import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import httpx
-import openai
 
+from tests.support.load import Agent
 from tests.support.polling import wait_for
 from tests.support.stack import Stack, job_manifest, upstream_cost
-
-
-class Agent(threading.Thread):
-    """Calls the gateway in a loop until stopped; connection errors (a gateway restarting)
-    are retried after a short pause, as an agent's SDK retries would."""
-
-    def __init__(self, client: openai.OpenAI) -> None:
-        super().__init__(daemon=True)
-        self.client = client
-        self.stop = threading.Event()
-        self.hold = threading.Event()
-        self.idle = threading.Event()
-        self.answered = 0
-        self.failed = 0
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            if self.hold.is_set():
-                self.idle.set()
-                self.stop.wait(0.01)
-                continue
-            self.idle.clear()
-            n += 1
-            try:
-                self.client.chat.completions.create(
-                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"Step {n} now."}]
-                )
-                self.answered += 1
-            except openai.APIError:
-                self.failed += 1
-                self.stop.wait(0.05)
 
 
 def spent_exact(stack: Stack, namespace: str) -> Decimal:

@@ -134,7 +134,7 @@ class ConfigMirror:
         with self._lock:  # the mirror thread and the test thread both sync
             try:
                 cm = self._core.read_namespaced_config_map(CONFIG_MAP_NAME, self._namespace)
-            except client.ApiException:
+            except Exception:  # an API error, or none at all (the API server down: faults)
                 return False
             text = (cm.data or {}).get(CONFIG_MAP_KEY, "")
             if text and text != self._last:
@@ -331,10 +331,18 @@ def ingest_tls(ca: Path) -> ssl.SSLContext:
 
 
 def start_operator(
-    kubeconfig: str, workdir: Path, port: int, token_file: Path, *extra: str
+    kubeconfig: str,
+    workdir: Path,
+    port: int,
+    token_file: Path,
+    *extra: str,
+    peering: str | None = None,
 ) -> OperatorProcess:
+    """``peering``: run in Kopf peering mode (as the chart does) with that
+    ClusterKopfPeering and a 10 s keep-alive; else ``--standalone``."""
+    mode = ("--peering-name", peering, "--peering-lifetime", "10") if peering else ("--standalone",)
     return OperatorProcess(
-        kubeconfig, "costwarden-system", workdir / "operator.log", "--standalone",
+        kubeconfig, "costwarden-system", workdir / "operator.log", *mode,
         "--ingest-port", str(port), "--ingest-token-file", str(token_file),
         "--ingest-listen-address", "127.0.0.1",
         "--ingest-cert-dir", str(workdir / "ingest-tls"), *extra,
@@ -343,7 +351,12 @@ def start_operator(
 
 @contextmanager
 def running_stack(
-    plane: Any, api_client: client.ApiClient, workdir: Path, *operator_args: str
+    plane: Any,
+    api_client: client.ApiClient,
+    workdir: Path,
+    *operator_args: str,
+    peering: str | None = None,
+    gateway_args: tuple[str, ...] = (),
 ) -> Iterator[Stack]:
     plane.kubectl("create", "namespace", "costwarden-system", check=False)
     upstream = FakeUpstream()
@@ -352,7 +365,12 @@ def running_stack(
     port = free_port()
     with ServerThread(upstream.app) as upstream_server:
         operator = start_operator(
-            str(plane.kubeconfig_path), workdir, port, token_file, *operator_args
+            str(plane.kubeconfig_path),
+            workdir,
+            port,
+            token_file,
+            *operator_args,
+            peering=peering,
         )
         ca = workdir / "ingest-tls" / "ca.crt"
         wait_for(lambda: _listening(port, ca), timeout=60, what="the operator's ingestion port")
@@ -360,7 +378,9 @@ def running_stack(
         mirror = ConfigMirror(api_client, "costwarden-system", config)
         wait_for(mirror.sync, timeout=60, what="the operator's gateway ConfigMap")
         mirror.start()
-        gateway = Gateway(workdir, config, f"https://127.0.0.1:{port}", token_file, ca)
+        gateway = Gateway(
+            workdir, config, f"https://127.0.0.1:{port}", token_file, ca, extra_args=gateway_args
+        )
         (workdir / "keys.yaml").write_text("{}\n")
         gateway.start()
         try:

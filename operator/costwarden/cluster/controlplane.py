@@ -123,6 +123,7 @@ class LocalControlPlane:
         self._children: list[_Child] = []
         self._pki: ClusterPki | None = None
         self._apiserver_port: int | None = None
+        self._etcd_ports: tuple[int, int] | None = None
         self._tools_dir: Path | None = None
         self._started = False
         self.service_cluster_ip_range = service_cluster_ip_range or _pick_service_range()
@@ -212,6 +213,44 @@ class LocalControlPlane:
         self._workdir = None if self._owns_workdir else self._workdir
         self._apiserver_port = None
         self._started = False
+
+    # -- faults: one component stopped and started again (tests/faults) -----------------
+
+    def stop_apiserver(self, *, kill: bool = False) -> None:
+        """Stop kube-apiserver alone (etcd and the controller manager keep running):
+        SIGTERM, or SIGKILL with ``kill``. :meth:`start_apiserver` brings it back."""
+        self._stop_component(APISERVER, kill=kill)
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again on the same port, over the same etcd; returns once it
+        is ready. Clients keep their kubeconfig."""
+        if self._etcd_ports is None or self._apiserver_port is None:
+            raise ControlPlaneError("control plane not started")
+        self._start_apiserver(self._etcd_ports[0], self._apiserver_port)
+
+    def stop_etcd(self, *, kill: bool = False) -> None:
+        """Stop etcd alone (its data is kept); kube-apiserver stays up, answering errors."""
+        self._stop_component(ETCD, kill=kill)
+
+    def start_etcd(self) -> None:
+        """Start etcd again on the same ports with the same data; returns once healthy."""
+        if self._etcd_ports is None:
+            raise ControlPlaneError("control plane not started")
+        self._start_etcd(*self._etcd_ports, wipe=False)
+
+    def _stop_component(self, name: str, *, kill: bool) -> None:
+        child = next((c for c in self._children if c.name == name), None)
+        if child is None:
+            raise ControlPlaneError(f"{name} is not running")
+        self._children.remove(child)
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.kill()
+            child.process.wait(self.stop_timeout)
+        else:
+            terminate(child.process, self.stop_timeout)
+        child.log_file.close()
+        logger.info("%s stopped (%s)", name, "SIGKILL" if kill else "SIGTERM")
 
     def check_alive(self) -> None:
         """Raise :class:`ControlPlaneError` (with log tails) if any component has exited."""
@@ -303,6 +342,7 @@ class LocalControlPlane:
 
     def _launch(self) -> None:
         etcd_port, etcd_peer_port, apiserver_port = free_ports(3)
+        self._etcd_ports = (etcd_port, etcd_peer_port)
         self._start_etcd(etcd_port, etcd_peer_port)
         self._apiserver_port = apiserver_port
         self._start_apiserver(etcd_port, apiserver_port)
@@ -310,9 +350,10 @@ class LocalControlPlane:
         if self.with_controller_manager:
             self._start_controller_manager()
 
-    def _start_etcd(self, client_port: int, peer_port: int) -> None:
+    def _start_etcd(self, client_port: int, peer_port: int, *, wipe: bool = True) -> None:
         data_dir = self.workdir / "etcd"
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if wipe:
+            shutil.rmtree(data_dir, ignore_errors=True)
         client_url = f"http://127.0.0.1:{client_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         child = self._spawn(

@@ -28,9 +28,10 @@ from costwarden.controllers.enforcer import Enforcer
 from costwarden.controllers.ingest import Ingestion, serve
 from costwarden.controllers.ingest_auth import IngestAuth
 from costwarden.controllers.ingest_tls import DEFAULT_CA_CONFIGMAP, IngestTLS, publish_ca
-from costwarden.controllers.jobwatch import watch_jobs
+from costwarden.controllers.jobwatch import JobWatch
 from costwarden.controllers.reconciler import Reconciler
 from costwarden.controllers.rest import Rest
+from costwarden.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +114,18 @@ class AccountingRuntime:
     tls: IngestTLS | None = None
     publish_ca: Callable[[bytes], Awaitable[str]] | None = None
     after_start: Callable[[], None] | None = None
-    """Called on Kopf's loop once ingestion started (a reconciliation pass: the sidecar
+    """Called on Kopf's loop once the CA is published (a reconciliation pass: the sidecar
     config copies then carry the published CA)."""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    runner: Any = None
+    supervisor: Supervisor = field(default_factory=lambda: Supervisor("operator"))
     thread: _LoopThread | None = None
 
 
 def build(
-    args: argparse.Namespace, api_client: client.ApiClient, reconciler: Reconciler
+    args: argparse.Namespace,
+    api_client: client.ApiClient,
+    reconciler: Reconciler,
+    supervisor: Supervisor | None = None,
 ) -> AccountingRuntime:
     clock.set_offset(args.clock_offset)
     rest = Rest.from_api_client(api_client)
@@ -146,6 +150,8 @@ def build(
         rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
         args.ingest_port,
     )  # fmt: skip
+    if supervisor is not None:
+        runtime.supervisor = supervisor
     if ingestion is not None:
         runtime.tls = IngestTLS.load(
             args.ingest_cert_dir, args.ingest_tls_hostname, args.ingest_listen_address
@@ -196,24 +202,40 @@ class _LoopThread:
         self.thread.join(10)
 
 
-async def _start(runtime: AccountingRuntime) -> None:
+async def _start(runtime: AccountingRuntime, kopf_loop: asyncio.AbstractEventLoop) -> None:
+    """Start the accounting's tasks, each under the operator's supervisor: a failure (the
+    API server unreachable, the port taken, a bug) is retried with backoff, and liveness
+    fails when one cannot recover (costwarden/supervision.py)."""
+    supervisor = runtime.supervisor
+    tasks = []
     if runtime.ingestion is not None and runtime.tls is not None:
         if runtime.publish_ca is not None:
-            try:
-                await runtime.publish_ca(runtime.tls.ca_pem)
-            except Exception:  # reporters cannot verify us until the next start: loud
-                log.exception("could not publish the ingestion CA")
-        try:
-            context = runtime.tls.ssl_context()
-            runtime.runner = await serve(runtime.ingestion, runtime.host, runtime.port, context)
-        except OSError:
-            # Reconciliation still works without ingestion; gateways keep their records
-            # (ledger) and re-send once an operator listens. Loud, not fatal.
-            log.exception("usage ingestion cannot listen on %s:%d", runtime.host, runtime.port)
-    runtime.tasks = [
-        asyncio.create_task(watch_jobs(runtime.rest, runtime.enforcer.on_job_event), name="jobs"),
-        asyncio.create_task(runtime.enforcer.run(), name="enforcement"),
-    ]
+            publish, ca_pem, after = runtime.publish_ca, runtime.tls.ca_pem, runtime.after_start
+
+            async def publish_ca() -> None:
+                await publish(ca_pem)  # reporters cannot verify us until it is published
+                if after is not None:  # a pass on Kopf's loop: the copies carry the CA
+                    kopf_loop.call_soon_threadsafe(after)
+
+            tasks.append(supervisor.start("ingest-ca", publish_ca, forever=False))
+        # Reconciliation works without ingestion; gateways keep their records (ledger) and
+        # re-send once the operator listens.
+        tasks.append(supervisor.start("ingestion", lambda: _serve_ingestion(runtime)))
+    tasks.append(
+        supervisor.start("job-watch", JobWatch(runtime.rest, runtime.enforcer.on_job_event).run)
+    )
+    tasks.append(supervisor.start("enforcement", runtime.enforcer.run))
+    runtime.tasks = tasks
+
+
+async def _serve_ingestion(runtime: AccountingRuntime) -> None:
+    assert runtime.ingestion is not None
+    assert runtime.tls is not None
+    runner = await serve(runtime.ingestion, runtime.host, runtime.port, runtime.tls.ssl_context())
+    try:
+        await asyncio.Event().wait()  # serves until cancelled
+    finally:
+        await runner.cleanup()
 
 
 async def _stop(runtime: AccountingRuntime) -> None:
@@ -222,8 +244,6 @@ async def _stop(runtime: AccountingRuntime) -> None:
     for task in runtime.tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-    if runtime.runner is not None:
-        await runtime.runner.cleanup()
     await runtime.rest.close()
 
 
@@ -233,9 +253,7 @@ async def start_accounting(memo: kopf.Memo, **_: Any) -> None:
     if runtime is None:
         return
     runtime.thread = _LoopThread()
-    await runtime.thread.run(_start(runtime))
-    if runtime.after_start is not None:
-        runtime.after_start()
+    await runtime.thread.run(_start(runtime, asyncio.get_running_loop()))
     log.info("accounting started (ingestion port %s)", runtime.port or "off")
 
 

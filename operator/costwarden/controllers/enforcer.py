@@ -144,12 +144,15 @@ class Enforcer:
         resume those of budgets that no longer are."""
         while True:
             await asyncio.sleep(CHECK_SECONDS)
+            if not await self._leadership.is_leader():
+                continue
             try:
-                if await self._leadership.is_leader():
-                    await self.check_once()
+                await self.check_once()
             except Exception:
+                # Raised to the supervisor (controllers/accounting_main.py), which restarts
+                # this loop with backoff and logs once per incident, not once a second.
                 metrics.ENFORCEMENT_ERRORS.inc()
-                log.exception("enforcement check failed; retrying")
+                raise
 
     async def check_once(self) -> None:
         now = clock.now()

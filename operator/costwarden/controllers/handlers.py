@@ -17,6 +17,7 @@ import kopf
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.meta import GROUP, VERSION
 from costwarden.controllers.reconciler import Reconciler
+from costwarden.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,23 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 async def start_reconciler(memo: kopf.Memo, **_: Any) -> None:
     reconciler = _reconciler(memo)
     await reconciler.relist()
-    memo.reconciler_task = asyncio.create_task(reconciler.run_forever(), name="reconciler")
+    supervisor: Supervisor = getattr(memo, "supervisor", None) or Supervisor("operator")
+    memo.reconciler_task = supervisor.start("reconciler", reconciler.run_forever)
     log.info("reconciler started")
+
+
+@kopf.on.probe(id="supervised_tasks", errors=kopf.ErrorsMode.PERMANENT)
+def supervised_tasks(memo: kopf.Memo, **_: Any) -> list[str]:
+    """Kopf's liveness endpoint (``--health-port``) fails (HTTP 500) once a supervised
+    task has been failing longer than its bound; otherwise it lists the tasks failing
+    right now (recovering within the bound)."""
+    supervisor: Supervisor | None = getattr(memo, "supervisor", None)
+    if supervisor is None:
+        return []
+    problems = supervisor.problems()
+    if problems:
+        raise kopf.PermanentError("; ".join(problems))
+    return supervisor.failing()
 
 
 @kopf.on.cleanup()

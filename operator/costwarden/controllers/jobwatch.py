@@ -11,54 +11,69 @@ Jobs, and the API requests at rest are one long-running WATCH.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from costwarden.controllers.rest import ApiError, Rest, jobs_path
-
-log = logging.getLogger(__name__)
+from costwarden.supervision import Supervisor
 
 WATCH_SECONDS = 300
 PAGE = 500
 JobHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
-async def watch_jobs(rest: Rest, handle: JobHandler, *, ready: asyncio.Event | None = None) -> None:
-    version: str | None = None
-    backoff = 1.0
-    while True:
+class JobWatch:
+    """The watch's state (the last resourceVersion seen) outlives a failure: run under a
+    supervisor, a restart after any exception (a dropped connection such as aiohttp's
+    ServerDisconnectedError or ClientPayloadError, an API-server outage, a handler's
+    error) resumes from where the watch was, and lists again only after a 410."""
+
+    def __init__(
+        self, rest: Rest, handle: JobHandler, *, ready: asyncio.Event | None = None
+    ) -> None:
+        self.rest = rest
+        self.handle = handle
+        self.ready = ready
+        self.version: str | None = None
+
+    async def run(self) -> None:
         try:
-            if version is None:
-                version = await _list(rest, handle)
-                if ready is not None:
-                    ready.set()
-            params = {"resourceVersion": version, "allowWatchBookmarks": "true"}
-            async for event in rest.watch(jobs_path(), params, timeout=WATCH_SECONDS):
-                kind = event.get("type", "")
-                obj = event.get("object") or {}
-                if kind == "ERROR":
-                    if obj.get("code") == 410:
-                        version = None  # too old: list again
-                    break
-                version = obj.get("metadata", {}).get("resourceVersion") or version
-                if kind != "BOOKMARK":
-                    await handle(kind, obj)
-            backoff = 1.0
-        except asyncio.CancelledError:
+            while True:
+                await self._once()
+        except ApiError as error:
+            if error.status == 410:
+                self.version = None
             raise
-        except Exception as error:
-            # Any failure (a dropped connection such as aiohttp's ServerDisconnectedError or
-            # ClientPayloadError, a timeout, a handler's error) resumes the watch: nothing
-            # restarts this task, so letting one escape would stop enforcement for good.
-            if isinstance(error, ApiError) and error.status == 410:
-                version = None
-            log.warning(
-                "Job watch interrupted (%s: %s); resuming in %.0fs",
-                type(error).__name__, error, backoff,
-            )  # fmt: skip
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+
+    async def _once(self) -> None:
+        if self.version is None:
+            self.version = await _list(self.rest, self.handle)
+            if self.ready is not None:
+                self.ready.set()
+        params = {"resourceVersion": self.version, "allowWatchBookmarks": "true"}
+        async for event in self.rest.watch(jobs_path(), params, timeout=WATCH_SECONDS):
+            kind = event.get("type", "")
+            obj = event.get("object") or {}
+            if kind == "ERROR":
+                if obj.get("code") == 410:
+                    self.version = None  # too old: list again
+                return
+            self.version = obj.get("metadata", {}).get("resourceVersion") or self.version
+            if kind != "BOOKMARK":
+                await self.handle(kind, obj)
+
+
+async def watch_jobs(
+    rest: Rest,
+    handle: JobHandler,
+    *,
+    ready: asyncio.Event | None = None,
+    supervisor: Supervisor | None = None,
+) -> None:
+    """Watch Jobs for ever, restarted by ``supervisor`` (a private one if none) on any
+    failure."""
+    supervisor = supervisor or Supervisor("operator")
+    await supervisor.start("job-watch", JobWatch(rest, handle, ready=ready).run)
 
 
 async def _list(rest: Rest, handle: JobHandler) -> str:

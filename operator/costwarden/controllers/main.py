@@ -22,6 +22,7 @@ from costwarden.api.gatewayconfig import CONFIG_MAP_NAME
 from costwarden.controllers import (
     accounting_main,
     handlers,  # noqa: F401  (registers the Kopf handlers)
+    metrics,
 )
 from costwarden.controllers import injection as webhook
 from costwarden.controllers.apikeys import ApiKeyIssuer
@@ -32,8 +33,12 @@ from costwarden.controllers.provider_keys import ProviderKeysMirror
 from costwarden.controllers.reconciler import Reconciler, load_settings
 from costwarden.controllers.world import ObservedWorld
 from costwarden.policy.injection import ALWAYS_EXCLUDED, JOB_CONTROLLER_USERS, InjectionSettings
+from costwarden.supervision import UNHEALTHY_AFTER, Supervisor
 
 log = logging.getLogger("costwarden.operator")
+
+KOPF_API_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21) + (10,) * 55
+"""Seconds between Kopf's retries of a failed API request: ~10 minutes in all."""
 
 
 def register(subparsers: Any) -> None:
@@ -110,6 +115,14 @@ def register(subparsers: Any) -> None:
             "--namespace, which the shared gateway mounts as --credentials-dir; a policy "
             "whose key is missing or unreadable is Ready=False (docs/install-helm.md)"
         ),
+    )
+    parser.add_argument(
+        "--liveness-task-failure-seconds",
+        type=float,
+        default=UNHEALTHY_AFTER,
+        help="the liveness endpoint fails once a background task (reconciler, enforcement, "
+        f"Job watch, ingestion) has been failing this long (default {UNHEALTHY_AFTER:.0f}; "
+        "docs/operations.md)",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     webhook_arguments(parser)
@@ -213,6 +226,10 @@ def run(args: argparse.Namespace) -> int:
     priority = random.SystemRandom().randint(1, 2**31 - 1)
     settings = kopf.OperatorSettings()
     settings.peering.lifetime = args.peering_lifetime
+    # Kopf's own requests (watches, the peering keep-alive) retry about a minute by default;
+    # then the keep-alive fails and Kopf stops the whole operator (measured: a 60 s API-server
+    # outage ended the process). Retry for about ten minutes instead (docs/operations.md).
+    settings.networking.error_backoffs = KOPF_API_BACKOFFS
     copies = None
     if args.webhook_port:
         options = webhook_options(args)
@@ -221,6 +238,12 @@ def run(args: argparse.Namespace) -> int:
             options.injection.excluded_namespaces,
         )  # fmt: skip
         webhook.configure(settings, options, api_client, copies)
+    supervisor = Supervisor(
+        "operator",
+        restarts=metrics.TASK_RESTARTS,
+        failing=metrics.TASK_FAILING,
+        unhealthy_after=args.liveness_task_failure_seconds,
+    )
     reconciler = Reconciler(
         KubeApi(api_client),
         ObservedWorld(),
@@ -255,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
             ),
             memo=kopf.Memo(
                 reconciler=reconciler,
-                accounting=accounting_main.build(args, api_client, reconciler),
+                supervisor=supervisor,
+                accounting=accounting_main.build(args, api_client, reconciler, supervisor),
             ),
             settings=settings,
         )

@@ -16,6 +16,16 @@ RECONCILE_SECONDS = Histogram(
 RECONCILE_ERRORS = Counter(
     "costwarden_operator_reconcile_errors_total", "Reconciliation passes that failed."
 )
+TASK_RESTARTS = Counter(
+    "costwarden_operator_task_restarts_total",
+    "Restarts of a supervised background task after it failed (docs/operations.md).",
+    ["task"],
+)
+TASK_FAILING = Gauge(
+    "costwarden_operator_task_failing",
+    "1 while a supervised background task is failing (restarting with backoff), else 0.",
+    ["task"],
+)
 CONFIG_PUBLISHES = Counter(
     "costwarden_operator_config_publishes_total",
     "Gateway configuration publications, by whether the ConfigMap had to be written.",

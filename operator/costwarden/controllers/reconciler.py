@@ -53,7 +53,6 @@ DEBOUNCE_SECONDS = 0.2
 """Coalesce bursts (a `kubectl apply -f examples/` is many events) into one pass."""
 RELIST_SECONDS = 300.0
 """How often the world is rebuilt from a LIST, healing any missed delete event."""
-RETRY_SECONDS = 2.0
 STATUS_WRITES_IN_FLIGHT = 8
 """Status patches run this many at a time: a thousand new budgets get their first status in
 seconds, not a minute, without a burst the API server's priority and fairness would queue."""
@@ -92,26 +91,30 @@ class Reconciler:
         """The configuration of the last pass: ingestion checks usage against it."""
 
     async def run_forever(self) -> None:
-        """Reconcile whenever the world changes (Kopf's watch events) or the resync is due."""
+        """Reconcile whenever the world changes (Kopf's watch events) or the resync is due.
+
+        Run under the operator's supervisor (costwarden/supervision.py): a failed pass (an
+        API-server outage, a bug) raises, and the supervisor restarts this loop with
+        backoff, logging once per incident; the first pass after a (re)start runs at once.
+        """
+        self.world.changed.set()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.world.changed.wait(), RESYNC_SECONDS)
             await asyncio.sleep(DEBOUNCE_SECONDS)
             self.world.changed.clear()
+            # Unknown leadership (the API server unreachable) answers False: paused.
+            if not await self.leadership.is_leader():
+                continue
             try:
-                # Inside the try: an exception here must not end the reconciler for good
-                # (the task is not restarted; an API-server outage once did exactly that).
-                if not await self.leadership.is_leader():
-                    continue
                 await self.reconcile_once()
             except ConflictError as conflict:
                 # The watch event carrying the newer object re-triggers us; no blind overwrite.
                 log.debug("conflict, waiting for the newer object: %s", conflict)
             except Exception:
                 metrics.RECONCILE_ERRORS.inc()
-                log.exception("reconciliation failed; retrying in %.0fs", RETRY_SECONDS)
-                await asyncio.sleep(RETRY_SECONDS)
-                self.world.changed.set()
+                self.world.changed.set()  # the restarted loop passes again at once
+                raise
 
     async def relist(self) -> None:
         budgets = await self.api.list_objects(teambudget.PLURAL)

@@ -29,6 +29,7 @@ from costwarden.gateway.reporting import OperatorReportingSink
 from costwarden.gateway.server import serve
 from costwarden.gateway.sinks import FanoutSink, FsyncPolicy, JsonlLedgerSink
 from costwarden.gateway.upstream import CLIENTS, make_upstream
+from costwarden.supervision import UNHEALTHY_AFTER
 
 Subparsers = argparse._SubParsersAction
 
@@ -162,6 +163,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(SSL_CERT_FILE replaces those), e.g. a TLS-inspecting proxy's; env {CA_FILE_ENV}",
     )
     parser.add_argument(
+        "--liveness-task-failure-seconds",
+        type=float,
+        default=UNHEALTHY_AFTER,
+        help="/healthz fails once a background task (config watch, usage reporting, ledger) "
+        f"has been failing this long (default {UNHEALTHY_AFTER:.0f}; docs/operations.md)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         help="INFO logs one JSON decision line per call; WARNING silences them",
@@ -227,6 +235,9 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         ),
         replica_id=args.replica_id,
     )
+    gateway.supervisor.unhealthy_after = args.liveness_task_failure_seconds
+    if hasattr(gateway.sink, "supervisor"):
+        gateway.sink.supervisor = gateway.supervisor
     if hasattr(gateway.sink, "on_phases"):
         # Learn Exhausted from the operator's acknowledgement, before the config reload.
         gateway.sink.on_phases = gateway.limits.note_operator_phases

@@ -62,6 +62,18 @@ class GatewayMetrics:
             ["team", "model", "rule", "outcome", "provider"],
             registry=r,
         )
+        self.task_restarts = Counter(
+            "costwarden_gateway_task_restarts_total",
+            "Restarts of a supervised background task after it failed (docs/operations.md).",
+            ["task"],
+            registry=r,
+        )
+        self.task_failing = Gauge(
+            "costwarden_gateway_task_failing",
+            "1 while a supervised background task is failing (restarting with backoff), else 0.",
+            ["task"],
+            registry=r,
+        )
         self.tokens = Counter(
             "costwarden_gateway_tokens_total",
             "Tokens metered from the providers' usage fields, by kind.",

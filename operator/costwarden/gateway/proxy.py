@@ -52,6 +52,7 @@ from costwarden.policy.routing import (
     RouteRefusal,
     decide,
 )
+from costwarden.supervision import Supervisor
 
 log = logging.getLogger("costwarden.gateway")
 
@@ -133,6 +134,7 @@ class Gateway:
         metrics: GatewayMetrics | None = None,
         limits: Limits | None = None,
         replica_id: str = "",
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         self.identifier = identifier
@@ -144,6 +146,11 @@ class Gateway:
         self.affinity = SessionAffinity()
         self.holders = ResponseHolders()
         self.replica_id = replica_id
+        self.supervisor = supervisor or Supervisor(
+            "gateway", restarts=self.metrics.task_restarts, failing=self.metrics.task_failing
+        )
+        """Runs the background tasks (configuration watch, usage reporting, ledger); its
+        problems fail ``/healthz``."""
 
     async def handle(
         self, request: web.BaseRequest, fmt: WireFormat, endpoint: Endpoint

@@ -36,6 +36,7 @@ import orjson
 from costwarden.api.teambudget import BudgetPhase
 from costwarden.api.usage import LoopSignal, UsageRecord
 from costwarden.gateway.sinks import FsyncPolicy, JsonlLedgerSink, worth_keeping
+from costwarden.supervision import Supervisor
 
 log = logging.getLogger("costwarden.gateway.reporting")
 
@@ -105,6 +106,8 @@ class OperatorReportingSink:
         self._reload_needed = False
         self._cursor_stale = False
         self._task: asyncio.Task[None] | None = None
+        self.supervisor: Supervisor | None = None
+        """Runs the sender (restarted with backoff should it fail); set by the gateway."""
         self._session: aiohttp.ClientSession | None = None
         self.acked = 0
         self.dropped = 0
@@ -210,7 +213,10 @@ class OperatorReportingSink:
     def _ensure_task(self) -> None:
         if self._task is None or self._task.done():
             with contextlib.suppress(RuntimeError):  # no running loop yet: started on emit
-                self._task = asyncio.get_running_loop().create_task(self._sender())
+                if self.supervisor is not None:
+                    self._task = self.supervisor.start("usage-reporting", self._sender)
+                else:
+                    self._task = asyncio.get_running_loop().create_task(self._sender())
 
     def start(self) -> None:
         """Send what a previous run left unacknowledged without waiting for a new call."""

@@ -52,7 +52,7 @@ class GatewayServer:
                 request, ANTHROPIC
             ),
             ("GET", "/v1/models"): lambda request: models(gateway, request),
-            ("GET", "/healthz"): lambda request: healthz(),
+            ("GET", "/healthz"): lambda request: healthz(gateway),
             ("GET", "/readyz"): lambda request: readyz(gateway),
         }
         # No access log: the decision log already has one line per call.
@@ -98,7 +98,8 @@ class GatewayServer:
         if start_sink is not None:
             start_sink()
         if self._watch_config:
-            self._tasks.append(asyncio.create_task(_watch(self.gateway)))
+            gateway = self.gateway
+            self._tasks.append(gateway.supervisor.start("config-watch", lambda: _watch(gateway)))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -126,7 +127,7 @@ def metrics_server(gateway: Gateway) -> web.Server:
         if request.method == "GET" and request.path == "/metrics":
             return await metrics(gateway)
         if request.method == "GET" and request.path == "/healthz":
-            return await healthz()
+            return await healthz(gateway)
         return web.Response(status=404, text=f"no route {request.method} {request.path}")
 
     return web.Server(handle, access_log=None)
@@ -202,7 +203,12 @@ async def models(gateway: Gateway, request: web.BaseRequest) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-async def healthz() -> web.Response:
+async def healthz(gateway: Gateway) -> web.Response:
+    """Liveness: 503 once a supervised background task has been failing for longer than
+    its bound (costwarden/supervision.py, docs/operations.md), naming it."""
+    problems = gateway.supervisor.problems()
+    if problems:
+        return web.Response(status=503, text="failing: " + "; ".join(problems))
     return web.Response(text="ok")
 
 

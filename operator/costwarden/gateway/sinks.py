@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from costwarden.api.usage import LoopSignal, Outcome, UsageRecord, UsageSink
+from costwarden.supervision import Supervisor
 
 log = logging.getLogger("costwarden.gateway.sinks")
 
@@ -81,6 +82,8 @@ class JsonlLedgerSink:
         self._pending: list[bytes] = []
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
+        self.supervisor: Supervisor | None = None
+        """Runs the flusher (restarted with backoff should it fail); set by the gateway."""
 
     def emit(self, record: UsageRecord) -> None:
         # Written at once (one write(2), before the call's answer leaves the gateway): a
@@ -98,7 +101,10 @@ class JsonlLedgerSink:
     def _ensure_task(self) -> None:
         if self._task is None:
             with contextlib.suppress(RuntimeError):  # no running loop: close() writes it
-                self._task = asyncio.get_running_loop().create_task(self._flusher())
+                if self.supervisor is not None:
+                    self._task = self.supervisor.start("ledger-flush", self._flusher)
+                else:
+                    self._task = asyncio.get_running_loop().create_task(self._flusher())
 
     async def _flusher(self) -> None:
         while True:

@@ -221,3 +221,23 @@ def test_decision_log_has_one_line_per_call_and_no_secrets(
     )
     for secret in ("sk-provider-secret-key", "sk-client", "secret prompt"):
         assert secret not in lines[0]
+
+
+def test_healthz_fails_once_a_background_task_cannot_recover(tmp_path: Path) -> None:
+    with GatewayThread(None, config_path=tmp_path / "missing.json") as running:
+        running.gateway.supervisor.unhealthy_after = 0.5
+
+        def broken() -> bool:
+            raise RuntimeError("config store bug")
+
+        running.gateway.config.poll = broken  # type: ignore[method-assign]
+        wait_for(
+            lambda: httpx.get(running.url + "/healthz").status_code == 503,
+            what="/healthz failing",
+        )
+        answer = httpx.get(running.url + "/healthz").text
+        assert "config-watch" in answer
+        assert "config store bug" in answer
+        text = running.gateway.metrics.exposition().decode()
+        assert metric(text, 'costwarden_gateway_task_failing{task="config-watch"}') == 1
+        assert metric(text, 'costwarden_gateway_task_restarts_total{task="config-watch"}') >= 1
