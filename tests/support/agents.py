@@ -83,6 +83,9 @@ def install_agents(prefix: Path | None = None) -> dict[str, Path]:
     return {package: _binary(prefix, package) for package in NPM_PINS}
 
 
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
 def _npm_install(prefix: Path, specs: list[str]) -> None:
     npm = find_tool("npm") or (Path(found) if (found := shutil.which("npm")) else None)
     if npm is None:
@@ -93,9 +96,14 @@ def _npm_install(prefix: Path, specs: list[str]) -> None:
     ]  # fmt: skip
     # npm runs node from PATH (the bin of npm's own node comes first).
     path = os.pathsep.join([str(npm.resolve().parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path}
+    # Node trusts only its bundled CAs: where the environment names no extra ones, add the
+    # system's bundle (what pip and curl trust here), so a registry behind a private CA
+    # works with an empty environment too.
+    if "NODE_EXTRA_CA_CERTS" not in env and Path(SYSTEM_CA_BUNDLE).is_file():
+        env["NODE_EXTRA_CA_CERTS"] = SYSTEM_CA_BUNDLE
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
-        env={**os.environ, "PATH": path},
+        command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, env=env
     )  # fmt: skip
     if done.returncode != 0:
         raise AgentInstallError(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
