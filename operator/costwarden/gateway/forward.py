@@ -18,6 +18,9 @@
 - A client that disconnects mid-stream does not stop metering: the gateway keeps reading
   the upstream (at most :data:`DRAIN_SECONDS`) to get the usage it reports at the end, and
   records ``ClientDisconnected`` with that usage.
+- A stream that ends without usage (cut off, or the usage never came) is charged its
+  reservation (``call.unmetered``; gateway/proxy.py settles it), never $0, unless the
+  provider ended it with its own failure event, which it does not bill.
 """
 
 from __future__ import annotations
@@ -358,7 +361,9 @@ async def _finish_stream(
             call.outcome = Outcome.CLIENT_DISCONNECTED
     elif gone_at:  # the client left and the usage never came: unknown, and said so
         call.outcome, call.error = Outcome.CLIENT_DISCONNECTED, "usage_unknown"
+        call.unmetered = True  # billed by the provider all the same: charged its reservation
     else:
+        call.unmetered = True  # an answer was generated but its usage never came
         message = _malformed(gw, call, route, meter.error)
         rest += call.fmt.stream_error_event("upstream_malformed", message)
     if not gone_at:

@@ -70,6 +70,9 @@ class FakeUpstream:
     """Prefix of the response ids this upstream stores (``resp_<name>_<n>``)."""
     stored: set[str] = field(default_factory=set)
     """Responses API ids this upstream holds (what ``previous_response_id`` may name)."""
+    latency: float = 0.0
+    """Seconds every POST waits before it is answered (a slow provider, for tests that
+    need many calls in flight at once)."""
 
     def script(self, model: str, *faults: str) -> None:
         """Queue faults for the next requests naming ``model`` (upstream id)."""
@@ -100,7 +103,7 @@ class FakeUpstream:
             )
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._slow])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
@@ -109,6 +112,13 @@ class FakeUpstream:
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/_fake/faults", self._set_faults)
         return app
+
+    @web.middleware
+    async def _slow(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.latency and request.method == "POST" and not request.path.startswith("/_fake"):
+            await asyncio.sleep(self.latency)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def _set_faults(self, request: web.Request) -> web.Response:
         data = await request.json()
