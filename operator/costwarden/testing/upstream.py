@@ -14,7 +14,8 @@ usage exactly as reported.
 Faults, for fallback and loop tests: a model id ``fault-<name>`` always fails that way, and
 :meth:`FakeUpstream.script` (or ``POST /_fake/faults``) queues faults for a model. Fault
 names: ``500``/``503``/``429`` (error status), ``malformed`` (200, not JSON), ``no-usage``
-(200, no usage), ``slow`` (streams one chunk per 50 ms); hostile upstreams, for the
+(200, no usage), ``slow`` (streams one chunk per 50 ms), ``verbose`` (chat: the answer
+runs to its full ``max_tokens``, one output token a word); hostile upstreams, for the
 error-body sanitiser: ``echo-key`` (401 in the provider's shape, the key it was sent in the
 message), ``echo-key-fragment`` (the same with 12 characters of it), ``echo-key-text``
 (401 text/plain with the key), ``html`` (502 with an internal HTML page) and
@@ -136,8 +137,11 @@ class FakeUpstream:
         if early := _early_fault(fault, openai=True, key=_sent_key(request)):
             self._log(request, body, None)
             return early
+        sent = body
+        if fault == "verbose":  # the answer runs to its ceiling (max_tokens words)
+            body = body | {answers.VERBOSE: True}
         usage: dict[str, Any] | None = None if fault == "no-usage" else answers.openai_usage(body)
-        self._log(request, body, usage)
+        self._log(request, sent, usage)
         if body.get("stream") and fault == "stream-echo-key":
             return await _stream_echoing_key(request, body, openai=True)
         if body.get("stream"):
