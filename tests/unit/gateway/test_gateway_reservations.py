@@ -3,6 +3,7 @@ the ledger, the ceiling sent upstream, modelCaps, and no leaked hold on any path
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -10,14 +11,26 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from costwarden.api.accounting import ModelSpend
 from costwarden.api.gatewayconfig import SpendState
 from costwarden.api.teambudget import ModelCap
-from costwarden.api.usage import Outcome
+from costwarden.api.usage import Endpoint, Outcome
+from costwarden.gateway.config import ConfigStore
+from costwarden.gateway.credentials import Credentials
+from costwarden.gateway.openai import OPENAI
+from costwarden.gateway.proxy import Gateway
 from costwarden.gateway.reservations import Reservations
+from costwarden.gateway.sinks import MemorySink
 from costwarden.policy import reservation as reserve
-from costwarden.testing.gateway import TEAM_ID, model, sample_config
+from costwarden.testing.gateway import (
+    TEAM_ID,
+    model,
+    sample_config,
+    sidecar_identity,
+    write_credentials,
+)
 from costwarden.testing.upstream import FakeUpstream, ServerThread
 
 from .conftest import CHAT, MESSAGE, StartGateway, records, wait_for
@@ -284,3 +297,71 @@ def test_reservation_off_holds_nothing(gateway: Any, fake: FakeUpstream) -> None
     assert post(gateway.url, CHAT).status_code == 200
     assert "max_completion_tokens" not in fake.calls[-1].body
     assert settlements(gateway, "metered") == 0
+
+
+class _Payload:
+    """Just enough of aiohttp's StreamReader for BaseRequest.read()."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def readany(self) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+    def set_read_chunk_size(self, size: int) -> None:
+        return None
+
+
+class _HangingUpstream:
+    """An upstream that takes the call and never answers."""
+
+    def __init__(self) -> None:
+        self.sent = asyncio.Event()
+
+    async def post(self, url: str, headers: Any, body: bytes) -> Any:
+        self.sent.set()
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        return None
+
+
+def test_a_call_cancelled_after_it_was_sent_is_charged_its_reservation(tmp_path: Any) -> None:
+    upstream = _HangingUpstream()
+    sink = MemorySink()
+    store = ConfigStore(None)
+    store.set(sample_config("http://127.0.0.1:9"))
+    gateway = Gateway(
+        config=store,
+        identifier=sidecar_identity(),
+        upstream=upstream,
+        sink=sink,
+        credentials=Credentials(write_credentials(tmp_path / "credentials")),
+    )
+    body = {**CHAT, "max_tokens": 40}
+
+    async def scenario() -> None:
+        request = make_mocked_request(
+            "POST",
+            "/v1/chat/completions",
+            headers={"Content-Type": "application/json"},
+            payload=_Payload(orjson.dumps(body)),
+        )
+        task = asyncio.create_task(gateway.handle(request, OPENAI, Endpoint.CHAT_COMPLETIONS))
+        sent = asyncio.create_task(upstream.sent.wait())
+        await asyncio.wait({task, sent}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        assert sent.done(), sink.records
+        assert gateway.reservations.in_flight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+
+    assert gateway.reservations.in_flight == 0
+    record = sink.records[-1]
+    prompt = reserve.prompt_token_bound(orjson.dumps(body))
+    assert (record.tokens.input, record.tokens.output) == (prompt, 40)
+    assert record.cost_usd == reserve.worst_cost(prompt, 40, model("gpt-4o-mini", "x").pricing)
+    assert record.reason == "cancelled; charged_reservation"
