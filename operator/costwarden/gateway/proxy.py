@@ -12,12 +12,12 @@ import logging
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from costwarden.api.gatewayconfig import ModelRoute
 from costwarden.api.routingpolicy import Locality, Sensitivity
 from costwarden.api.usage import (
     Endpoint,
@@ -129,9 +129,9 @@ class Gateway:
         self.affinity = SessionAffinity()
         self.holders = ResponseHolders()
         self.replica_id = replica_id
-        self.reservations = Reservations(
-            on_change=lambda team, held: self.metrics.reserved_usd.labels(team).set(float(held))
-        )
+        self._settled: dict[tuple[str, str], Any] = {}
+        self._gauges: dict[str, Any] = {}  # reserved_usd children by team (labels() locks)
+        self.reservations = Reservations(on_change=self._reserved_changed)
         self.reserving = reserving
         """Reserve before forwarding (invariant 4b). Off only in the benchmark that
         measures what reserving adds: a gateway without it can overspend its caps."""
@@ -291,18 +291,25 @@ class Gateway:
         ceiling, defaulted = reserve.output_ceiling(body, call.endpoint, default)
         prompt = reserve.prompt_token_bound(raw)
         revision = compiled.revision
-        worst = reserve.worst_case(prompt, ceiling, decision.candidates)
-        routes: list[ModelRoute] = []
-        for route in decision.candidates:
-            cost, tokens = self.limits.model_spend(team, revision, route.name)
-            held = self.reservations.model(team.id, route.name)
-            standing = reserve.Standing(cost, held.cost, tokens, held.tokens)
-            short = reserve.model_shortfall(team, route, worst, standing, defaulted)
-            if short is None:
-                routes.append(route)
-            elif route is decision.model:
-                return self._refuse_reservation(call, short)
-        worst = reserve.worst_case(prompt, ceiling, routes)
+        candidates = decision.candidates
+        worst = reserve.worst_case(prompt, ceiling, candidates)
+        routes = list(candidates)
+        if team.model_caps:
+            capped = {c.model for c in team.model_caps}
+            for route in candidates:
+                if route.name not in capped:
+                    continue
+                cost, tokens = self.limits.model_spend(team, revision, route.name)
+                held = self.reservations.model(team.id, route.name)
+                standing = reserve.Standing(cost, held.cost, tokens, held.tokens)
+                short = reserve.model_shortfall(team, route, worst, standing, defaulted)
+                if short is None:
+                    continue
+                if route is decision.model:
+                    return self._refuse_reservation(call, short)
+                routes.remove(route)
+            if len(routes) < len(candidates):
+                worst = reserve.worst_case(prompt, ceiling, routes)
         spent, tokens_used = self.limits.team_spend(team, revision)
         held = self.reservations.team(team.id)
         short = reserve.team_shortfall(
@@ -329,9 +336,9 @@ class Gateway:
         call.reservation = self.reservations.hold(
             team, caller.unit, worst, tuple(routes), defaulted=defaulted
         )
-        if len(routes) == len(decision.candidates):
+        if len(routes) == len(candidates):
             return decision
-        dropped = ", ".join(r.name for r in decision.candidates if r not in routes)
+        dropped = ", ".join(r.name for r in candidates if r not in routes)
         return RouteDecision(
             routes[0],
             tuple(routes[1:]),
@@ -547,4 +554,14 @@ class Gateway:
             basis = "metered"
         else:
             basis = "nothing"
-        self.metrics.settlements.labels(held.team, basis).inc()
+        key = (held.team, basis)
+        counter = self._settled.get(key)
+        if counter is None:
+            counter = self._settled[key] = self.metrics.settlements.labels(*key)
+        counter.inc()
+
+    def _reserved_changed(self, team: str, held: Decimal) -> None:
+        gauge = self._gauges.get(team)
+        if gauge is None:
+            gauge = self._gauges[team] = self.metrics.reserved_usd.labels(team)
+        gauge.set(float(held))
