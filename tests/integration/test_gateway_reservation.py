@@ -285,10 +285,11 @@ def test_a_stream_without_usage_is_charged_its_reservation(
     try:
         fake.script("gpt-4o-mini", "no-usage")
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-client", max_retries=0)
-        # The gateway's error event follows the upstream's [DONE], which the SDK stops
-        # at: the client sees the answer end normally; the record says what happened.
-        for _ in client.chat.completions.create(**body(0), stream=True):
-            pass
+        # The gateway withholds the upstream's [DONE] and ends the stream with its own
+        # error event, which the SDK raises, saying how the call is charged.
+        with pytest.raises(openai.APIError, match="charged its reservation"):
+            for _ in client.chat.completions.create(**body(0), stream=True):
+                pass
         record = settled_records(gateway, 1)[0]
         settlements = gateway.gateway.metrics.settlements.labels(TEAM_ID, "reservation")
         assert settlements._value.get() == 1
