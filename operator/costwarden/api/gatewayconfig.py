@@ -16,6 +16,7 @@ from decimal import Decimal
 
 from pydantic import Field
 
+from costwarden.api.accounting import ModelSpend
 from costwarden.api.base import WireModel
 from costwarden.api.meta import LabelSelector
 from costwarden.api.money import Money, PlainMoney
@@ -78,6 +79,9 @@ class PolicyConfig(WireModel):
     rules: list[RoutingRule] = Field(default_factory=list)
     soft_limit_downgrades: list[Downgrade] = Field(default_factory=list)
     prompt_cache_affinity: bool = False
+    default_max_output_tokens: int | None = Field(
+        default=None, description="Output ceiling of calls that set none (unset: 8192)."
+    )
 
     def model(self, name: str) -> ModelRoute | None:
         return next((m for m in self.models if m.name == name), None)
@@ -91,6 +95,10 @@ class SpendState(WireModel):
     tokens: TokenUsage = Field(default_factory=TokenUsage)
     period_start: datetime
     period_end: datetime
+    models: list[ModelSpend] = Field(
+        default_factory=list,
+        description="Spend of the period on each model the team has a modelCaps entry for.",
+    )
 
 
 class TeamConfig(WireModel):

@@ -299,6 +299,19 @@ class RoutingPolicySpec(WireModel):
         ),
     )
 
+    default_max_output_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "The output-token ceiling of a call that sets none (OpenAI max_tokens / "
+            "max_completion_tokens, Responses max_output_tokens). The gateway reserves the "
+            "call's worst case (prompt estimate plus this many output tokens, at the model's "
+            "prices) before forwarding it, and sends this ceiling upstream so the answer "
+            "cannot outgrow the reservation. Unset: 8192."
+        ),
+    )
+
     grants: Grants | None = Field(
         default=None,
         description=(

@@ -23,6 +23,7 @@ from costwarden.api.usage import (
     new_record_id,
 )
 from costwarden.gateway.identity import Caller
+from costwarden.gateway.reservations import Reservation
 from costwarden.gateway.wire import WireFormat
 
 decision_log = logging.getLogger("costwarden.gateway.decision")
@@ -62,6 +63,11 @@ class Call:
     refusal: str = ""
     status: int = 500
     error: str = ""
+    reservation: Reservation | None = None
+    """The worst case held for this call before it was forwarded (gateway/reservations.py)."""
+    unmetered: bool = False
+    """The call was sent upstream and no usage came back where the provider bills (a stream
+    cut before its usage, a cancelled call): it is charged its reservation."""
 
     def to_record(self, replica: str) -> UsageRecord:
         caller = self.caller or Caller("")

@@ -108,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "provider-keys Secret, mounted); else env COSTWARDEN_CREDENTIAL_<NS>_<NAME>_<KEY>",
     )
     parser.add_argument("--ledger", type=Path, help="append usage records to this JSON Lines file")
+    # Benchmarks only (benchmarks/reservation.py): a gateway that does not reserve before
+    # forwarding can overspend its caps, so the flag is not offered in --help.
+    parser.add_argument("--no-reservation", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--report-to",
         default=env("COSTWARDEN_REPORT_TO"),
@@ -234,6 +237,7 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
             args.credentials_dir, hint=SIDECAR_HINT if args.mode == "sidecar" else SHARED_HINT
         ),
         replica_id=args.replica_id,
+        reserving=not args.no_reservation,
     )
     gateway.supervisor.unhealthy_after = args.liveness_task_failure_seconds
     if hasattr(gateway.sink, "supervisor"):

@@ -24,6 +24,9 @@
 - A client that disconnects mid-stream does not stop metering: the gateway keeps reading
   the upstream (at most :data:`DRAIN_SECONDS`) to get the usage it reports at the end, and
   records ``ClientDisconnected`` with that usage.
+- A stream that ends without usage (cut off, or the usage never came) is charged its
+  reservation (``call.unmetered``; gateway/proxy.py settles it), never $0, unless the
+  provider ended it with its own failure event, which it does not bill.
 """
 
 from __future__ import annotations
@@ -82,17 +85,23 @@ async def read_bounded(response: UpstreamResponse, limit: int) -> bytes:
 _RETRYABLE = frozenset({408, 429})
 
 
-def charge_unmetered_stream(gw: Gateway, call: Call, route: ModelRoute, streamed: int) -> None:
-    """Charge a stream that reached the client without usable usage (the provider bills it).
+def charge_unmetered_stream(gw: Gateway, call: Call, route: ModelRoute, streamed: int) -> str:
+    """Charge a stream that reached the client without usable usage (the provider bills
+    it); returns how, for the caller's error message.
 
-    The one place this policy lives: until reservations land (branch ``reserve``, which
-    charges such a stream its reservation), the charge is an estimate: input at
-    :data:`wire.BYTES_PER_TOKEN` bytes a token of the request body as sent upstream, output
-    one token per ``data:`` event streamed (``streamed``; the providers stream about one
-    token per content event, and counting events costs one C-level scan per chunk where
-    reading the text out of each event cost ~2.5 us), each at most
-    :data:`wire.MAX_TOKENS_PER_CALL`, priced like reported usage.
+    The one place this policy lives. A reserved call (gateway/reservations.py) is charged
+    its reservation when it settles (``call.unmetered``; gateway/proxy.py): the worst case
+    it was admitted with, never $0. Without a reservation (``--no-reservation``), the charge
+    is an estimate: input at :data:`wire.BYTES_PER_TOKEN` bytes a token of the request body
+    as sent upstream, output one token per ``data:`` event streamed (``streamed``; the
+    providers stream about one token per content event, and counting events costs one
+    C-level scan per chunk where reading the text out of each event cost ~2.5 us), each at
+    most :data:`wire.MAX_TOKENS_PER_CALL`, priced like reported usage.
     """
+    call.unmetered = True
+    gw.metrics.estimated_usage.labels(route.name, route.provider.value).inc()
+    if call.reservation is not None:
+        return "this call is charged its reservation"
     estimate = tokens(
         min(estimate_prompt_tokens(call.prompt_bytes), MAX_TOKENS_PER_CALL),
         min(streamed, MAX_TOKENS_PER_CALL),
@@ -100,7 +109,13 @@ def charge_unmetered_stream(gw: Gateway, call: Call, route: ModelRoute, streamed
     call.tokens = estimate
     call.cost = call_cost(estimate, route.pricing, call.tool_calls)
     call.error = "usage_estimated"
-    gw.metrics.estimated_usage.labels(route.name, route.provider.value).inc()
+    return "this call is charged an estimate of its usage"
+
+
+def charged_without_usage(reason: str) -> bool:
+    """Whether a record's reason says it was charged without reported usage (its
+    reservation, or an estimate where nothing was reserved)."""
+    return reason == "usage_estimated" or reason.endswith("charged_reservation")
 
 
 def _retryable(status: int) -> bool:
@@ -423,9 +438,9 @@ async def _finish_stream(
         call.outcome = Outcome.CLIENT_DISCONNECTED
         charge_unmetered_stream(gw, call, route, streamed)
     else:
+        call.unmetered = True  # an answer was generated but its usage never came
         message = _malformed(gw, call, route, meter.error)
-        charge_unmetered_stream(gw, call, route, streamed)
-        message += "; this call is charged an estimate of its usage"
+        message += "; " + charge_unmetered_stream(gw, call, route, streamed)
         rest += call.fmt.stream_error_event("upstream_malformed", message)
     if not gone_at:
         if rest:

@@ -42,6 +42,8 @@ class TeamSeen:
     cost: Decimal = Decimal(0)
     tokens: TokenUsage = field(default_factory=TokenUsage)
     verdict: CapVerdict | None = None
+    models: dict[str, tuple[Decimal, int]] = field(default_factory=dict)
+    """Cost and tokens (input plus output) metered on each model since this revision."""
     operator_exhausted: bool = False
     """The operator's acknowledgement said Exhausted (it sees every replica's usage); holds
     until the next configuration revision, which carries the operator's phase itself."""
@@ -83,6 +85,32 @@ class Limits:
             if seen is not None and phase is BudgetPhase.EXHAUSTED:
                 seen.operator_exhausted = True
                 seen.verdict = None
+
+    def team_spend(self, team: TeamConfig, revision: str) -> tuple[Decimal, TokenUsage | None]:
+        """The team's settled spend as this gateway knows it: the operator's snapshot plus
+        what this replica metered since (what reservations are checked against); tokens
+        only if the team has token caps."""
+        seen = self._team(team, revision)
+        spend = team.spend
+        if team.token_caps is None:
+            return spend.spent_usd + seen.cost, None
+        a, b = spend.tokens, seen.tokens
+        tokens = TokenUsage.model_construct(  # sums of checked counts: no re-validation
+            input=a.input + b.input,
+            output=a.output + b.output,
+            cached_input=a.cached_input + b.cached_input,
+            cache_creation=a.cache_creation + b.cache_creation,
+        )
+        return spend.spent_usd + seen.cost, tokens
+
+    def model_spend(self, team: TeamConfig, revision: str, model: str) -> tuple[Decimal, int]:
+        """Settled cost and tokens of ``model`` this period: the operator's snapshot
+        (``spend.models``) plus what this replica metered on it since."""
+        cost, tokens = self._team(team, revision).models.get(model, (Decimal(0), 0))
+        snapshot = next((m for m in team.spend.models if m.model == model), None)
+        if snapshot is not None:
+            cost, tokens = cost + snapshot.spent_usd, tokens + snapshot.tokens
+        return cost, tokens
 
     def job(self, team_id: str, unit: str) -> JobState:
         key = (team_id, unit)
@@ -142,6 +170,7 @@ class Limits:
         cost: Decimal,
         *,
         upstream_error: bool,
+        model: str = "",
     ) -> None:
         job = self.job(team.id, unit)
         record_outcome(job.loop, upstream_error=upstream_error)
@@ -157,6 +186,9 @@ class Limits:
             cached_input=seen.tokens.cached_input + tokens.cached_input,
             cache_creation=seen.tokens.cache_creation + tokens.cache_creation,
         )
+        if model:
+            cost_m, tokens_m = seen.models.get(model, (Decimal(0), 0))
+            seen.models[model] = (cost_m + cost, tokens_m + tokens.input + tokens.output)
         seen.verdict = None
 
 

@@ -101,7 +101,8 @@ class GatewayMetrics:
         self.estimated_usage = Counter(
             "costwarden_gateway_estimated_usage_total",
             "Streams delivered without usable usage from the upstream (ended or dropped "
-            "early, malformed or absurd counts) and charged an estimate instead, by model.",
+            "early, malformed or absurd counts) and charged anyway: their reservation, or an "
+            "estimate where nothing was reserved; by model.",
             ["model", "provider"],
             registry=r,
         )
@@ -178,6 +179,30 @@ class GatewayMetrics:
             registry=r,
         )
         self._unknown_paths: set[tuple[str, str]] = set()
+        self.reserved_usd = Gauge(
+            "costwarden_gateway_reserved_usd",
+            "Worst-case cost in USD held by this gateway's calls in flight, per team "
+            "(reserved before forwarding, released at settlement; float here, exact inside).",
+            ["team"],
+            registry=r,
+        )
+        self.reservations_refused = Counter(
+            "costwarden_gateway_reservations_refused_total",
+            "Calls refused (429 budget_reservation_failed) because their worst case did not "
+            "fit what is left, by the limit that did not hold: team_cap, team_tokens, "
+            "job_cost, job_tokens, model_cost, model_tokens.",
+            ["team", "limit"],
+            registry=r,
+        )
+        self.settlements = Counter(
+            "costwarden_gateway_settlements_total",
+            "Reservations settled, by basis: metered (the provider's usage), reservation "
+            "(no usage came back after the call was sent, e.g. a stream cut before its usage "
+            "or a cancelled call: charged the reserved tokens) or nothing (never sent, or "
+            "the provider's own failure, which it does not bill).",
+            ["team", "basis"],
+            registry=r,
+        )
         self.config_info = Gauge(
             "costwarden_gateway_config_info",
             "1 for the configuration revision in force.",

@@ -7,11 +7,13 @@ so a refused call always gets the API's own error shape, costs nothing and is re
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -37,6 +39,7 @@ from costwarden.gateway.identity import (
 )
 from costwarden.gateway.limits import Admission, Limits
 from costwarden.gateway.metrics import GatewayMetrics
+from costwarden.gateway.reservations import Reservations
 from costwarden.gateway.upstream import UpstreamClient
 from costwarden.gateway.wire import (
     BadRequestError,
@@ -44,7 +47,9 @@ from costwarden.gateway.wire import (
     estimate_prompt_tokens,
     take_hints,
 )
+from costwarden.policy import reservation as reserve
 from costwarden.policy.loops import fingerprint
+from costwarden.policy.pricing import call_cost
 from costwarden.policy.routing import (
     CompiledPolicy,
     RequestTraits,
@@ -135,6 +140,7 @@ class Gateway:
         limits: Limits | None = None,
         replica_id: str = "",
         supervisor: Supervisor | None = None,
+        reserving: bool = True,
     ) -> None:
         self.config = config
         self.identifier = identifier
@@ -151,6 +157,12 @@ class Gateway:
         )
         """Runs the background tasks (configuration watch, usage reporting, ledger); its
         problems fail ``/healthz``."""
+        self._settled: dict[tuple[str, str], Any] = {}
+        self._gauges: dict[str, Any] = {}  # reserved_usd children by team (labels() locks)
+        self.reservations = Reservations(on_change=self._reserved_changed)
+        self.reserving = reserving
+        """Reserve before forwarding (invariant 4b). Off only in the benchmark that
+        measures what reserving adds: a gateway without it can overspend its caps."""
 
     async def handle(
         self, request: web.BaseRequest, fmt: WireFormat, endpoint: Endpoint
@@ -158,9 +170,17 @@ class Gateway:
         call = Call(endpoint, fmt)
         try:
             return await self._serve(request, call)
+        except asyncio.CancelledError:
+            # The handler was cancelled (the client went away and the server cancels, or
+            # shutdown): a call already sent may be billed without its usage ever arriving.
+            if call.attempts and call.tokens is None:
+                call.unmetered, call.error = True, "cancelled"
+            raise
         except Exception:
             call.error = "internal_error"
             log.exception("call %s failed inside the gateway", call.id)
+            if call.attempts and call.tokens is None:
+                call.unmetered = True  # it may have been answered, and billed, upstream
             return self.refuse(call, 500, "internal_error", "costwarden gateway internal error")
         finally:
             self._account(call)
@@ -194,7 +214,7 @@ class Gateway:
             )
         call.requested_model = str(body.get("model") or "")[:128]
         call.streaming = bool(body.get("stream"))
-        return await self._route(request, call, compiled, body, len(raw))
+        return await self._route(request, call, compiled, body, raw)
 
     async def _attribute(
         self, request: web.BaseRequest, call: Call, compiled: CompiledConfig
@@ -232,7 +252,7 @@ class Gateway:
         call: Call,
         compiled: CompiledConfig,
         body: dict[str, Any],
-        size: int,
+        raw: bytes,
     ) -> web.StreamResponse:
         assert call.team is not None
         assert call.caller is not None
@@ -250,7 +270,7 @@ class Gateway:
             provider=call.fmt.provider,
             requested_model=call.requested_model,
             task=hints.task,
-            prompt_tokens=estimate_prompt_tokens(size),
+            prompt_tokens=estimate_prompt_tokens(len(raw)),
             has_tools=bool(body.get("tools") or body.get("functions")),
             sensitivity=hints.sensitivity,
         )
@@ -277,12 +297,103 @@ class Gateway:
             if isinstance(pinned, web.Response):
                 return pinned
             decision, call.reason = pinned, pinned.reason
+        if self.reserving:
+            held = self._reserve(call, compiled, policy, body, raw, decision)
+            if isinstance(held, web.Response):
+                return held
+            decision = held
         wants_usage = call.fmt.prepare(body, call.endpoint)
         response = await forward(self, request, call, compiled, body, decision, wants_usage)
         if hints.session and policy.affinity and call.outcome is Outcome.OK and call.served:
             self.affinity.remember(call.team.id, hints.session, call.served.name)
         if call.response_id and call.served and call.outcome is Outcome.OK:
             self.holders.remember(call.team.id, call.response_id, call.served.name)
+        return response
+
+    def _reserve(
+        self,
+        call: Call,
+        compiled: CompiledConfig,
+        policy: CompiledPolicy,
+        body: dict[str, Any],
+        raw: bytes,
+        decision: RouteDecision,
+    ) -> RouteDecision | web.Response:
+        """Hold the call's worst case against every limit it counts against, or refuse it
+        (429 ``budget_reservation_failed``, nothing sent, nothing charged).
+
+        A fallback whose ``modelCaps`` entry cannot hold the call is dropped from the
+        candidates; the routed model itself not fitting refuses the call. Never awaits:
+        the checks and the hold are one atomic step of the event loop."""
+        team, caller = call.team, call.caller
+        assert team is not None
+        assert caller is not None
+        default = policy.policy.default_max_output_tokens
+        ceiling, defaulted = reserve.output_ceiling(body, call.endpoint, default)
+        prompt = reserve.prompt_token_bound(raw)
+        revision = compiled.revision
+        candidates = decision.candidates
+        worst = reserve.worst_case(prompt, ceiling, candidates)
+        routes = list(candidates)
+        if team.model_caps:
+            capped = {c.model for c in team.model_caps}
+            for route in candidates:
+                if route.name not in capped:
+                    continue
+                cost, tokens = self.limits.model_spend(team, revision, route.name)
+                held = self.reservations.model(team.id, route.name)
+                standing = reserve.Standing(cost, held.cost, tokens, held.tokens)
+                short = reserve.model_shortfall(team, route, worst, standing, defaulted)
+                if short is None:
+                    continue
+                if route is decision.model:
+                    return self._refuse_reservation(call, short)
+                routes.remove(route)
+            if len(routes) < len(candidates):
+                worst = reserve.worst_case(prompt, ceiling, routes)
+        spent, tokens_used = self.limits.team_spend(team, revision)
+        held = self.reservations.team(team.id)
+        short = reserve.team_shortfall(
+            team,
+            worst,
+            reserve.Standing(spent, held.cost),
+            tokens_used,
+            held.input_tokens,
+            held.output_tokens,
+            defaulted,
+        )
+        if short is None:
+            job = self.limits.job(team.id, caller.unit)
+            held = self.reservations.job(team.id, caller.unit)
+            standing = reserve.Standing(job.cost, held.cost, job.tokens, held.tokens)
+            short = reserve.job_shortfall(team, caller.unit, worst, standing, defaulted)
+        if short is not None:
+            return self._refuse_reservation(call, short)
+        field = reserve.DEFAULT_CEILING_FIELD.get(call.endpoint)
+        if defaulted and field and call.endpoint is not Endpoint.MESSAGES:
+            # The ceiling that was reserved goes upstream, so the answer cannot outgrow it
+            # (Anthropic requires max_tokens: a call without it is refused there, unbilled).
+            body[field] = default or reserve.DEFAULT_MAX_OUTPUT_TOKENS
+        call.reservation = self.reservations.hold(
+            team, caller.unit, worst, tuple(routes), defaulted=defaulted
+        )
+        if len(routes) == len(candidates):
+            return decision
+        dropped = ", ".join(r.name for r in candidates if r not in routes)
+        return RouteDecision(
+            routes[0],
+            tuple(routes[1:]),
+            decision.rule,
+            f"{decision.reason}; fallbacks over their modelCaps dropped: {dropped}",
+            decision.downgraded_from,
+        )
+
+    def _refuse_reservation(self, call: Call, short: reserve.Shortfall) -> web.Response:
+        assert call.team is not None
+        self.metrics.reservations_refused.labels(call.team.id, short.limit).inc()
+        response = self.refuse(call, 429, reserve.REFUSAL, short.message)
+        response.headers["x-costwarden-reservation-limit"] = short.limit
+        response.headers["x-should-retry"] = "false" if short.final else "true"
         return response
 
     def _stay_with_holder(
@@ -440,17 +551,58 @@ class Gateway:
         return web.Response(status=status, body=body, headers=headers)
 
     def _account(self, call: Call) -> None:
+        """Settle, record, observe. Settlement (metered cost added, reservation released)
+        is one synchronous step and runs whatever else fails here: exactly once per call."""
+        try:
+            self._charge_unmetered(call)
+            if call.admitted and call.team is not None and call.caller is not None:
+                self.limits.record(
+                    call.team,
+                    call.revision,
+                    call.caller.unit,
+                    call.tokens,
+                    call.cost,
+                    upstream_error=call.outcome
+                    in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_MALFORMED),
+                    model=call.served.name if call.served and call.tokens is not None else "",
+                )
+        finally:
+            self._settle(call)
         record = call.to_record(self.replica_id)
-        if call.admitted and call.team is not None and call.caller is not None:
-            self.limits.record(
-                call.team,
-                call.revision,
-                call.caller.unit,
-                call.tokens,
-                call.cost,
-                upstream_error=call.outcome in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_MALFORMED),
-            )
         self.sink.emit(record)  # a ledger keeps only what can cost: sinks.worth_keeping
         added = time.perf_counter() - call.started - call.upstream_seconds
         self.metrics.observe(record, added_seconds=added)
         log_decision(call, record)
+
+    def _charge_unmetered(self, call: Call) -> None:
+        """A call sent upstream whose usage never came back, where the provider bills, is
+        charged its reservation: the reserved tokens at the served model's prices (at most
+        what was reserved; the operator recomputes the same figure), never $0."""
+        held = call.reservation
+        if held is None or not call.unmetered or call.tokens is not None or call.served is None:
+            return
+        call.tokens = reserve.charged_tokens(held.worst)
+        call.cost = call_cost(call.tokens, call.served.pricing)
+        call.error = f"{call.error or 'usage_unknown'}; charged_reservation"
+
+    def _settle(self, call: Call) -> None:
+        held = call.reservation
+        if held is None or not self.reservations.release(held):
+            return
+        if call.unmetered and call.tokens is not None:
+            basis = "reservation"
+        elif call.tokens is not None:
+            basis = "metered"
+        else:
+            basis = "nothing"
+        key = (held.team, basis)
+        counter = self._settled.get(key)
+        if counter is None:
+            counter = self._settled[key] = self.metrics.settlements.labels(*key)
+        counter.inc()
+
+    def _reserved_changed(self, team: str, held: Decimal) -> None:
+        gauge = self._gauges.get(team)
+        if gauge is None:
+            gauge = self._gauges[team] = self.metrics.reserved_usd.labels(team)
+        gauge.set(float(held))

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from costwarden.api.accounting import ModelSpend
 from costwarden.api.catalog import PriceCatalog
 from costwarden.api.conditions import Reason
 from costwarden.api.endpoints import ANY_HOST, ProviderHosts
@@ -197,6 +198,7 @@ def _policy_config(
         rules=spec.rules,
         soft_limit_downgrades=spec.soft_limit_downgrades,
         prompt_cache_affinity=spec.prompt_cache_affinity,
+        default_max_output_tokens=spec.default_max_output_tokens,
     )
 
 
@@ -229,6 +231,10 @@ def _reconcile_budget(
     policy_id = policy_id_of(parsed, budget.namespace) if granted else None
     governed = governed_namespaces(parsed, budget.namespace, budget.name, consents)
     team = _team_config(budget, parsed, governed, policy_id, caps, spent, tokens, start, end)
+    if parsed.model_caps:
+        capped = {c.model for c in parsed.model_caps}
+        models = [m for m in observed_model_spend(budget.status, start) if m.model in capped]
+        team.spend.models = models
     if restrictions:
         verdict = BudgetVerdict(
             False,
@@ -306,6 +312,20 @@ def observed_spend(status: Mapping[str, Any], period_start: datetime) -> tuple[D
     if window is None or window.start != period_start or recorded.spent_usd is None:
         return Decimal(0), TokenUsage()
     return recorded.spent_usd, recorded.tokens or TokenUsage()
+
+
+def observed_model_spend(status: Mapping[str, Any], period_start: datetime) -> list[ModelSpend]:
+    """Per-model spend recorded in status for the period starting at ``period_start``
+    (sorted by model, so renders stay byte-identical); empty otherwise. The gateway
+    reserves ``modelCaps`` against it."""
+    try:
+        recorded = TeamBudgetStatus.model_validate(status)
+    except ValidationError:
+        return []
+    window = recorded.current_period
+    if window is None or window.start != period_start:
+        return []
+    return sorted(recorded.by_model, key=lambda m: m.model)
 
 
 def _invalid(problems: list[Problem]) -> BudgetVerdict:

@@ -46,9 +46,17 @@ def cached_tokens(total_prompt: int) -> int:
     return total_prompt // 2
 
 
+VERBOSE = "_fake_verbose"
+"""Set (by the upstream's ``verbose`` fault) on the body the answer is built from: the
+reply then runs to its full ceiling, :data:`REPLY` repeated."""
+
+
 def reply_words(body: dict[str, Any]) -> list[str]:
-    limit = body.get("max_tokens") or body.get("max_completion_tokens") or 1000
-    return REPLY.split()[: max(1, int(limit))]
+    limit = max(1, int(body.get("max_tokens") or body.get("max_completion_tokens") or 1000))
+    words = REPLY.split()
+    if body.get(VERBOSE):
+        words = words * (limit // len(words) + 1)
+    return words[:limit]
 
 
 def _answers_a_tool_result(body: dict[str, Any]) -> bool:

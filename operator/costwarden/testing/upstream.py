@@ -14,7 +14,8 @@ usage exactly as reported.
 Faults, for fallback and loop tests: a model id ``fault-<name>`` always fails that way, and
 :meth:`FakeUpstream.script` (or ``POST /_fake/faults``) queues faults for a model. Fault
 names: ``500``/``503``/``429`` (error status), ``malformed`` (200, not JSON), ``no-usage``
-(200, no usage), ``slow`` (streams one chunk per 50 ms); hostile upstreams, for the
+(200, no usage), ``slow`` (streams one chunk per 50 ms), ``verbose`` (chat: the answer
+runs to its full ``max_tokens``, one output token a word); hostile upstreams, for the
 error-body sanitiser: ``echo-key`` (401 in the provider's shape, the key it was sent in the
 message), ``echo-key-fragment`` (the same with 12 characters of it), ``echo-key-text``
 (401 text/plain with the key), ``html`` (502 with an internal HTML page) and
@@ -102,6 +103,10 @@ class FakeUpstream:
         await response.write(self.raw_streams.popleft())
         return response
 
+    latency: float = 0.0
+    """Seconds every POST waits before it is answered (a slow provider, for tests that
+    need many calls in flight at once)."""
+
     def script(self, model: str, *faults: str) -> None:
         """Queue faults for the next requests naming ``model`` (upstream id)."""
         self.faults.setdefault(model, deque()).extend(faults)
@@ -131,7 +136,7 @@ class FakeUpstream:
             )
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._slow])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
@@ -140,6 +145,13 @@ class FakeUpstream:
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/_fake/faults", self._set_faults)
         return app
+
+    @web.middleware
+    async def _slow(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.latency and request.method == "POST" and not request.path.startswith("/_fake"):
+            await asyncio.sleep(self.latency)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def _set_faults(self, request: web.Request) -> web.Response:
         data = await request.json()
@@ -168,8 +180,11 @@ class FakeUpstream:
             for text in _hostile_chat(fault, body, billed):
                 await self._send(response, text.decode(), slow)
             return response
+        sent = body
+        if fault == "verbose":  # the answer runs to its ceiling (max_tokens words)
+            body = body | {answers.VERBOSE: True}
         usage: dict[str, Any] | None = None if fault == "no-usage" else answers.openai_usage(body)
-        self._log(request, body, usage)
+        self._log(request, sent, usage)
         if body.get("stream") and fault == "stream-echo-key":
             return await _stream_echoing_key(request, body, openai=True)
         if body.get("stream"):

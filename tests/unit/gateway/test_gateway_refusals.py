@@ -4,10 +4,11 @@ call, a record that costs nothing."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from costwarden.api.gatewayconfig import SpendState
@@ -20,10 +21,40 @@ from costwarden.api.teambudget import (
 )
 from costwarden.api.usage import LoopKind, Outcome
 from costwarden.gateway.identity import SharedIdentifier, SidecarIdentifier
-from costwarden.testing.gateway import TEAM_ID, sample_config
+from costwarden.policy import reservation as reserve
+from costwarden.testing.gateway import TEAM_ID, model, sample_config
 from costwarden.testing.upstream import FakeUpstream, ServerThread
 
 from .conftest import CHAT, MESSAGE, StartGateway, records
+
+RESERVATION = "budget_reservation_failed"
+SMALL_CHAT = {**CHAT, "max_tokens": 5}
+
+
+def worst_case(body: dict[str, Any]) -> Decimal:
+    """What the gateway reserves for ``body`` sent as compact JSON to gpt-4o-mini (the
+    default model: no fallbacks)."""
+    pricing = model("gpt-4o-mini", "http://x").pricing
+    return reserve.worst_cost(reserve.prompt_token_bound(orjson.dumps(body)), 5, pricing)
+
+
+def room_for_one(body: dict[str, Any]) -> Decimal:
+    """Money (six decimals) for one worst case of ``body`` and 1-2 millionths more: less
+    than any call's metered cost (5 output tokens alone cost 3 millionths)."""
+    return (worst_case(body) + Decimal("0.000001")).quantize(Decimal("0.000001"), ROUND_CEILING)
+
+
+def worst_tokens(body: dict[str, Any]) -> int:
+    return reserve.prompt_token_bound(orjson.dumps(body)) + 5
+
+
+def post_raw(url: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(
+        url + "/v1/chat/completions",
+        content=orjson.dumps(body),
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
 
 
 def spend(spent: str) -> SpendState:
@@ -87,11 +118,15 @@ def test_hard_cap_with_allow_lets_calls_through(
 
 
 def test_hard_cap_counts_usage_metered_since_the_snapshot(start_gateway: StartGateway) -> None:
-    # Snapshot just under the cap; one call's cost pushes the team over it.
-    gateway = start_gateway(team={"spend": spend("99.999995"), "soft_limit_usd": Decimal(50)})
+    # Left under the cap: one worst case and a millionth of a dollar. The first call fits;
+    # its metered cost (more than that millionth) leaves too little for the second.
+    left = room_for_one(SMALL_CHAT)
+    gateway = start_gateway(team={"spend": spend(str(100 - left)), "soft_limit_usd": Decimal(50)})
 
-    assert post(gateway.url, CHAT).status_code == 200
-    assert_openai_refusal(post(gateway.url, CHAT), 429, "hard_cap_reached")
+    assert post_raw(gateway.url, SMALL_CHAT).status_code == 200
+    assert records(gateway).records[-1].cost_usd > Decimal("0.000002")
+    error = assert_openai_refusal(post_raw(gateway.url, SMALL_CHAT), 429, RESERVATION)
+    assert TEAM_ID in error["message"]
 
 
 def test_anthropic_refusal_uses_anthropic_error_shape(
@@ -111,23 +146,39 @@ def test_anthropic_refusal_uses_anthropic_error_shape(
 
 
 def test_per_job_cost_cap(start_gateway: StartGateway, fake: FakeUpstream) -> None:
-    gateway = start_gateway(team={"per_job": PerJobLimits(max_cost_usd=Decimal("0.000001"))})
+    cap = room_for_one(SMALL_CHAT)
+    gateway = start_gateway(team={"per_job": PerJobLimits(max_cost_usd=cap)})
 
-    assert post(gateway.url, CHAT).status_code == 200
-    error = assert_openai_refusal(post(gateway.url, CHAT), 429, "job_cost_cap_reached")
+    assert post_raw(gateway.url, SMALL_CHAT).status_code == 200
+    response = post_raw(gateway.url, SMALL_CHAT)
+    error = assert_openai_refusal(response, 429, RESERVATION)
 
+    assert response.headers["x-costwarden-reservation-limit"] == "job_cost"
     assert "agent-1" in error["message"]
     assert "maxCostUSD" in error["message"]
     assert len(fake.calls) == 1
-    assert_costs_nothing(gateway, fake, "job_cost_cap_reached")
+    assert_costs_nothing(gateway, fake, RESERVATION)
+
+
+def test_per_job_cost_cap_already_spent_is_refused_as_before(
+    start_gateway: StartGateway, fake: FakeUpstream
+) -> None:
+    gateway = start_gateway(team={"per_job": PerJobLimits(max_cost_usd=Decimal("0.000001"))})
+    job = gateway.gateway.limits.job(TEAM_ID, "agent-1")
+    job.cost = Decimal("0.000001")
+
+    assert_openai_refusal(post_raw(gateway.url, SMALL_CHAT), 429, "job_cost_cap_reached")
+    assert fake.calls == []
 
 
 def test_per_job_token_cap(start_gateway: StartGateway, fake: FakeUpstream) -> None:
-    gateway = start_gateway(team={"per_job": PerJobLimits(max_tokens=10)})
+    gateway = start_gateway(team={"per_job": PerJobLimits(max_tokens=worst_tokens(SMALL_CHAT) + 1)})
 
-    assert post(gateway.url, CHAT).status_code == 200
-    error = assert_openai_refusal(post(gateway.url, CHAT), 429, "job_token_cap_reached")
+    assert post_raw(gateway.url, SMALL_CHAT).status_code == 200
+    response = post_raw(gateway.url, SMALL_CHAT)
+    error = assert_openai_refusal(response, 429, RESERVATION)
 
+    assert response.headers["x-costwarden-reservation-limit"] == "job_tokens"
     assert "maxTokens" in error["message"]
     assert len(fake.calls) == 1
 
@@ -270,11 +321,13 @@ def test_invalid_sensitivity_is_a_400(gateway: Any, fake: FakeUpstream) -> None:
 
 
 def test_token_cap_counts_as_the_hard_cap(start_gateway: StartGateway, fake: FakeUpstream) -> None:
-    gateway = start_gateway(team={"token_caps": TokenCaps(total=10)})
+    gateway = start_gateway(team={"token_caps": TokenCaps(total=worst_tokens(SMALL_CHAT) + 1)})
 
-    assert post(gateway.url, CHAT).status_code == 200
-    error = assert_openai_refusal(post(gateway.url, CHAT), 429, "hard_cap_reached")
+    assert post_raw(gateway.url, SMALL_CHAT).status_code == 200
+    response = post_raw(gateway.url, SMALL_CHAT)
+    error = assert_openai_refusal(response, 429, RESERVATION)
 
+    assert response.headers["x-costwarden-reservation-limit"] == "team_tokens"
     assert "total-token cap" in error["message"]
     assert len(fake.calls) == 1
 

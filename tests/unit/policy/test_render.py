@@ -174,3 +174,25 @@ def test_a_restricted_budget_keeps_its_phase_with_ready_false():
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "NamespaceNotGranted")
     assert "spec.workloads.namespaces[0]" in ready["message"]
+
+
+def test_per_model_spend_of_capped_models_is_rendered_for_reservations():
+    budgets, policies = world()
+    support = next(b for b in budgets if b.name == "support")
+    status = {
+        "spentUSD": "12.00",
+        "currentPeriod": {"start": "2026-11-25T05:00:00Z", "end": "2026-11-26T05:00:00Z"},
+        "byModel": [
+            {"model": "gpt-4.1-mini", "spentUSD": "3", "tokens": 10, "requests": 1},
+            {"model": "gpt-4.1", "spentUSD": "9", "tokens": 20, "requests": 2},
+        ],
+    }
+    spending = ObservedObject(support.namespace, support.name, 1, support.spec, status)
+    others = [b for b in budgets if b.name != "support"]
+    team = reconcile([spending, *others], policies, default_catalog(), NOW).config.team(support.id)
+    # Only gpt-4.1 has a modelCaps entry: only its spend is carried.
+    assert [(m.model, str(m.spent_usd), m.tokens) for m in team.spend.models] == [
+        ("gpt-4.1", "9", 20)
+    ]
+    payments = reconcile(budgets, policies, default_catalog(), NOW).config.team(budgets[0].id)
+    assert payments.spend.models == []
