@@ -23,6 +23,8 @@ from costwarden.api.accounting import (
     JobBreakdown,
     JobOutcome,
     JobSpend,
+    LeaseHolder,
+    Leases,
     ModelSpend,
     OutcomeTally,
     Results,
@@ -44,6 +46,7 @@ OWNED_FIELDS = (
     "history",
     "ingestion",
     "recentActions",
+    "leases",
 )
 """Status fields the accounting writes; the reconciler writes the others."""
 
@@ -75,6 +78,15 @@ class Cursor:
 
 
 @dataclass
+class Lease:
+    """One replica's lease (policy/leases.py): what it may still have in use."""
+
+    amount: Decimal
+    in_use: Decimal
+    renewed: datetime
+
+
+@dataclass
 class Books:
     """The accounting state of one TeamBudget in the period [start, end)."""
 
@@ -94,6 +106,10 @@ class Books:
     late_records: int = 0
     last_applied: datetime | None = None
     actions: list[EnforcementRecord] = field(default_factory=list)
+    leases: dict[str, Lease] = field(default_factory=dict)
+    """Budget lent to gateway replicas, by holder (= usage cursor key)."""
+    refused_need: Decimal | None = None
+    """The smallest call refused at the cap this period (policy/leases.py)."""
 
     # -- reading and writing status ----------------------------------------------------
 
@@ -117,6 +133,9 @@ class Books:
             books._load_current(parsed, ingestion)
         elif window.start < start:
             books.history = _closed_history(parsed, books.history)
+            # Leases outlive the period: a replica may still spend what it was lent, and
+            # that now counts against the new period (policy/leases.py).
+            books._load_leases(parsed, with_refusal=False)
         # A status of a *later* period (a clock behind the writer's) is left as is: the
         # fragment would move it backwards, so callers refuse to write it (see is_behind).
         return books
@@ -142,6 +161,16 @@ class Books:
         self.duplicates = ingestion.duplicates
         self.late_records = ingestion.late_records
         self.last_applied = ingestion.last_applied
+        self._load_leases(parsed, with_refusal=True)
+
+    def _load_leases(self, parsed: TeamBudgetStatus, *, with_refusal: bool) -> None:
+        if parsed.leases is None:
+            return
+        self.leases = {
+            h.holder: Lease(h.leased_usd, h.in_use_usd, h.renewed) for h in parsed.leases.holders
+        }
+        if with_refusal:
+            self.refused_need = parsed.leases.refused_need_usd
 
     def results(self) -> Results:
         def tally(outcome: JobOutcome) -> OutcomeTally:
@@ -188,6 +217,22 @@ class Books:
             last_applied=self.last_applied,
         ).to_wire()
         ingestion.setdefault("lastApplied", None)
+        leases = Leases(
+            leased_usd=sum((lease.amount for lease in self.leases.values()), Decimal(0)),
+            holders=[
+                LeaseHolder(
+                    holder=holder,
+                    leased_usd=lease.amount,
+                    in_use_usd=lease.in_use,
+                    renewed=lease.renewed,
+                )
+                for holder, lease in sorted(self.leases.items())
+            ],
+            refused_need_usd=self.refused_need,
+        ).to_wire()
+        leases.setdefault("refusedNeedUSD", None)
+        for holder in leases["holders"]:
+            holder["renewed"] = timestamp(self.leases[holder["holder"]].renewed)
         return {
             "spentUSD": format_money(display_usd(self.spent)),
             "spentExactUSD": format_exact(self.spent),
@@ -203,6 +248,7 @@ class Books:
             "results": results,
             "history": [_history_wire(p) for p in self.history[-MAX_HISTORY:]],
             "ingestion": ingestion,
+            "leases": leases,
             "recentActions": [
                 {**a.to_wire(), "time": timestamp(a.time)}
                 for a in self.actions[-MAX_RECENT_ACTIONS:]

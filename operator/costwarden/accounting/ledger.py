@@ -72,6 +72,7 @@ def apply_entries(
             applied.signals.append(entry.signal)
         elif entry.record is not None:
             _count(books, entry.record, applied)
+            _draw_lease(books, source, entry.record)
     if entries:
         books.cursors[source] = Cursor(high, now)
     books.duplicates += applied.duplicates
@@ -111,6 +112,16 @@ def _count(books: Books, record: UsageRecord, applied: Applied) -> None:
     if job.outcome is not None:  # late usage of a finished job still belongs to its result
         books.outcomes.setdefault(job.outcome, Spend()).usd += cost
     applied.jobs.add(key)
+
+
+def _draw_lease(books: Books, source: str, record: UsageRecord) -> None:
+    """Usage applied moves its cost from the reporter's lease to spend, in the same write:
+    the operator's ``spent + leases <= cap`` (policy/leases.py) never counts it twice."""
+    lease = books.leases.get(source)
+    if lease is None or not record.usage_reported or record.time < books.start:
+        return
+    lease.amount = max(lease.amount - record.cost_usd, Decimal(0))
+    lease.in_use = max(lease.in_use - record.cost_usd, Decimal(0))
 
 
 def _add(spend: Spend, cost: Decimal, tokens: int) -> None:

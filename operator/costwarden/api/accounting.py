@@ -26,6 +26,7 @@ MAX_MODELS = 32
 MAX_JOBS = 50
 MAX_HISTORY = 6
 MAX_CURSORS = 128
+MAX_LEASES = 128
 
 EXACT_PATTERN = r"^[0-9]{1,30}([.][0-9]{1,18})?$"
 """30 integer digits: beyond any spend a team can reach (see money.StatusMoney)."""
@@ -202,3 +203,49 @@ class Ingestion(WireModel):
         default=0, ge=0, description="Records of an earlier, no longer kept period (ignored)."
     )
     last_applied: datetime | None = Field(default=None, description="Last batch applied.")
+
+
+class LeaseHolder(WireModel):
+    """A share of the team's remaining budget lent to one gateway replica (a usage source).
+
+    The replica reserves its calls against it locally; the operator counts it as spent
+    until the replica's usage is applied (which moves money from the lease to spend) or
+    the lease expires unrenewed (reclaimed). docs/gateway.md, "Leases"."""
+
+    holder: Annotated[str, Field(max_length=1024)] = Field(
+        description="<reporter>#<source id>, the same key as the replica's usage cursor."
+    )
+    leased_usd: ExactAmount = Field(
+        alias="leasedUSD", description="What the replica may still spend before asking again."
+    )
+    in_use_usd: ExactAmount = Field(
+        default=Decimal(0),
+        alias="inUseUSD",
+        description="Of it, held by calls in flight and usage metered but not yet applied "
+        "(as the replica last reported).",
+    )
+    renewed: datetime = Field(description="When the replica last asked or renewed.")
+
+
+class Leases(WireModel):
+    """Budget lent to gateway replicas, and whether a call has been refused at the cap."""
+
+    leased_usd: ExactAmount = Field(
+        default=Decimal(0), alias="leasedUSD", description="Sum of every holder's lease."
+    )
+    holders: list[LeaseHolder] = Field(
+        default_factory=list,
+        max_length=MAX_LEASES,
+        description="One entry per gateway replica holding a lease.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["holder"],
+        },
+    )
+    refused_need_usd: ExactAmount | None = Field(
+        default=None,
+        alias="refusedNeedUSD",
+        description="The smallest worst case (at the policy's default output ceiling) of a "
+        "call refused this period because the budget left could not hold it: the hard cap "
+        "counts as reached while spend plus this exceeds it.",
+    )

@@ -52,6 +52,10 @@ class Reason(StrEnum):
     SOFT_LIMIT_EXCEEDED = "SoftLimitExceeded"
     HARD_CAP_EXCEEDED = "HardCapExceeded"
     TOKEN_CAP_EXCEEDED = "TokenCapExceeded"
+    CALL_EXCEEDS_REMAINING = "CallExceedsRemaining"
+    """HardCapReached=True before spend reaches the cap: a call was refused because even at
+    the policy's default output ceiling its worst case does not fit what is left
+    (status.leases.refusedNeedUSD); reserve-before-forward keeps spend itself below the cap."""
 
 
 def set_condition(

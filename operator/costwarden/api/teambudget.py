@@ -21,6 +21,7 @@ from costwarden.api.accounting import (
     ExactAmount,
     Ingestion,
     JobBreakdown,
+    Leases,
     ModelSpend,
     Results,
     TokenUsage,
@@ -454,6 +455,10 @@ class TeamBudgetStatus(WireModel):
     )
     ingestion: Ingestion | None = Field(
         default=None, description="Usage ingestion cursors (exactly-once de-duplication)."
+    )
+    leases: Leases | None = Field(
+        default=None,
+        description="Budget lent to gateway replicas (reserve-before-forward across replicas).",
     )
 
 

@@ -167,14 +167,23 @@ class Accountant:
             )
             start, end = budget.period(recorded)
         books = Books.read(status, start, end)
-        before = verdict_for(budget.spec, books.spent, books.tokens)
+        before = verdict_for(budget.spec, books.spent, books.tokens, books.refused_need)
         results = [mutation(books, now) for mutation in mutations]
         prune_cursors(books, now)
-        after = verdict_for(budget.spec, books.spent, books.tokens)
+        after = verdict_for(budget.spec, books.spent, books.tokens, books.refused_need)
         commit = Commit(budget, before, after, books, results)
         fragment = books.fragment()
-        patch = {k: v for k, v in fragment.items() if status.get(k) != v}
+        patch = {k: v for k, v in fragment.items() if status.get(k) != _without_nulls(v)}
         return commit, (patch or None)
+
+
+def _without_nulls(value: Any) -> Any:
+    """A fragment as the API server stores it: a merge patch's nulls delete keys."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _newer(a: str, b: str) -> bool:

@@ -84,3 +84,21 @@ WASTED = Gauge(
     "Spend of failed Jobs and Jobs stopped by costwarden in the current period.",
     ["team"],
 )
+LEASE_REQUESTS = Counter(
+    "costwarden_lease_requests_total",
+    "Lease requests from gateway replicas, by result: granted, short (the waiting call "
+    "does not fit; retryable), cap_reached (the call's floor does not fit what is left), "
+    "refused (not this reporter's team), unavailable (not the leader, or the write failed).",
+    ["result"],
+)
+LEASES_RECLAIMED = Counter(
+    "costwarden_leases_reclaimed_total",
+    "Leases taken back from gateway replicas silent for longer than a lease lives, by team.",
+    ["team"],
+)
+LEASED_USD = Gauge(
+    "costwarden_leased_usd",
+    "Budget lent to gateway replicas and not yet drawn by their usage, per team (USD; "
+    "float here, exact in status.leases).",
+    ["team"],
+)

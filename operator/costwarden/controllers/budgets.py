@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from costwarden.api.meta import LabelSelector
@@ -18,7 +19,7 @@ from costwarden.controllers.world import ObservedWorld
 from costwarden.enforcement.decisions import belongs_to_team, labels_of
 from costwarden.policy.caps import CapVerdict, evaluate_caps
 from costwarden.policy.periods import is_valid_time_zone, period_bounds
-from costwarden.policy.render import ObservedObject, observed_spend
+from costwarden.policy.render import ObservedObject, observed_refused_need, observed_spend
 from costwarden.policy.tenancy import Consents, attribute, governed_namespaces
 from costwarden.policy.validation import parse_team_budget_spec
 
@@ -48,20 +49,24 @@ class Budget:
     def standing(self, now: datetime, status: Mapping[str, Any] | None = None) -> CapVerdict:
         """The phase the status's spend puts the budget in: evaluate_caps, as everywhere."""
         start, _ = self.period(now)
-        spent, tokens = observed_spend(self.status if status is None else status, start)
-        return verdict_for(self.spec, spent, tokens)
+        observed = self.status if status is None else status
+        spent, tokens = observed_spend(observed, start)
+        return verdict_for(self.spec, spent, tokens, observed_refused_need(observed, start))
 
     def selects(self, job: Mapping[str, Any]) -> bool:
         return belongs_to_team(job, self.spec, self.governed)
 
 
-def verdict_for(spec: TeamBudgetSpec, spent: Any, tokens: Any) -> CapVerdict:
+def verdict_for(
+    spec: TeamBudgetSpec, spent: Any, tokens: Any, refused_need: Decimal | None = None
+) -> CapVerdict:
     return evaluate_caps(
         spent_usd=spent,
         tokens=tokens,
         hard_cap_usd=spec.hard_cap_usd,
         soft_limit_usd=spec.soft_limit_usd(),
         token_caps=spec.token_caps,
+        refused_need_usd=refused_need,
     )
 
 

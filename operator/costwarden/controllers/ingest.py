@@ -1,4 +1,5 @@
-"""``POST /v1/usage``: where gateways deliver numbered usage (served on ``--ingest-port``).
+"""``POST /v1/usage``: where gateways deliver numbered usage (served on ``--ingest-port``,
+next to ``POST /v1/leases``, controllers/leases.py).
 
 Only the leader applies batches (others answer 503 and the gateway retries, reaching the
 leader through the Service or after a handover). A batch is acknowledged only once every
@@ -46,6 +47,7 @@ from costwarden.controllers.events import event_body, post_event
 from costwarden.controllers.ingest_auth import IngestAuth
 from costwarden.controllers.ingest_trust import PodView, PriceMemory, TransientError, check_batch
 from costwarden.controllers.leadership import Leadership
+from costwarden.controllers.leases import Leasing
 from costwarden.controllers.rest import ApiError, Rest
 
 log = logging.getLogger(__name__)
@@ -83,10 +85,12 @@ class Ingestion:
         self._held_events: dict[str, float] = {}
         self.pods = PodView(rest)
         self.prices = PriceMemory()
+        self.leasing = Leasing(accountant, auth, leadership, config, self.pods)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/v1/usage", self.handle)
+        app.router.add_post("/v1/leases", self.leasing.handle)
         app.router.add_get("/healthz", _ok)
         return app
 

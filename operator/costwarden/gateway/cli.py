@@ -23,6 +23,7 @@ from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import SHARED_HINT, SIDECAR_HINT, Credentials
 from costwarden.gateway.egress import CA_FILE_ENV, Egress
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
+from costwarden.gateway.leases import Leases
 from costwarden.gateway.metrics import rejected_reason
 from costwarden.gateway.proxy import Gateway
 from costwarden.gateway.reporting import OperatorReportingSink
@@ -251,6 +252,16 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
             reason=rejected_reason(reason)
         ).inc()
     sink = gateway.sink
+    if isinstance(sink, OperatorReportingSink) and gateway.reserving:
+        reservations = gateway.reservations
+        leased = gateway.metrics.leased_usd
+        gateway.leases = Leases(
+            sink.post,
+            lambda: sink.source,
+            lambda team: reservations.team(team).cost,
+            on_lease=lambda team, amount: leased.labels(team).set(float(amount)),
+        )
+        gateway.leases.restore(sink.unacked_usage())
     if isinstance(sink, OperatorReportingSink):
         gateway.metrics.usage_pending.set_function(lambda: sink.pending)
         gateway.metrics.usage_held_teams.set_function(lambda: len(sink.held_teams))

@@ -189,7 +189,8 @@ class GatewayMetrics:
         self.reservations_refused = Counter(
             "costwarden_gateway_reservations_refused_total",
             "Calls refused (429 budget_reservation_failed) because their worst case did not "
-            "fit what is left, by the limit that did not hold: team_cap, team_tokens, "
+            "fit what is left, by the limit that did not hold: team_cap, team_lease (this "
+            "replica's lease of the team's budget, from the operator), team_tokens, "
             "job_cost, job_tokens, model_cost, model_tokens.",
             ["team", "limit"],
             registry=r,
@@ -201,6 +202,19 @@ class GatewayMetrics:
             "or a cancelled call: charged the reserved tokens) or nothing (never sent, or "
             "the provider's own failure, which it does not bill).",
             ["team", "basis"],
+            registry=r,
+        )
+        self.lease_asks = Counter(
+            "costwarden_gateway_lease_asks_total",
+            "Calls that waited for the operator to lend this replica more of their team's "
+            "budget, by result: granted, short (retryable) or cap_reached.",
+            ["result"],
+            registry=r,
+        )
+        self.leased_usd = Gauge(
+            "costwarden_gateway_leased_usd",
+            "This replica's lease of each team's budget (USD; float here, exact inside).",
+            ["team"],
             registry=r,
         )
         self.config_info = Gauge(

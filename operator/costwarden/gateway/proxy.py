@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -20,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from costwarden.api.routingpolicy import Locality, Sensitivity
+from costwarden.api.teambudget import RequestAction
 from costwarden.api.usage import (
     Endpoint,
     LoopSignal,
@@ -37,6 +39,7 @@ from costwarden.gateway.identity import (
     UnattributedError,
     resolve_team,
 )
+from costwarden.gateway.leases import LeaseAnswer, Leases
 from costwarden.gateway.limits import Admission, Limits
 from costwarden.gateway.metrics import GatewayMetrics
 from costwarden.gateway.reservations import Reservations
@@ -141,6 +144,7 @@ class Gateway:
         replica_id: str = "",
         supervisor: Supervisor | None = None,
         reserving: bool = True,
+        leases: Leases | None = None,
     ) -> None:
         self.config = config
         self.identifier = identifier
@@ -163,6 +167,10 @@ class Gateway:
         self.reserving = reserving
         """Reserve before forwarding (invariant 4b). Off only in the benchmark that
         measures what reserving adds: a gateway without it can overspend its caps."""
+        self.leases = leases
+        """With the operator behind it: the budget this replica may reserve against, per
+        team whose hard cap blocks (gateway/leases.py). None: a standalone gateway, which
+        reserves against the configuration's spend snapshot alone."""
 
     async def handle(
         self, request: web.BaseRequest, fmt: WireFormat, endpoint: Endpoint
@@ -298,7 +306,7 @@ class Gateway:
                 return pinned
             decision, call.reason = pinned, pinned.reason
         if self.reserving:
-            held = self._reserve(call, compiled, policy, body, raw, decision)
+            held = await self._reserve_leased(call, compiled, policy, body, raw, decision)
             if isinstance(held, web.Response):
                 return held
             decision = held
@@ -310,7 +318,7 @@ class Gateway:
             self.holders.remember(call.team.id, call.response_id, call.served.name)
         return response
 
-    def _reserve(
+    async def _reserve_leased(
         self,
         call: Call,
         compiled: CompiledConfig,
@@ -319,8 +327,42 @@ class Gateway:
         raw: bytes,
         decision: RouteDecision,
     ) -> RouteDecision | web.Response:
+        """Reserve; when this replica's lease of the team's budget is short, ask the
+        operator for more (one round trip, shared by the calls waiting) and try again."""
+        for _ in range(LEASE_TRIES):
+            held = self._reserve(call, compiled, policy, body, raw, decision)
+            if not isinstance(held, LeaseNeeded):
+                return held
+            assert self.leases is not None
+            assert call.team is not None
+            answer = await self.leases.ask(call.team.id, held.need, held.floor)
+            self.metrics.lease_asks.labels(_lease_result(answer)).inc()
+            if not answer.granted:
+                return self._refuse_reservation(
+                    call, reserve.Shortfall("team_lease", answer.message, answer.final)
+                )
+        return self._refuse_reservation(
+            call,
+            reserve.Shortfall(
+                "team_lease",
+                "concurrent calls took this replica's lease of the team's budget each time "
+                "it was renewed; retry",
+                False,
+            ),
+        )
+
+    def _reserve(
+        self,
+        call: Call,
+        compiled: CompiledConfig,
+        policy: CompiledPolicy,
+        body: dict[str, Any],
+        raw: bytes,
+        decision: RouteDecision,
+    ) -> RouteDecision | web.Response | LeaseNeeded:
         """Hold the call's worst case against every limit it counts against, or refuse it
-        (429 ``budget_reservation_failed``, nothing sent, nothing charged).
+        (429 ``budget_reservation_failed``, nothing sent, nothing charged), or say how much
+        more lease it needs (:class:`LeaseNeeded`: the caller asks the operator).
 
         A fallback whose ``modelCaps`` entry cannot hold the call is dropped from the
         candidates; the routed model itself not fitting refuses the call. Never awaits:
@@ -353,6 +395,7 @@ class Gateway:
                 worst = reserve.worst_case(prompt, ceiling, routes)
         spent, tokens_used = self.limits.team_spend(team, revision)
         held = self.reservations.team(team.id)
+        leased = self.leases is not None and team.on_hard_cap.requests is RequestAction.BLOCK
         short = reserve.team_shortfall(
             team,
             worst,
@@ -361,6 +404,7 @@ class Gateway:
             held.input_tokens,
             held.output_tokens,
             defaulted,
+            money=not leased,  # the lease holds the cap, and the operator must see a refusal
         )
         if short is None:
             job = self.limits.job(team.id, caller.unit)
@@ -369,6 +413,13 @@ class Gateway:
             short = reserve.job_shortfall(team, caller.unit, worst, standing, defaulted)
         if short is not None:
             return self._refuse_reservation(call, short)
+        if leased:
+            assert self.leases is not None
+            if worst.cost > self.leases.available(team.id):
+                floor = reserve.worst_case(
+                    prompt, min(ceiling, default or reserve.DEFAULT_MAX_OUTPUT_TOKENS), routes
+                )
+                return LeaseNeeded(worst.cost, floor.cost)
         field = reserve.DEFAULT_CEILING_FIELD.get(call.endpoint)
         if defaulted and field and call.endpoint is not Endpoint.MESSAGES:
             # The ceiling that was reserved goes upstream, so the answer cannot outgrow it
@@ -570,6 +621,10 @@ class Gateway:
             self._settle(call)
         record = call.to_record(self.replica_id)
         self.sink.emit(record)  # a ledger keeps only what can cost: sinks.worth_keeping
+        if self.leases is not None and record.cost_usd and record.team:
+            # Its seq, just given by the sink: the lease is net of it once it is applied.
+            self.leases.note(record.team, getattr(self.sink, "seq", 0), record.cost_usd,
+                             record.time)  # fmt: skip
         added = time.perf_counter() - call.started - call.upstream_seconds
         self.metrics.observe(record, added_seconds=added)
         log_decision(call, record)
@@ -606,3 +661,23 @@ class Gateway:
         if gauge is None:
             gauge = self._gauges[team] = self.metrics.reserved_usd.labels(team)
         gauge.set(float(held))
+
+
+LEASE_TRIES = 3
+"""Asks of the operator for one call before it is refused (concurrent calls may take what
+an answer lent before this call reserves it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseNeeded:
+    """The call fits every limit but this replica's lease of the team's budget."""
+
+    need: Decimal
+    floor: Decimal
+    """Its worst case at the policy's default output ceiling (policy/leases.py)."""
+
+
+def _lease_result(answer: LeaseAnswer) -> str:
+    if answer.granted:
+        return "granted"
+    return "cap_reached" if answer.final else "short"

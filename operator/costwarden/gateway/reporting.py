@@ -27,7 +27,9 @@ import secrets
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
@@ -179,6 +181,22 @@ class OperatorReportingSink:
         self._parked.sort(key=lambda e: e[0])
 
     # -- the UsageSink protocol ----------------------------------------------------------
+
+    def unacked_usage(self) -> Iterator[tuple[str, int, Decimal, datetime]]:
+        """(team, seq, cost, time) of every usage record not yet acknowledged: after a
+        restart, what this replica has spent that the operator has not yet applied."""
+        entries = [(seq, key, raw) for seq, key, raw, _ in self._parked] + list(self._queue)
+        for seq, key, raw in entries:
+            if key != b"record":
+                continue
+            try:
+                item = orjson.loads(raw)
+                cost = Decimal(str(item.get("costUSD", "0")))
+                when = datetime.fromisoformat(str(item["time"]).replace("Z", "+00:00"))
+            except (orjson.JSONDecodeError, KeyError, ValueError, ArithmeticError):
+                continue
+            if cost > 0 and item.get("team"):
+                yield str(item["team"]), seq, cost, when
 
     def emit(self, record: UsageRecord) -> None:
         # toolCalls only when there are some: an operator older than the gateway (during an
@@ -469,6 +487,11 @@ class OperatorReportingSink:
         return True
 
     async def _post(self, body: bytes) -> tuple[int, bytes]:
+        return await self.post("/v1/usage", body)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST JSON to ``path`` of the operator, with this sink's credential and TLS (the
+        lease requests of gateway/leases.py travel the same way as usage)."""
         if self._session is not None and not self._session.closed and self._ca_changed():
             await self._session.close()
         if self._session is None or self._session.closed:
@@ -480,7 +503,8 @@ class OperatorReportingSink:
         token = self._bearer()
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        async with self._session.post(self.url, data=body, headers=headers) as response:
+        url = self.url.removesuffix("/v1/usage") + path
+        async with self._session.post(url, data=body, headers=headers) as response:
             return response.status, await response.read()
 
     def _bearer(self) -> str:

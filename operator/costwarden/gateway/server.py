@@ -97,6 +97,9 @@ class GatewayServer:
         start_sink = getattr(self.gateway.sink, "start", None)
         if start_sink is not None:
             start_sink()
+        leases = self.gateway.leases
+        if leases is not None:
+            self._tasks.append(self.gateway.supervisor.start("lease-renewal", leases.run))
         if self._watch_config:
             gateway = self.gateway
             self._tasks.append(gateway.supervisor.start("config-watch", lambda: _watch(gateway)))

@@ -12,6 +12,7 @@ from decimal import Decimal
 from costwarden.api.conditions import Reason
 from costwarden.api.money import format_money
 from costwarden.api.teambudget import BudgetPhase, TokenCaps, TokenUsage
+from costwarden.api.usage import format_exact_usd
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,28 @@ def evaluate_caps(
     hard_cap_usd: Decimal,
     soft_limit_usd: Decimal,
     token_caps: TokenCaps | None,
+    refused_need_usd: Decimal | None = None,
 ) -> CapVerdict:
     """The budget's phase for this spend. A hard cap is reached at equality: the cap is
-    the most a team may spend, and a call that lands exactly on it leaves nothing to spend."""
+    the most a team may spend, and a call that lands exactly on it leaves nothing to spend.
+
+    With reservation, spend stops short of the cap: calls whose worst case does not fit
+    are refused. ``refused_need_usd`` is the smallest such worst case of the period (at the
+    default output ceiling, policy/leases.py); while it still does not fit, the cap is
+    reached as surely as if the spend had hit it, and enforcement acts on it."""
     if spent_usd >= hard_cap_usd:
         return CapVerdict(
             BudgetPhase.EXHAUSTED,
             Reason.HARD_CAP_EXCEEDED,
             f"spent {format_money(spent_usd)} USD of the {format_money(hard_cap_usd)} USD hard cap",
+        )
+    if refused_need_usd is not None and spent_usd + refused_need_usd > hard_cap_usd:
+        return CapVerdict(
+            BudgetPhase.EXHAUSTED,
+            Reason.CALL_EXCEEDS_REMAINING,
+            f"spent {format_money(spent_usd)} USD of the {format_money(hard_cap_usd)} USD hard "
+            f"cap; a call needing {format_exact_usd(refused_need_usd)} USD at the default output "
+            "ceiling was refused: what is left cannot hold one",
         )
     tripped = tripped_token_cap(tokens, token_caps)
     if tripped:

@@ -225,6 +225,7 @@ def _reconcile_budget(
         hard_cap_usd=parsed.hard_cap_usd,
         soft_limit_usd=parsed.soft_limit_usd(),
         token_caps=parsed.token_caps,
+        refused_need_usd=observed_refused_need(budget.status, start),
     )
     # A restricted budget (T1/T2) still caps what it governs: dropping it would lift its cap.
     granted = not any(p.reason is Reason.REFERENCE_NOT_GRANTED for p in restrictions)
@@ -312,6 +313,19 @@ def observed_spend(status: Mapping[str, Any], period_start: datetime) -> tuple[D
     if window is None or window.start != period_start or recorded.spent_usd is None:
         return Decimal(0), TokenUsage()
     return recorded.spent_usd, recorded.tokens or TokenUsage()
+
+
+def observed_refused_need(status: Mapping[str, Any], period_start: datetime) -> Decimal | None:
+    """The smallest call refused at the cap this period (status.leases.refusedNeedUSD), if
+    the status is of the period starting at ``period_start`` (policy/leases.py)."""
+    try:
+        recorded = TeamBudgetStatus.model_validate(status)
+    except ValidationError:
+        return None
+    window = recorded.current_period
+    if window is None or window.start != period_start or recorded.leases is None:
+        return None
+    return recorded.leases.refused_need_usd
 
 
 def observed_model_spend(status: Mapping[str, Any], period_start: datetime) -> list[ModelSpend]:

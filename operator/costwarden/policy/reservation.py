@@ -195,13 +195,20 @@ def team_shortfall(
     reserved_in: int,
     reserved_out: int,
     defaulted: bool,
+    *,
+    money: bool = True,
 ) -> Shortfall | None:
     """The team's hard cap (when it blocks) and its token caps. ``tokens`` is the team's
-    settled usage; ``reserved_in``/``reserved_out`` what calls in flight reserved."""
+    settled usage; ``reserved_in``/``reserved_out`` what calls in flight reserved.
+    ``money=False``: the hard cap is held by this replica's lease instead (gateway/leases.py)."""
     hint = _hint(worst, defaulted)
     if team.on_hard_cap.requests.value == "Block":
-        short = _money_check(
-            "team_cap", f"TeamBudget {team.id}", team.hard_cap_usd, standing, worst.cost, hint
+        short = (
+            _money_check(
+                "team_cap", f"TeamBudget {team.id}", team.hard_cap_usd, standing, worst.cost, hint
+            )
+            if money
+            else None
         )
         if short is not None:
             return short
