@@ -1,7 +1,10 @@
-"""Issue #4's done-when: an agent Job calling through the gateway with the official openai
-SDK until its team's hard cap; the Job is suspended within 5 s of the crossing call, new
-calls get 429, status spend equals the upstream's usage priced exactly, Events and the
-Job's annotations say why, and raising the cap resumes the Job."""
+"""Issue #4's done-when, with issue #12's reservations: an agent Job calling through the
+gateway with the official openai SDK until its team's hard cap. Each call's worst case is
+reserved before it is forwarded, so spend never passes the cap: the first call whose worst
+case (at the default output ceiling) no longer fits what is left is refused (429
+budget_reservation_failed, not to be retried), that refusal trips the cap, and the Job is
+suspended within 5 s of it. Status spend equals the upstream's usage priced exactly,
+Events and the Job's annotations say why, and raising the cap resumes the Job."""
 
 from __future__ import annotations
 
@@ -15,11 +18,15 @@ from tests.support.polling import wait_for
 from tests.support.stack import Stack, floor6, job_manifest, upstream_cost
 
 QUESTION = [{"role": "user", "content": "Summarise the build log, call {n}."}]
+MAX_TOKENS = 20
+CAP = Decimal("0.0002")
 
 
 def ask(agent: openai.OpenAI, n: int) -> openai.types.chat.ChatCompletion:
     messages = [{"role": "user", "content": QUESTION[0]["content"].format(n=n)}]
-    return agent.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    return agent.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, max_tokens=MAX_TOKENS
+    )
 
 
 def events_for(api_client: client.ApiClient, namespace: str, name: str) -> list[client.CoreV1Event]:
@@ -34,28 +41,30 @@ def test_hard_cap_suspends_the_job_refuses_calls_and_raising_it_resumes(
     stack.create(namespace, job_manifest("agent-1", "budget"))
     agent = stack.gateway.agent(team, namespace, "agent-1")
 
-    crossed_at = None
     refusal = None
+    refused_at = 0.0
     for n in range(200):
         try:
             ask(agent, n)
         except openai.RateLimitError as error:
-            refusal = error
+            refusal, refused_at = error, time.monotonic()
             break
-        if crossed_at is None and upstream_cost(stack.upstream) >= Decimal("0.0002"):
-            crossed_at = time.monotonic()  # the call that crossed the cap just returned
-    assert crossed_at is not None, "the cap was never crossed"
-    assert refusal is not None, "calls kept flowing past the cap"
+        assert upstream_cost(stack.upstream) <= CAP, "a call was admitted past the cap"
+    assert refusal is not None, "calls kept flowing: the cap never stopped them"
     assert refusal.status_code == 429
-    assert refusal.body["code"] == "hard_cap_reached"
+    assert refusal.body["code"] == "budget_reservation_failed"
+    assert "hard cap is reached" in refusal.body["message"]
+    assert refusal.response.headers["x-should-retry"] == "false"
+    assert upstream_cost(stack.upstream) <= CAP  # reserved before forwarding: never over
+    assert len(stack.upstream.calls) >= 3, "the cap tripped before the team could spend"
 
     job = wait_for(
         lambda: (j := stack.job(namespace, "agent-1")).spec.suspend and j,
-        timeout=5 - (time.monotonic() - crossed_at),
+        timeout=5 - (time.monotonic() - refused_at),
         interval=0.05,
         what="agent Job suspended",
     )
-    assert time.monotonic() - crossed_at < 5
+    assert time.monotonic() - refused_at < 5
     annotations = job.metadata.annotations
     assert annotations["costwarden.io/stopped-by"] == team
     assert annotations["costwarden.io/stopped-reason"] == "HardCapReached"

@@ -192,12 +192,13 @@ def parse_request(raw: bytes) -> tuple[str, list[tuple[str, LeaseAsk]]]:
     for entry in teams:
         if not isinstance(entry, dict) or not isinstance(entry.get("team"), str):
             raise BadLeaseRequestError("each request names its team")
-        values = {k: _amount(entry, k) for k in ("want", "need", "floor", "inUse")}
+        values = {k: _amount(entry, k) for k in ("want", "need", "floor", "inUse", "unapplied")}
         ask = LeaseAsk(
             want=values["want"],
             need=values["need"],
             floor=min(values["floor"], values["need"]) if values["need"] else values["floor"],
             in_use=values["inUse"],
+            unapplied=min(values["unapplied"], values["inUse"]),
         )
         asks.append((entry["team"], ask))
     return source, asks

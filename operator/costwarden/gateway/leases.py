@@ -197,6 +197,7 @@ class Leases:
                         "need": _text(need),
                         "floor": _text(floor),
                         "inUse": _text(in_use),
+                        "unapplied": _text(lease.pending_cost),
                     }
                 ],
             }

@@ -64,6 +64,8 @@ class LeaseAsk:
     smallest call that could serve the same work."""
     in_use: Decimal = _ZERO
     """Held by its calls in flight plus metered but not yet applied usage."""
+    unapplied: Decimal = _ZERO
+    """Of ``in_use``, usage metered but not yet applied: spent, though not yet in ``spent``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +109,13 @@ def grant(
     short = ask.need > 0 and amount - ask.in_use < ask.need
     if not short:
         return LeaseGrant(amount, False, None)
-    trip = ask.floor if ask.floor > left else None
+    # Money in flight may still come back (a worst case settles lower); metered usage not
+    # yet applied will not: it is spent, so it counts against what is left.
+    remaining = max(left - min(ask.unapplied, ask.in_use), _ZERO)
+    trip = ask.floor if ask.floor > remaining else None
     if trip is not None:
         message = (
-            f"the hard cap is reached: {format_exact_usd(left)} USD is left of the "
+            f"the hard cap is reached: {format_exact_usd(remaining)} USD is left of the "
             f"{format_exact_usd(cap)} USD cap, less than this call's worst case even at the "
             f"policy's default output ceiling ({format_exact_usd(ask.floor)} USD)"
         )
