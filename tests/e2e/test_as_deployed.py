@@ -82,7 +82,8 @@ for n in range(100000):
     agent = openai.OpenAI(api_key=key, max_retries=0, timeout=10)
     try:
         answer = agent.chat.completions.create(
-            model="gpt-4.1-mini", messages=[{"role": "user", "content": f"{tag} call {n}"}])
+            model="gpt-4.1-mini", messages=[{"role": "user", "content": f"{tag} call {n}"}],
+            max_tokens=32)
         print("ok", n, answer.usage.total_tokens, flush=True)
         if os.environ.get("ONE_CALL"):
             sys.exit(0)

@@ -123,7 +123,9 @@ def test_hard_cap_delete_with_background_propagation(
                 refused = refusal
                 break
         assert refused is not None, "calls kept flowing past the cap"
-        assert refused.body["code"] == "hard_cap_reached"
+        # The call that no longer fits is refused, and its refusal trips the cap.
+        assert refused.body["code"] == "budget_reservation_failed"
+        assert refused.response.headers["x-should-retry"] == "false"
 
         # Background: the Job goes at once, though its pod cannot go yet...
         wait_for(

@@ -59,7 +59,7 @@ def test_a_retry_loop_suspends_that_job_alone(stack: Stack, namespace: str):
 
 
 def test_a_job_past_its_per_job_cap_is_suspended_alone(stack: Stack, namespace: str):
-    team = stack.team(namespace, "budget", "10", perJob={"maxCostUSD": "0.00003"})
+    team = stack.team(namespace, "budget", "10", perJob={"maxCostUSD": "0.0001"})
     stack.create(namespace, job_manifest("greedy", "budget"))
     stack.create(namespace, job_manifest("frugal", "budget"))
     greedy = stack.gateway.agent(team, namespace, "greedy")
@@ -68,7 +68,10 @@ def test_a_job_past_its_per_job_cap_is_suspended_alone(stack: Stack, namespace: 
         model="gpt-4o-mini", messages=[{"role": "user", "content": "One question."}]
     )
     refusal = until_refused(lambda n: [{"role": "user", "content": f"Question {n}."}], greedy)
-    assert refusal.body["code"] == "job_cost_cap_reached"
+    # Reserved before forwarding: the call that would not fit is refused, never the cap passed.
+    assert refusal.body["code"] == "budget_reservation_failed"
+    assert refusal.response.headers["x-costwarden-reservation-limit"] == "job_cost"
+    assert refusal.response.headers["x-should-retry"] == "false"
     job = wait_for(
         lambda: (j := stack.job(namespace, "greedy")).spec.suspend and j,
         timeout=10, what="Job past its per-job cap suspended",

@@ -69,6 +69,9 @@ def policy_manifest(upstream_url: str) -> dict[str, Any]:
                 }
             ],
             "defaultModel": MODEL,
+            # The agents here send no max_tokens; the caps are a few calls' worth, which a
+            # call reserving the 8,192-token default ceiling would not fit (docs/gateway.md).
+            "defaultMaxOutputTokens": 32,
         },
     }
 

@@ -28,7 +28,7 @@ from enum import StrEnum
 
 from costwarden.api.gatewayconfig import GatewayConfig, ResolvedPricing, TeamConfig
 from costwarden.api.teambudget import JobAction
-from costwarden.api.usage import LoopSignal, UsageRecord
+from costwarden.api.usage import LoopKind, LoopSignal, UsageRecord
 from costwarden.policy.pricing import call_cost
 
 MAX_RECORD_TOKENS = 50_000_000
@@ -291,12 +291,22 @@ def check_signal(seq: int, signal: LoopSignal, check: Check) -> Checked:
     if window is not None:
         return window
     action = team.loop_detection.action
+    setting = "loopDetection.action"
+    if signal.loop is LoopKind.JOB_CAP_REACHED:
+        # A per-job cap refusal: the budget's onHardCap.jobs applies, and only if it has one.
+        action, setting = team.on_hard_cap.jobs, "onHardCap.jobs"
+        if team.per_job is None:
+            return refuse(
+                seq,
+                Refusal.ACTION_MISMATCH,
+                f"seq {seq}: a per-job cap signal, but TeamBudget {team.id} sets no perJob caps",
+            )
     if signal.action is not action:
         return refuse(
             seq,
             Refusal.ACTION_MISMATCH,
             f"seq {seq}: the loop signal asks for {signal.action.value}, but "
-            f"TeamBudget {team.id} sets loopDetection.action {action.value}",
+            f"TeamBudget {team.id} sets {setting} {action.value}",
         )
     if not job:
         # A pod outside any Job: nothing to stop, but the signal is genuine and counted.

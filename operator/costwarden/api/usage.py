@@ -173,6 +173,11 @@ class UsageRecord(WireModel):
 class LoopKind(StrEnum):
     IDENTICAL_REQUESTS = "IdenticalRequests"
     CONSECUTIVE_ERRORS = "ConsecutiveErrors"
+    JOB_CAP_REACHED = "JobCapReached"
+    """Not a loop: a call of the job was refused because even at the policy's default
+    output ceiling its worst case does not fit the job's per-job cap. With reservation the
+    job's spend stops short of the cap, so this signal is how the operator learns it is
+    reached; the action is the budget's ``onHardCap.jobs``."""
 
 
 class LoopSignal(WireModel):

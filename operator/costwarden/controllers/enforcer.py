@@ -30,7 +30,7 @@ from costwarden.accounting.results import count_finish, job_outcome
 from costwarden.api.accounting import JobOutcome
 from costwarden.api.meta import API_VERSION
 from costwarden.api.teambudget import MAX_RECENT_ACTIONS, EnforcementRecord, JobAction
-from costwarden.api.usage import LoopSignal
+from costwarden.api.usage import LoopKind, LoopSignal
 from costwarden.controllers import accounting_metrics as metrics
 from costwarden.controllers import clock
 from costwarden.controllers.accountant import Accountant, BudgetGoneError, Commit
@@ -96,6 +96,15 @@ class Enforcer:
         # job is the reporting pod's owning Job, as ingestion recomputed it.
         loop_action = budget.spec.loop_detection.action
         for signal in applied.signals:
+            if signal.loop is LoopKind.JOB_CAP_REACHED:
+                # A call of the job no longer fits its per-job cap (ingestion checked that
+                # the budget has one and that the action is its onHardCap.jobs).
+                if signal.action is not JobAction.NONE and signal.job:
+                    self._spawn(self.stop_named(budget, signal.namespace, signal.job,
+                                                StopReason.PER_JOB_CAP_REACHED,
+                                                _job_cap_message(signal.job, budget),
+                                                signal.action))  # fmt: skip
+                continue
             if loop_action is not JobAction.NONE and signal.job:
                 self._spawn(self.stop_named(budget, signal.namespace, signal.job,
                                             StopReason.RETRY_LOOP_DETECTED, _loop_message(signal),
@@ -391,6 +400,19 @@ def _period_ended(status: Mapping[str, Any], now: datetime) -> bool:
         return datetime.fromisoformat(end.replace("Z", "+00:00")) <= now
     except ValueError:
         return False
+
+
+def _job_cap_message(job: str, budget: Budget) -> str:
+    per_job = budget.spec.per_job
+    caps = []
+    if per_job is not None and per_job.max_cost_usd is not None:
+        caps.append(f"perJob.maxCostUSD {per_job.max_cost_usd} USD")
+    if per_job is not None and per_job.max_tokens is not None:
+        caps.append(f"perJob.maxTokens {per_job.max_tokens}")
+    return (
+        f"job {job}: its next call does not fit its {' or '.join(caps) or 'perJob cap'} "
+        "even at the policy's default output ceiling (refused at reservation)"
+    )
 
 
 def _loop_message(signal: LoopSignal) -> str:

@@ -92,7 +92,7 @@ class Leasing:
             return _error(503, "not_ready", f"the reporter's pod could not be read: {exc}")
         answers = []
         for team_id, ask in asks:
-            team = next((t for t in config.teams if t.id == team_id), None)
+            team = config.team(team_id)
             if team is None or (allowed is not None and team_id not in allowed):
                 metrics.LEASE_REQUESTS.labels(result="refused").inc()
                 return _error(

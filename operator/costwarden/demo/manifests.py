@@ -49,6 +49,9 @@ def routing_policy(upstream_url: str) -> dict[str, Any]:
                 }
             ],
             "softLimitDowngrades": [{"from": FRONTIER, "to": CHEAP}],
+            # What a call that sets no max_tokens reserves (and is held to): the demo's
+            # cap is a few cents, so its agent's calls are kept short.
+            "defaultMaxOutputTokens": 512,
         },
     }
 

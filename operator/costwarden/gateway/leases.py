@@ -19,6 +19,9 @@ team has it, and the call is refused if not (429 budget_reservation_failed). Lea
 renewed every ``RENEW_SECONDS`` (returning what a quiet replica does not need) and lapse
 after ``LEASE_SECONDS`` without an answer: a replica cut off from the operator stops
 spending within that time rather than spend money the operator may have lent elsewhere.
+An answer that says the operator cannot decide now (503: not the leader, or the API server
+is down) keeps the lease good: the operator reclaims nothing while it cannot write, so a
+control-plane outage costs callers nothing until the lease itself is spent.
 """
 
 from __future__ import annotations
@@ -133,8 +136,8 @@ class Leases:
         if cost <= 0:
             return
         lease = self._teams.get(team)
-        if lease is None:
-            return  # no lease for this team: nothing to subtract from
+        if lease is None or seq <= lease.applied_seq:
+            return  # no lease for this team, or the operator already drew it
         if len(lease.pending) >= MAX_PENDING:
             _, old, _ = lease.pending.popleft()
             lease.pending_cost -= old
@@ -209,6 +212,11 @@ class Leases:
             return self._failed(lease, f"the operator could not be asked for budget: {exc}")
         except Exception as exc:  # aiohttp.ClientError and kin: never crash a call
             return self._failed(lease, f"the operator could not be asked for budget: {exc}")
+        if status == 503 and lease.amount > 0:
+            # The operator is up but cannot decide now (not the leader, or the API server
+            # is down): it reclaims nothing while it cannot write, so the lease stays good.
+            lease.lapses_at = max(lease.lapses_at, now + LEASE_SECONDS - LAPSE_MARGIN)
+            lease.renewed_at = now
         if status != 200:
             return self._failed(lease, f"the operator answered HTTP {status}: {raw[:200]!r}")
         try:

@@ -55,6 +55,8 @@ class JobState:
     tokens: int = 0
     times: deque[float] = field(default_factory=deque)
     loop: LoopState = field(default_factory=LoopState)
+    cap_signalled: bool = False
+    """A JobCapReached signal was sent for this job (gateway/proxy.py): once is enough."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from costwarden.api.gatewayconfig import ModelRoute
 from costwarden.api.routingpolicy import Locality, Sensitivity
 from costwarden.api.teambudget import RequestAction
 from costwarden.api.usage import (
     Endpoint,
+    LoopKind,
     LoopSignal,
     Outcome,
     RefusalReason,
@@ -40,7 +42,7 @@ from costwarden.gateway.identity import (
     resolve_team,
 )
 from costwarden.gateway.leases import LeaseAnswer, Leases
-from costwarden.gateway.limits import Admission, Limits
+from costwarden.gateway.limits import Admission, JobState, Limits
 from costwarden.gateway.metrics import GatewayMetrics
 from costwarden.gateway.reservations import Reservations
 from costwarden.gateway.upstream import UpstreamClient
@@ -411,6 +413,8 @@ class Gateway:
             held = self.reservations.job(team.id, caller.unit)
             standing = reserve.Standing(job.cost, held.cost, job.tokens, held.tokens)
             short = reserve.job_shortfall(team, caller.unit, worst, standing, defaulted)
+            if short is not None and short.final:
+                self._job_cap_reached(call, job, prompt, ceiling, default, routes)
         if short is not None:
             return self._refuse_reservation(call, short)
         if leased:
@@ -438,6 +442,46 @@ class Gateway:
             f"{decision.reason}; fallbacks over their modelCaps dropped: {dropped}",
             decision.downgraded_from,
         )
+
+    def _job_cap_reached(
+        self,
+        call: Call,
+        job: JobState,
+        prompt: int,
+        ceiling: int,
+        default: int | None,
+        routes: list[ModelRoute],
+    ) -> None:
+        """A job's call does not fit its per-job cap even with nothing else in flight: if
+        it would not fit at the default output ceiling either, the job's cap is reached,
+        and the operator (which stops Jobs) is told once, by a JobCapReached signal."""
+        team, caller = call.team, call.caller
+        assert team is not None
+        assert caller is not None
+        floor = reserve.worst_case(
+            prompt, min(ceiling, default or reserve.DEFAULT_MAX_OUTPUT_TOKENS), routes
+        )
+        standing = reserve.Standing(job.cost, Decimal(0), job.tokens, 0)
+        if job.cap_signalled or not caller.job:
+            return
+        if reserve.job_shortfall(team, caller.unit, floor, standing, False) is None:
+            return  # a smaller call would still fit: an oversized call, not a spent cap
+        job.cap_signalled = True
+        signal = LoopSignal(
+            time=datetime.now(UTC),
+            team=team.id,
+            namespace=caller.namespace,
+            job=caller.job,
+            pod=caller.pod,
+            loop=LoopKind.JOB_CAP_REACHED,
+            count=0,
+            action=team.on_hard_cap.jobs,
+            config_revision=call.revision,
+            gateway_replica=self.replica_id,
+        )
+        self.sink.emit_loop_signal(signal)
+        self.metrics.loop_signals.labels(team.id, LoopKind.JOB_CAP_REACHED.value).inc()
+        log.warning("per-job cap reached: team %s job %s", team.id, caller.unit)
 
     def _refuse_reservation(self, call: Call, short: reserve.Shortfall) -> web.Response:
         assert call.team is not None
