@@ -192,9 +192,24 @@ class Gateway:
         self.keys[hashlib.sha256(key.encode()).hexdigest()] = json.dumps(
             {"team": team, "namespace": namespace, "job": job}
         )
-        lines = [f"{digest}: {entry}" for digest, entry in self.keys.items()]
-        (self.workdir / "keys.yaml").write_text("\n".join(lines) + "\n")
+        self.write_keys()
         return key
+
+    def write_keys(self) -> None:
+        lines = [f"{digest}: {entry}" for digest, entry in self.keys.items()]
+        (self.workdir / "keys.yaml").write_text("\n".join(lines or ["{}"]) + "\n")
+
+    def replica(self, name: str) -> Gateway:
+        """Another replica of this gateway (same configuration, keys and operator), with
+        its own ledger and so its own usage source and lease; started."""
+        workdir = self.workdir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        other = Gateway(
+            workdir, self.config, self.report_to, self.token_file, self.report_ca,
+            keys=dict(self.keys), extra_args=self.extra_args,
+        )  # fmt: skip
+        other.write_keys()
+        return other.start()
 
     def start(self) -> Gateway:
         log = (self.workdir / "gateway.log").open("ab")

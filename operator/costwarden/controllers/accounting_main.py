@@ -31,6 +31,7 @@ from costwarden.controllers.ingest_tls import DEFAULT_CA_CONFIGMAP, IngestTLS, p
 from costwarden.controllers.jobwatch import JobWatch
 from costwarden.controllers.reconciler import Reconciler
 from costwarden.controllers.rest import Rest
+from costwarden.policy.leases import LEASE_SECONDS
 from costwarden.supervision import Supervisor
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,13 @@ def accounting_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAMESPACE:NAME",
         help="service account whose tokens (checked by TokenReview) may report usage "
         "(repeatable; default: $COSTWARDEN_INGEST_ALLOWED_SA, comma-separated)",
+    )
+    group.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=LEASE_SECONDS,
+        help="how long a gateway replica's lease of a team's budget lives without renewal "
+        "before it is reclaimed (docs/gateway.md, Leases); replicas renew at a third of it",
     )
     group.add_argument(
         "--ingest-allow-sidecars",
@@ -146,6 +154,7 @@ def build(
         ingestion = Ingestion(
             accountant, auth, reconciler.leadership, lambda: reconciler.last_config, rest
         )
+        ingestion.leasing.lease_seconds = args.lease_seconds
     runtime = AccountingRuntime(
         rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
         args.ingest_port,

@@ -69,6 +69,7 @@ class Leasing:
         self._heard: dict[tuple[str, str], float] = {}
         self._healthy_since = clock()
         self._short: dict[str, float] = {}
+        self.lease_seconds = LEASE_SECONDS
 
     async def handle(self, request: web.Request) -> web.Response:
         verdict = await self.auth.check(request.headers.get("Authorization", ""))
@@ -128,7 +129,8 @@ class Leasing:
             raise BudgetGoneError(team_id)
         now = self._clock()
         self._heard[(team_id, holder)] = now
-        contended = now - self._short.get(team_id, -STARVING_SECONDS) < STARVING_SECONDS
+        starving = min(STARVING_SECONDS, 2 * self.lease_seconds / 3)
+        contended = now - self._short.get(team_id, -starving) < starving
         mutation = lease_mutation(
             holder,
             ask,
@@ -142,7 +144,7 @@ class Leasing:
             self._heard.pop((team_id, gone), None)
             metrics.LEASES_RECLAIMED.labels(team=team_id).inc()
             log.info("TeamBudget %s: lease of %s reclaimed (silent %ss)", team_id, gone,
-                     int(LEASE_SECONDS))  # fmt: skip
+                     self.lease_seconds)  # fmt: skip
         metrics.LEASED_USD.labels(team=team_id).set(
             float(sum((lease.amount for lease in commit.books.leases.values()), Decimal(0)))
         )
@@ -160,16 +162,17 @@ class Leasing:
             "leasedUSD": format_exact_usd(decided.amount),
             "appliedSeq": result.applied_seq,
             "periodStart": result.period_start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "expiresInSeconds": LEASE_SECONDS,
+            "expiresInSeconds": self.lease_seconds,
             "final": decided.trip is not None,
             "message": decided.message,
             "phase": commit.after.phase.value,
+            "contended": contended or decided.short,
         }
 
     def _silent(self, team_id: str, holder: str, now: float) -> bool:
         """Silent for a lease's life while this operator could hear it (see module doc)."""
         heard = self._heard.get((team_id, holder), self._healthy_since)
-        return now - max(heard, self._healthy_since) > LEASE_SECONDS
+        return now - max(heard, self._healthy_since) > self.lease_seconds
 
     def _unhealthy(self) -> None:
         """Replicas could not renew meanwhile: give each a full lease life again."""
@@ -223,7 +226,7 @@ def _unlimited(team_id: str, ask: LeaseAsk) -> dict[str, Any]:
         "team": team_id,
         "leasedUSD": format_exact_usd(max(ask.want, ask.in_use + ask.need)),
         "appliedSeq": 0,
-        "expiresInSeconds": LEASE_SECONDS,
+        "expiresInSeconds": LEASE_SECONDS,  # nothing to reclaim: any life will do
         "final": False,
         "message": "",
     }

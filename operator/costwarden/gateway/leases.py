@@ -50,6 +50,7 @@ LAPSE_MARGIN = 2.0
 """A lease is treated as lapsed this long before the operator would reclaim it (clocks
 are not compared: both count from the request, the gateway from before it was sent)."""
 ASK_TIMEOUT = 5.0
+CONTENDED_RENEW = 1.0
 
 Post = Callable[[str, bytes], Awaitable[tuple[int, bytes]]]
 """POST a JSON body to a path of the operator; (status, body)."""
@@ -71,6 +72,7 @@ class TeamLease:
     period_start: datetime | None = None
     lapses_at: float = 0.0
     renewed_at: float = 0.0
+    renew_every: float = RENEW_SECONDS
     pending: deque[tuple[int, Decimal, datetime]] = field(default_factory=deque)
     pending_cost: Decimal = _ZERO
     recent: deque[tuple[float, Decimal]] = field(default_factory=deque)
@@ -162,7 +164,7 @@ class Leases:
             for team, lease in list(self._teams.items()):
                 if lease.amount <= 0 and not lease.pending:
                     continue
-                if now - lease.renewed_at >= RENEW_SECONDS and lease.asking is None:
+                if now - lease.renewed_at >= lease.renew_every and lease.asking is None:
                     with contextlib.suppress(Exception):
                         await self._exchange(team, _ZERO, _ZERO)
 
@@ -226,7 +228,13 @@ class Leases:
         lease.amount = answer["amount"]
         lease.applied_seq = max(lease.applied_seq, answer["applied_seq"])
         lease.period_start = answer["period_start"]
-        lease.lapses_at = now + min(answer["seconds"], LEASE_SECONDS) - LAPSE_MARGIN
+        seconds = max(min(answer["seconds"], LEASE_SECONDS), 3 * LAPSE_MARGIN)
+        lease.lapses_at = now + seconds - LAPSE_MARGIN
+        # While some replica is short, renew every second: what this one does not use
+        # goes back to the pool quickly (policy/leases.py).
+        lease.renew_every = (
+            CONTENDED_RENEW if answer["contended"] else min(RENEW_SECONDS, seconds / 3)
+        )
         lease.renewed_at = now
         lease.message = answer["message"]
         lease.final = answer["final"]
@@ -265,5 +273,6 @@ def _team_answer(body: Any, team: str) -> dict[str, Any]:
             "seconds": float(entry.get("expiresInSeconds", LEASE_SECONDS)),
             "message": str(entry.get("message", ""))[:1000],
             "final": bool(entry.get("final", False)),
+            "contended": bool(entry.get("contended", False)),
         }
     raise KeyError(f"no answer for team {team}")

@@ -17,9 +17,9 @@ Size: a replica asks for what it has in use, the call waiting and about one rene
 interval of its recent spend; while nobody is short, it is lent at least a share of half of
 what is left (``left / (2 * holders)``), so it rides out an outage of the operator or the
 API server and asks rarely. Fairness: while a replica is short (it asked and got less than
-it needed), every other replica's grant is bounded by a fair share of what is left, so idle
-leases flow back to where the calls are on their next renewal (at most
-:data:`RENEW_SECONDS` later).
+it needed), every other replica's grant is bounded by a fair share of what is left, and a
+renewal gives back all it does not have in use; replicas renew every second meanwhile, so
+idle leases flow back to where the calls are within a second or two.
 
 When a call is refused here, the operator also decides whether the cap is *reached*: the
 team's hard cap counts as reached when even the call at the policy's default output
@@ -100,6 +100,11 @@ def grant(
     ceiling = free
     if contended:
         ceiling = min(ceiling, _share(left, holders))
+        if ask.need <= 0:
+            # A renewal while another replica is short gives back everything not in use:
+            # even shares can strand money (two replicas each holding half of what one
+            # call needs), and a replica with no call waiting needs none.
+            wanted = ask.in_use
     else:
         # Uncontended, lend generously (a share of half of what is left): a replica then
         # rides out an operator or API-server outage on its lease, and asks rarely.

@@ -77,8 +77,17 @@ def test_a_lease_is_never_shrunk_below_what_its_replica_has_in_use():
 def test_contention_bounds_a_grant_to_a_fair_share():
     alone = decide(cap="12", others={"b": "0", "c": "0"}, want="10")
     assert alone.amount == D(10)
-    fair = decide(cap="12", others={"b": "0", "c": "0"}, want="10", contended=True)
+    fair = decide(cap="12", others={"b": "0", "c": "0"}, want="10", need="1", contended=True)
     assert fair.amount == D(4)  # 12 / 3 holders
+
+
+def test_a_renewal_under_contention_gives_back_what_is_not_in_use():
+    # Two replicas each holding half of what one call needs would strand the money.
+    result = decide(cap="1", others={"b": "0.5"}, current="0.5", want="0.6", in_use="0.1",
+                    contended=True)  # fmt: skip
+    assert result.amount == D("0.1")
+    calm = decide(cap="1", others={"b": "0.5"}, current="0.5", want="0.6", in_use="0.1")
+    assert calm.amount == D("0.5")
 
 
 def test_shares_round_down_to_a_nano_dollar():
