@@ -1,8 +1,9 @@
 """Overspend at the cap: costwarden (reserving, not reserving) vs LiteLLM, same load, same run.
 
     python benchmarks/overspend.py [--calls 100] [--cap 1] [--max-tokens 4096]
-                                   [--latency 0.75] [--max-rounds 10]
-                                   [--targets reserving,not_reserving,litellm] [--out r.json]
+                                   [--latency 0.75] [--max-rounds 10] [--out r.json]
+                                   [--targets reserving,not_reserving,litellm,litellm_strict,
+                                              litellm_no_reservation]
 
 Every target gets the same thing, one after the other, each with a fresh upstream:
 
@@ -29,8 +30,20 @@ each call it answered) times :data:`PRICES`, in Decimal. Targets:
   binary Prisma downloads from its own site at install time, which this machine cannot
   reach. So the key is issued by a ``custom_auth`` hook with ``custom_auth_run_common_checks``
   on: a key object with ``max_budget`` = cap, run through LiteLLM's own budget checks and its
-  optimistic budget reservation, with spend counted in LiteLLM's in-memory spend counters
-  (the single-instance, no-Redis path). :data:`LITELLM_MODE` names this in the output.
+  optimistic budget reservation (LiteLLM >= 1.84: the estimated worst case of a call is
+  added to the key's spend counter before forwarding), with spend counted in LiteLLM's
+  in-memory spend counters (the single-instance, no-Redis path). :data:`LITELLM_MODE` names
+  this in the output. By default LiteLLM admits a call whose estimate does not fit whole,
+  its reservation cut down to what is left;
+- ``litellm_strict``: the same with ``fail_closed_budget_enforcement: true`` (such a call is
+  refused);
+- ``litellm_no_reservation`` (not run by default): the same with
+  ``disable_budget_reservation: true``, LiteLLM's read-time check only, as before 1.84.
+  Without a database nothing records the key's spend outside the reservation path, so the
+  check never refuses here: a figure about this harness, not about LiteLLM with a database.
+
+Not measured here: LiteLLM's proxy-wide ``litellm_settings.max_budget``, which LiteLLM
+itself warns is not enforced at all without a database.
 
 Servers listen on 127.0.0.1 only; every call and every run is bounded in time.
 """
@@ -57,7 +70,11 @@ sys.path.insert(0, str(HERE.parent / "operator"))
 from benchmarks import gateway as bench  # noqa: E402
 
 PER_MILLION = Decimal(1_000_000)
-TARGETS = ("reserving", "not_reserving", "litellm", "litellm_strict")
+TARGETS = ("reserving", "not_reserving", "litellm", "litellm_strict", "litellm_no_reservation")
+# litellm_no_reservation is left out by default: without a database nothing records the
+# key's spend outside LiteLLM's reservation path, so its read-time check never refuses
+# (measured: every call of 10 rounds admitted); that says nothing of LiteLLM with one.
+DEFAULT_TARGETS = TARGETS[:4]
 UPSTREAM_MODEL = "fault-verbose"  # FakeUpstream: the answer runs to its full max_tokens
 MODEL = "bench-model"
 LITELLM_BUDGET_KEY = "sk-bench-budget-key"
@@ -66,7 +83,18 @@ LITELLM_MODE = (
     "LiteLLM's key budget check and its budget reservation), in-memory spend counters; no "
     "database (key management needs Prisma's engine binaries, not installable here)"
 )
-LITELLM_STRICT = "; fail_closed_budget_enforcement: true (refuse what does not fit whole)"
+# LiteLLM's variants: the general_settings each adds, and how the output names it.
+LITELLM_VARIANTS = {
+    "litellm": ("", ""),
+    "litellm_strict": (
+        "  fail_closed_budget_enforcement: true\n",
+        "; fail_closed_budget_enforcement: true (a call whose estimate does not fit is refused)",
+    ),
+    "litellm_no_reservation": (
+        "  disable_budget_reservation: true\n",
+        "; disable_budget_reservation: true (read-time check only, as before LiteLLM 1.84)",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -335,22 +363,31 @@ def run_costwarden(
     return outcome
 
 
-LITELLM_AUTH = '''"""The benchmark's budget key (no database: see benchmarks/overspend.py)."""
+LITELLM_AUTH = '''"""The benchmark's budget key (no database: see benchmarks/overspend.py).
+
+The key's spend is what LiteLLM's own spend counter for it reads (the counter its cost
+callback adds each call's cost to), as a database-backed key's spend is what LiteLLM last
+recorded: the hook keeps no books of its own."""
 from fastapi import HTTPException, Request
 from litellm.proxy._types import UserAPIKeyAuth
+from litellm.proxy.utils import hash_token
 
 KEY = {key!r}
+TOKEN = hash_token(KEY)  # as a database-backed key's token: its hash, what counters are keyed by
 CAP = {cap}
 
 
 async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
+    from litellm.proxy.proxy_server import get_current_spend
+
     if api_key != KEY:
         raise HTTPException(status_code=401, detail="invalid key")
-    return UserAPIKeyAuth(api_key=KEY, token="bench-budget-key-token", max_budget=CAP, spend=0.0)
+    spend = await get_current_spend(counter_key=f"spend:key:{{TOKEN}}", fallback_spend=0.0)
+    return UserAPIKeyAuth(api_key=KEY, token=TOKEN, max_budget=CAP, spend=spend)
 '''
 
 
-def litellm_config(work: Path, upstream: str, cap: Decimal, strict: bool) -> Path:
+def litellm_config(work: Path, upstream: str, cap: Decimal, variant: str) -> Path:
     (work / "bench_auth.py").write_text(LITELLM_AUTH.format(key=LITELLM_BUDGET_KEY, cap=cap))
     input_price = PRICES.per_token(PRICES.input_per_m)
     output_price = PRICES.per_token(PRICES.output_per_m)
@@ -375,24 +412,25 @@ def litellm_config(work: Path, upstream: str, cap: Decimal, strict: bool) -> Pat
         f"  master_key: {bench.LITELLM_KEY}\n"
         "  custom_auth: bench_auth.user_api_key_auth\n"
         "  custom_auth_run_common_checks: true\n"
-        f"  fail_closed_budget_enforcement: {'true' if strict else 'false'}\n"
+        f"{LITELLM_VARIANTS[variant][0]}"
         "litellm_settings:\n"
         "  telemetry: false\n"
     )
     return path
 
 
-def run_litellm(work: Path, upstream: str, args: argparse.Namespace, strict: bool) -> Outcome:
+def run_litellm(work: Path, upstream: str, args: argparse.Namespace, variant: str) -> Outcome:
     port = bench.free_port()
-    config = litellm_config(work, upstream, args.cap, strict)
+    config = litellm_config(work, upstream, args.cap, variant)
     command = [
         str(bench.ensure_litellm()), "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1",
     ]  # fmt: skip
     # The local cost map: no fetch of the published one (the prices are declared anyway).
     env = {"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    name = "LiteLLM (strict)" if strict else "LiteLLM"
-    outcome = Outcome(name, LITELLM_MODE + (LITELLM_STRICT if strict else ""), args.cap)
+    suffix = variant.removeprefix("litellm").removeprefix("_").replace("_", " ")
+    name = f"LiteLLM ({suffix})" if suffix else "LiteLLM"
+    outcome = Outcome(name, LITELLM_MODE + LITELLM_VARIANTS[variant][1], args.cap)
     with bench.process(command, work / "litellm.log", env):
         bench.wait_http(f"http://127.0.0.1:{port}/health/liveliness", 300)
         outcome.metered = run_rounds(
@@ -402,6 +440,28 @@ def run_litellm(work: Path, upstream: str, args: argparse.Namespace, strict: boo
             args,
         )
     return outcome
+
+
+def versions(targets: list[str]) -> dict[str, str]:
+    import subprocess
+
+    found = {}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+    )
+    found["costwarden"] = (commit.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout else "")
+    if any(t in LITELLM_VARIANTS for t in targets):
+        python = bench.ensure_litellm().parent / "python"
+        probe = "import importlib.metadata as m; print(m.version('litellm'))"
+        done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+        found["litellm"] = done.stdout.strip() or "unknown"
+    return found
 
 
 def run_target(target: str, work: Path, args: argparse.Namespace) -> Outcome:
@@ -414,8 +474,8 @@ def run_target(target: str, work: Path, args: argparse.Namespace) -> Outcome:
     target_work.mkdir()
     with bench.process(up_args, target_work / "upstream.log"):
         bench.wait_http(f"{upstream}/v1/models", 30)
-        if target.startswith("litellm"):
-            outcome = run_litellm(target_work, upstream, args, strict=target == "litellm_strict")
+        if target in LITELLM_VARIANTS:
+            outcome = run_litellm(target_work, upstream, args, target)
         else:
             outcome = run_costwarden(target, target == "reserving", target_work, upstream, args)
         used = upstream_usage(upstream)
@@ -436,7 +496,7 @@ def main() -> int:
     parser.add_argument("--call-timeout", type=float, default=120.0, help="seconds per call")
     parser.add_argument(
         "--targets",
-        default=",".join(TARGETS),
+        default=",".join(DEFAULT_TARGETS),
         help=f"comma-separated, from {', '.join(TARGETS)}",
     )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -448,12 +508,17 @@ def main() -> int:
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every child process is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    targets = args.targets.split(",")
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown targets {sorted(unknown)}: choose from {', '.join(TARGETS)}")
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="cw-overspend-") as tmp:
-        for target in args.targets.split(","):
+        for target in targets:
             outcomes.append(run_target(target, Path(tmp), args))
     results = {
         "started": started,
+        "versions": versions(targets),
         "load": {
             "concurrent_calls": args.calls,
             "max_tokens": args.max_tokens,
