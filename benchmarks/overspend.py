@@ -387,7 +387,9 @@ async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
 '''
 
 
-def litellm_config(work: Path, upstream: str, cap: Decimal, variant: str) -> Path:
+def litellm_config(
+    work: Path, upstream: str, cap: Decimal, variant: str, max_output_tokens: int | None = None
+) -> Path:
     (work / "bench_auth.py").write_text(LITELLM_AUTH.format(key=LITELLM_BUDGET_KEY, cap=cap))
     input_price = PRICES.per_token(PRICES.input_per_m)
     output_price = PRICES.per_token(PRICES.output_per_m)
@@ -396,6 +398,7 @@ def litellm_config(work: Path, upstream: str, cap: Decimal, variant: str) -> Pat
         f"      output_cost_per_token: {output_price}\n"
         f"      cache_read_input_token_cost: {input_price}\n"
     )
+    ceiling = f"      max_output_tokens: {max_output_tokens}\n" if max_output_tokens else ""
     path = work / "litellm.yaml"
     path.write_text(
         "model_list:\n"
@@ -408,6 +411,7 @@ def litellm_config(work: Path, upstream: str, cap: Decimal, variant: str) -> Pat
         "    model_info:\n"
         "      mode: chat\n"
         f"{prices}"
+        f"{ceiling}"
         "general_settings:\n"
         f"  master_key: {bench.LITELLM_KEY}\n"
         "  custom_auth: bench_auth.user_api_key_auth\n"
@@ -421,7 +425,7 @@ def litellm_config(work: Path, upstream: str, cap: Decimal, variant: str) -> Pat
 
 def run_litellm(work: Path, upstream: str, args: argparse.Namespace, variant: str) -> Outcome:
     port = bench.free_port()
-    config = litellm_config(work, upstream, args.cap, variant)
+    config = litellm_config(work, upstream, args.cap, variant, args.litellm_max_output_tokens)
     command = [
         str(bench.ensure_litellm()), "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1",
@@ -499,6 +503,12 @@ def main() -> int:
         default=",".join(DEFAULT_TARGETS),
         help=f"comma-separated, from {', '.join(TARGETS)}",
     )
+    parser.add_argument(
+        "--litellm-max-output-tokens",
+        type=int,
+        help="declare the model's max_output_tokens to LiteLLM (default: undeclared; LiteLLM "
+        "then clamps its reservation's output at 16,384 tokens)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -524,6 +534,7 @@ def main() -> int:
             "max_tokens": args.max_tokens,
             "upstream_latency_s": args.latency,
             "cap_usd": str(args.cap),
+            "litellm_max_output_tokens": args.litellm_max_output_tokens,
             "prices_per_m_tokens_usd": {k: str(v) for k, v in asdict(PRICES).items()},
         },
         "targets": [o.summary() for o in outcomes],

@@ -1,11 +1,13 @@
-"""The overspend benchmark's arithmetic (benchmarks/overspend.py): the bill, the overspend
-and the table it prints."""
+"""The overspend benchmark's pure parts (benchmarks/overspend.py): the bill, the overspend,
+the table it prints and the LiteLLM configuration it writes."""
 
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
-from benchmarks.overspend import PRICES, Outcome, Prices, table
+import yaml
+from benchmarks.overspend import PRICES, Outcome, Prices, litellm_config, table
 
 
 def test_bill_is_exact_tokens_times_prices() -> None:
@@ -53,3 +55,24 @@ def test_table_puts_targets_side_by_side() -> None:
     assert len(lines) == 4
     assert lines[2] == "| t | 24 | 1 | $0.984000 | — | $1.000000 | $0.000000 | 0.0 % |"
     assert "| $3.100200 | 310.0 % |" in lines[3]
+
+
+def test_litellm_is_given_the_same_prices_and_the_variant_setting(tmp_path: Path) -> None:
+    config = yaml.safe_load(
+        litellm_config(tmp_path, "http://127.0.0.1:9", Decimal(1), "litellm_strict").read_text()
+    )
+    deployment = config["model_list"][0]
+    for section in (deployment["litellm_params"], deployment["model_info"]):
+        assert Decimal(str(section["input_cost_per_token"])) * 1_000_000 == PRICES.input_per_m
+        assert Decimal(str(section["output_cost_per_token"])) * 1_000_000 == PRICES.output_per_m
+    assert "max_output_tokens" not in deployment["model_info"]
+    assert config["general_settings"]["fail_closed_budget_enforcement"] is True
+    assert config["general_settings"]["custom_auth_run_common_checks"] is True
+    assert (tmp_path / "bench_auth.py").exists()
+
+
+def test_litellm_max_output_tokens_is_declared_when_asked(tmp_path: Path) -> None:
+    path = litellm_config(tmp_path, "http://127.0.0.1:9", Decimal(1), "litellm", 32768)
+    config = yaml.safe_load(path.read_text())
+    assert config["model_list"][0]["model_info"]["max_output_tokens"] == 32768
+    assert "fail_closed_budget_enforcement" not in config["general_settings"]
