@@ -16,7 +16,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 SYSTEM_PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 SUITE := env PATH="$(abspath $(VENV))/bin:$(SYSTEM_PATH)" COSTWARDEN_GO="$(shell command -v go)"
 
-.PHONY: install system-tools test lint unit integration faults soak demo bench crds clean-cache
+.PHONY: install system-tools test lint unit integration faults soak demo bench bench-reservation \
+	bench-overspend crds clean-cache
 
 $(STAMP): pyproject.toml
 	@mkdir -p $(CACHE)
@@ -71,6 +72,14 @@ demo: install
 bench: install
 	$(PY) -m benchmarks.gateway
 	$(PY) -m benchmarks.operator_scale
+
+## make bench-reservation: what reserving before forwarding adds (issue #12; benchmarks/README.md).
+bench-reservation: install
+	$(PY) benchmarks/reservation.py
+
+## make bench-overspend: spend at the cap under 100 concurrent calls, costwarden vs LiteLLM.
+bench-overspend: install
+	$(PY) benchmarks/overspend.py
 
 ## make crds: regenerate crds/ and the chart's copies from the pydantic models.
 crds: install
