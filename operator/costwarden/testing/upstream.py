@@ -240,7 +240,7 @@ class FakeUpstream:
             final = answers.chunk_base(body) | {"choices": [], "usage": usage}
             await self._send(response, f"data: {json.dumps(final)}\n\n", slow)
         if reset_before_end:
-            await response.drain()
+            await asyncio.sleep(0.01)  # let the usage event leave before the reset
             _reset(request)
             return response
         await response.write(b"data: [DONE]\n\n")
