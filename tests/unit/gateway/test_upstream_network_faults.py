@@ -42,7 +42,8 @@ def test_an_answer_the_upstream_never_completed_is_an_error_charged_nothing(
     assert response.json()["error"]["code"] == code
     record = wait_for(lambda: records(gateway).records[-1:], what="the record")[0]
     assert record.outcome in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_MALFORMED)
-    assert record.cost_usd == 0 and not record.usage_reported
+    assert record.cost_usd == 0
+    assert not record.usage_reported
     assert [c.usage for c in fake.calls if c.fault == fault] == [None]  # billed nothing
 
 
@@ -55,7 +56,8 @@ def test_a_stream_reset_after_its_usage_is_delivered_and_charged_exactly(
     assert '"usage"' in response.text
     record = wait_for(lambda: records(gateway).records[-1:], what="the record")[0]
     billed = fake.calls[-1].usage
-    assert billed is not None and record.usage_reported
+    assert billed is not None
+    assert record.usage_reported
     assert record.tokens.output == billed["completion_tokens"]
     assert record.cost_usd > 0
 
@@ -70,7 +72,8 @@ def test_an_answer_slower_than_the_client_is_still_charged_what_the_upstream_bil
         call(gateway.url, STREAM if stream else CHAT, timeout=0.3)
     record = wait_for(lambda: records(gateway).records[-1:], what="the record")[0]
     billed = fake.calls[-1].usage
-    assert billed is not None and record.usage_reported
+    assert billed is not None
+    assert record.usage_reported
     assert record.tokens.output == billed["completion_tokens"]
     assert record.cost_usd > Decimal(0)
 
