@@ -146,7 +146,7 @@ def _settled(stack: Stack, namespace: str) -> bool:
 def test_slow_resetting_and_garbage_upstream_under_load_charges_exactly_the_bill(
     stack: Stack, namespace: str
 ):
-    _hostile_upstream_under_load(stack, namespace, seconds=15)
+    _hostile_upstream_under_load(stack, namespace, seconds=10)
 
 
 @pytest.mark.faults_long
