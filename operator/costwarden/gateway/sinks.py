@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import deque
 from enum import StrEnum
 from pathlib import Path
 
@@ -80,7 +81,7 @@ class JsonlLedgerSink:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = os.fstat(self._fd).st_size
         self._pending: list[bytes] = []
-        self._unwritten: list[bytes] = []
+        self._unwritten: deque[bytes] = deque()
         """Lines the volume refused (full, failing), in order: kept in memory and written
         first, before any later line, once it takes them again (``retry_unwritten``)."""
         self._header_unwritten = False  # restart_empty's header is first in _unwritten
@@ -173,6 +174,14 @@ class JsonlLedgerSink:
         and so is every later line until ``retry_unwritten`` writes them: the call it
         records was made (the upstream bills it) and is answered; meanwhile ``full`` is
         true, so the gateway makes no new call it could not record."""
+        if not self._unwritten:
+            try:
+                self._write_all(line)
+            except OSError:
+                pass  # kept below, and reported by retry_unwritten
+            else:
+                self._dirty = True
+                return
         self._unwritten.append(line)
         self.retry_unwritten()
 
@@ -193,7 +202,7 @@ class JsonlLedgerSink:
                     )  # fmt: skip
                 self.write_error = exc.strerror or str(exc)
                 return False
-            self._unwritten.pop(0)
+            self._unwritten.popleft()
             self._header_unwritten = False
             self._dirty = True
         if self.write_error:
@@ -208,7 +217,7 @@ class JsonlLedgerSink:
         memory, so it precedes every later line even if it cannot be written yet."""
         os.ftruncate(self._fd, 0)
         self._size = 0
-        self._unwritten.insert(0, header)
+        self._unwritten.appendleft(header)
         self._header_unwritten = True
         self.retry_unwritten()
 
