@@ -57,7 +57,8 @@ unit: install
 integration: install
 	$(SUITE) $(PY) -m pytest tests/integration tests/e2e
 
-## make faults: the whole fault suite, the slow cases too (a 60 s API-server outage).
+## make faults: the whole fault suite, the slow cases too (a 60 s API-server outage, 2 min
+## of a misbehaving upstream).
 faults: install
 	$(SUITE) COSTWARDEN_LONG_FAULTS=1 $(PY) -m pytest tests/faults -s
 

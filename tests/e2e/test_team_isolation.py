@@ -61,6 +61,11 @@ def ledger_cost(stack: Stack, team: str) -> Decimal:
     return total
 
 
+def usage_applied(stack: Stack, namespace: str, name: str) -> dict[str, Any] | None:
+    conditions = stack.status(namespace, name).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "UsageApplied"), None)
+
+
 def policy_active(stack: Stack, namespace: str) -> bool:
     """A dry-run status write with spend is refused (the policy is in force)."""
     body = {"status": {"spentExactUSD": "1"}}
@@ -105,6 +110,12 @@ def test_one_teams_permanent_error_does_not_block_another_teams_usage(
         assert spent(stack, other, "poisoned") == 0
         events = client.CoreV1Api(stack.api_client).list_namespaced_event(other).items
         assert any(e.reason == "UsageHeld" for e in events), [e.reason for e in events]
+        # ... and a condition says it while it lasts (kubectl get -o wide, describe).
+        held = wait_for(lambda: usage_applied(stack, other, "poisoned"), timeout=30,
+                        what="UsageApplied on the poisoned budget")  # fmt: skip
+        assert (held["status"], held["reason"]) == ("False", "UsageHeld"), held
+        assert "usage entries from a gateway" in held["message"], held
+        assert usage_applied(stack, namespace, "healthy") is None  # never held: no condition
 
         # The cause fixed: the held usage applies (kept by the gateway), nothing lost.
         stack.plane.kubectl("delete", "-f", "-", input=VAP)
@@ -115,6 +126,11 @@ def test_one_teams_permanent_error_does_not_block_another_teams_usage(
         assert spent(stack, namespace, "healthy") + spent(stack, other, "poisoned") == (
             upstream_cost(stack.upstream)
         )
+        wait_for(
+            lambda: (usage_applied(stack, other, "poisoned") or {}).get("status") == "True",
+            timeout=60, what="UsageApplied=True once the held usage applied",
+        )  # fmt: skip
+        assert usage_applied(stack, other, "poisoned")["reason"] == "UsageApplied"  # type: ignore[index]
     finally:
         stack.plane.kubectl("delete", "-f", "-", "--ignore-not-found", input=VAP, check=False)
         stack.plane.kubectl("delete", "namespace", other, "--wait=false", check=False)

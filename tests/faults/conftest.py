@@ -1,9 +1,12 @@
 """Fault suite: the control plane and our own processes fail under load, on the real
-control plane, with the operator in Kopf peering mode as the chart runs it; each case
-asserts that nothing is lost or counted twice (spend equals the upstream's billing).
+control plane, with the operator in Kopf peering mode as the chart runs it; so do the
+gateway's ledger volume (full) and the upstream (slow, resetting, answering garbage).
+Each case asserts that nothing is lost or counted twice (spend equals the upstream's
+billing).
 
 Shares the integration fixtures (one real control plane per session) and the e2e stack.
-The quick cases run in the default suite; ``faults_long`` ones (a 60 s outage) only with
+The quick cases run in the default suite; ``faults_long`` ones (a 60 s outage, 2 minutes
+of a misbehaving upstream) only with
 ``make faults`` (COSTWARDEN_LONG_FAULTS=1), the ``soak`` (100 restarts) only with
 ``make soak`` (COSTWARDEN_SOAK=1)."""
 

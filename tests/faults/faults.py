@@ -3,12 +3,19 @@ the gateway's supervision metrics, and the edit that must reach the gateway Conf
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import subprocess
 import time
+from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from kubernetes import client
 
 from costwarden.api.gatewayconfig import CONFIG_MAP_KEY, CONFIG_MAP_NAME
@@ -138,3 +145,40 @@ def healthz(port: int) -> int:
 
 def summary(**figures: Any) -> str:
     return "FAULT-FIGURES " + json.dumps(figures, sort_keys=True, default=str)
+
+
+@contextlib.contextmanager
+def small_volume(path: Path, size: str = "1m") -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``path`` (an emptyDir with a sizeLimit, or a small disk),
+    unmounted afterwards; skips the test where mounting is not permitted (not root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs for the ledger: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        # Lazy: a process that still holds a file there does not keep the mount alive.
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(volume: Path, leave: int) -> Path:
+    """Fill ``volume`` with a file of zeros until it is full, then free ``leave`` bytes:
+    another writer on the same volume (logs, /tmp) that took nearly all of it."""
+    filler = volume / "filler"
+    chunk = bytes(64 * 1024)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while os.write(fd, chunk):
+            pass
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - leave))
+    return filler

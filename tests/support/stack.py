@@ -178,6 +178,8 @@ class Gateway:
     process: subprocess.Popen[bytes] | None = None
     extra_args: tuple[str, ...] = ()
     """More `costwarden gateway` arguments, e.g. ("--credentials-dir", path)."""
+    ledger_dir: Path | None = None
+    """Where the ledger lives (default: the workdir), e.g. a small volume (faults)."""
 
     @property
     def url(self) -> str:
@@ -185,7 +187,7 @@ class Gateway:
 
     @property
     def ledger(self) -> Path:
-        return self.workdir / "ledger.jsonl"
+        return (self.ledger_dir or self.workdir) / "ledger.jsonl"
 
     def add_key(self, team: str, namespace: str, job: str) -> str:
         key = f"cw-{job}-{secrets.token_hex(8)}"

@@ -855,3 +855,38 @@ def test_gateway_command_line_is_accepted_by_the_cli(helm: Any) -> None:
     options = "apiKeys.enabled=true,gateway.logLevel=debug"
     parsed = parse_cli(container_args(template(helm, "--set", options), "gateway"))
     assert str(parsed.api_keys_file) == "/etc/costwarden/api-keys/api-keys.yaml"
+
+
+def test_liveness_bound_and_ledger_bound_reach_the_command_lines(helm: Any) -> None:
+    """The defaults are the CLIs' own; a value set reaches the flag, in full digits."""
+    objects = template(helm)
+    assert flag(container_args(objects, "gateway"), "--ledger-max-bytes") == str(48 * 2**20)
+    for component in ("operator", "gateway"):
+        assert flag(container_args(objects, component), "--liveness-task-failure-seconds") in (
+            "180", "180.0"
+        )  # fmt: skip
+    objects = template(
+        helm, "--set", "gateway.ledger.maxBytes=33554432,gateway.livenessTaskFailureSeconds=90",
+        "--set", "operator.livenessTaskFailureSeconds=600",
+    )  # fmt: skip
+    gateway_args = container_args(objects, "gateway")
+    assert flag(gateway_args, "--ledger-max-bytes") == "33554432"
+    assert flag(gateway_args, "--liveness-task-failure-seconds") == "90"
+    assert flag(container_args(objects, "operator"), "--liveness-task-failure-seconds") == "600"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "gateway.ledger.maxBytes=1000"), "/gateway/ledger/maxBytes"),
+        (("--set", "gateway.ledger.maxBytes=100000000"), "/gateway/ledger/maxBytes"),
+        (("--set", "operator.livenessTaskFailureSeconds=0"), "livenessTaskFailureSeconds"),
+        (("--set", "gateway.livenessTaskFailureSeconds=soon"), "livenessTaskFailureSeconds"),
+    ],
+)  # fmt: skip
+def test_schema_bounds_the_liveness_and_ledger_values(
+    helm: Any, args: tuple[str, ...], message: str
+) -> None:
+    result = helm("template", RELEASE, str(CHART), *args)
+    assert result.returncode != 0, f"{args} was accepted"
+    assert message in result.stderr, result.stderr

@@ -19,6 +19,10 @@ class ConditionType(StrEnum):
     """TeamBudget only: spend in the period is at or past the soft limit."""
     HARD_CAP_REACHED = "HardCapReached"
     """TeamBudget only: spend (or a token cap) is at or past the hard cap; enforcement acts."""
+    USAGE_APPLIED = "UsageApplied"
+    """TeamBudget only, set once the team's usage was first held: False (UsageHeld) while
+    usage entries from a gateway cannot be written to the status and are held (kept by the
+    gateway, re-sent; spend in status lags), True (UsageApplied) once they applied."""
 
 
 class Reason(StrEnum):
@@ -50,6 +54,10 @@ class Reason(StrEnum):
     WITHIN_LIMIT = "WithinLimit"
     """SoftLimitReached/HardCapReached=False: spend is below the threshold."""
     SOFT_LIMIT_EXCEEDED = "SoftLimitExceeded"
+    USAGE_HELD = "UsageHeld"
+    """UsageApplied=False: the team's usage is held (docs/operations.md)."""
+    USAGE_APPLIED = "UsageApplied"
+    """UsageApplied=True: the usage once held has been applied."""
     HARD_CAP_EXCEEDED = "HardCapExceeded"
     TOKEN_CAP_EXCEEDED = "TokenCapExceeded"
     CALL_EXCEEDS_REMAINING = "CallExceedsRemaining"

@@ -419,7 +419,10 @@ class TeamBudgetStatus(WireModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Ready, SoftLimitReached and HardCapReached, with reasons.",
+        description=(
+            "Ready, SoftLimitReached and HardCapReached, with reasons; UsageApplied once "
+            "the team's usage was held (False while it is)."
+        ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     recent_actions: list[EnforcementRecord] = Field(

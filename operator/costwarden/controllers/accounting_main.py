@@ -122,6 +122,8 @@ class AccountingRuntime:
     tls: IngestTLS | None = None
     publish_ca: Callable[[bytes], Awaitable[str]] | None = None
     after_start: Callable[[], None] | None = None
+    on_held_change: Callable[[], None] | None = None
+    """Wakes the reconciler (on Kopf's loop) when a team's usage is held or released."""
     """Called on Kopf's loop once the CA is published (a reconciliation pass: the sidecar
     config copies then carry the published CA)."""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -152,8 +154,9 @@ def build(
             allow_sidecars=args.ingest_allow_sidecars,
         )
         ingestion = Ingestion(
-            accountant, auth, reconciler.leadership, lambda: reconciler.last_config, rest
-        )
+            accountant, auth, reconciler.leadership, lambda: reconciler.last_config, rest,
+            held=reconciler.held,
+        )  # fmt: skip
         ingestion.leasing.lease_seconds = args.lease_seconds
     runtime = AccountingRuntime(
         rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
@@ -162,6 +165,7 @@ def build(
     if supervisor is not None:
         runtime.supervisor = supervisor
     if ingestion is not None:
+        runtime.on_held_change = reconciler.world.changed.set  # on Kopf's loop: see _start
         runtime.tls = IngestTLS.load(
             args.ingest_cert_dir, args.ingest_tls_hostname, args.ingest_listen_address
         )
@@ -218,6 +222,13 @@ async def _start(runtime: AccountingRuntime, kopf_loop: asyncio.AbstractEventLoo
     supervisor = runtime.supervisor
     tasks = []
     if runtime.ingestion is not None and runtime.tls is not None:
+        wake = runtime.on_held_change
+        if wake is not None:  # ingestion runs on this thread's loop, the reconciler on Kopf's
+
+            def wake_reconciler() -> None:
+                kopf_loop.call_soon_threadsafe(wake)
+
+            runtime.ingestion.on_held_change = wake_reconciler
         if runtime.publish_ca is not None:
             publish, ca_pem, after = runtime.publish_ca, runtime.tls.ca_pem, runtime.after_start
 

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from costwarden.accounting.batch import BatchAck, HeldEntry, UsageBatch
 from costwarden.accounting.books import Books
+from costwarden.accounting.held import HeldUsage
 from costwarden.accounting.ledger import Applied, Entry, apply_entries
 from costwarden.accounting.trust import Checked, Refusal
 from costwarden.api.gatewayconfig import GatewayConfig
@@ -76,7 +77,12 @@ class Ingestion:
         leadership: Leadership,
         config: ConfigSource,
         rest: Rest,
+        held: HeldUsage | None = None,
+        on_held_change: Callable[[], None] | None = None,
     ) -> None:
+        self.held = held or HeldUsage()
+        """Which teams are held now (the reconciler's UsageApplied condition)."""
+        self.on_held_change = on_held_change
         self.accountant = accountant
         self.auth = auth
         self.leadership = leadership
@@ -188,6 +194,7 @@ class Ingestion:
         applied: list[Applied] = []
         held: list[HeldEntry] = []
         transient: BaseException | None = None
+        changed = False
         for team, result in zip(teams, results, strict=True):
             if isinstance(result, BaseException):
                 if not permanent(result):
@@ -196,12 +203,18 @@ class Ingestion:
                 reason = _reason(result)
                 held.extend(HeldEntry(seq=e.seq, team=team, reason=reason) for e in by_team[team])
                 await self._report_held(team, len(by_team[team]), batch.source, result)
+                changed |= self.held.hold(
+                    team, batch.source, len(by_team[team]), reason, str(result)[:600]
+                )
                 continue
+            changed |= self.held.applied(team, batch.source)
             _, phase, done = result
             if phase is not None:
                 phases[team] = phase
             if done is not None:
                 applied.append(done)
+        if changed and self.on_held_change is not None:
+            self.on_held_change()  # the reconciler writes the UsageApplied condition
         if transient is not None:
             raise transient
         metrics.RECORDS_UNATTRIBUTED.inc(unattributed)

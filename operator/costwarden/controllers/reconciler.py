@@ -21,6 +21,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
+from costwarden.accounting.held import HeldUsage
 from costwarden.api import routingpolicy, teambudget
 from costwarden.api.catalog import PriceCatalog, load_catalog
 from costwarden.api.conditions import ConditionType, find_condition
@@ -89,6 +92,8 @@ class Reconciler:
         self._last_list = 0.0
         self.last_config: GatewayConfig | None = None
         """The configuration of the last pass: ingestion checks usage against it."""
+        self.held = HeldUsage()
+        """Teams whose usage ingestion holds: their UsageApplied condition."""
 
     async def run_forever(self) -> None:
         """Reconcile whenever the world changes (Kopf's watch events) or the resync is due.
@@ -184,8 +189,18 @@ class Reconciler:
     ) -> None:
         parsed = parse_team_budget_spec(budget.spec)
         hard_cap: Decimal | None = None if isinstance(parsed, list) else parsed.hard_cap_usd
-        desired = budget_status(verdict, budget.status, budget.generation, hard_cap, now)
-        await self._write_status("TeamBudget", teambudget.PLURAL, "budget", budget, desired)
+        held = self.held.summary(budget.id)
+        desired = budget_status(verdict, budget.status, budget.generation, hard_cap, now, held)
+        try:
+            await self._write_status("TeamBudget", teambudget.PLURAL, "budget", budget, desired)
+        except ApiException as error:
+            # A held team's status may refuse any write (the reason it is held: an
+            # admission policy, a webhook): that must not fail every pass; its UsageHeld
+            # Event and metrics still say it (docs/operations.md).
+            if held is None or not held.entries or error.status not in _REFUSED:
+                raise
+            log.warning("TeamBudget %s: status (UsageApplied=False) not written: HTTP %s",
+                        budget.id, error.status)  # fmt: skip
 
     async def _write_status(
         self, kind: str, plural: str, world_kind: str, obj: ObservedObject, desired: dict[str, Any]
@@ -211,7 +226,7 @@ class Reconciler:
                 continue
             if previous is None and after.type != ConditionType.READY and after.status == "False":
                 continue  # a new budget under its limits is not news
-            warning = (after.type == ConditionType.READY) != (after.status == "True")
+            warning = (after.type in _GOOD_WHEN_TRUE) != (after.status == "True")
             await self.api.post_event(
                 event_body(
                     api_version=API_VERSION,
@@ -224,6 +239,11 @@ class Reconciler:
                     message=f"{after.type}={after.status.value}: {after.message}",
                 )
             )
+
+
+_GOOD_WHEN_TRUE = frozenset({ConditionType.READY, ConditionType.USAGE_APPLIED})
+_REFUSED = frozenset({400, 403, 413, 422})
+"""API-server answers to a status write that a retry does not cure (ingest.permanent)."""
 
 
 async def _bounded_all(writes: list[Coroutine[Any, Any, None]]) -> None:

@@ -266,8 +266,10 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         gateway.metrics.usage_pending.set_function(lambda: sink.pending)
         gateway.metrics.usage_held_teams.set_function(lambda: len(sink.held_teams))
         gateway.metrics.ledger_bytes.set_function(lambda: sink.ledger_bytes)
+        gateway.metrics.ledger_unwritten.set_function(lambda: sink.unwritten)
     elif isinstance(sink, JsonlLedgerSink):
         gateway.metrics.ledger_bytes.set_function(lambda: sink.ledger_bytes)
+        gateway.metrics.ledger_unwritten.set_function(lambda: sink.unwritten)
     return gateway
 
 

@@ -375,8 +375,13 @@ async def _relay_stream(
         status=response.status, headers=route_headers(call, "text/event-stream")
     )
     call.status = response.status
-    await out.prepare(request)
     gone_at = 0.0
+    try:
+        await out.prepare(request)
+    except ConnectionError:
+        # The client gave up before the first byte (its timeout, under a slow upstream):
+        # the stream is still read for the usage the provider bills (DRAIN_SECONDS).
+        gone_at = time.perf_counter()
     streamed = 0
     chunks = response.chunks().__aiter__()
     while True:

@@ -163,6 +163,13 @@ class GatewayMetrics:
             "ledger_full (docs/ledger.md).",
             registry=r,
         )
+        self.ledger_unwritten = Gauge(
+            "costwarden_gateway_ledger_unwritten",
+            "Usage entries of answered calls that the ledger's volume refused (full, "
+            "failing), kept in memory until it takes them; above 0, new calls are refused "
+            "with 503 ledger_full (docs/operations.md).",
+            registry=r,
+        )
         self.count_tokens = Counter(
             "costwarden_gateway_count_tokens_total",
             "Token-count calls (POST /v1/messages/count_tokens) answered: never billed, "

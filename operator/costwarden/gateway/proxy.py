@@ -206,13 +206,16 @@ class Gateway:
         if refused is not None:
             return refused
         if getattr(self.sink, "full", False):
-            # The ledger is at its bound: a call now could not be recorded, so it is not
-            # made (docs/ledger.md); it frees up as the operator acknowledges usage.
-            return self.refuse(
-                call, 503, "ledger_full",
-                "the gateway's usage ledger is full (usage not yet delivered to the "
-                "operator); retry later",
-            )  # fmt: skip
+            # The ledger is at its bound, or its volume refuses writes: a call now could
+            # not be recorded, so it is not made (docs/ledger.md); it frees up as the
+            # operator acknowledges usage, or the volume takes writes again.
+            error = getattr(self.sink, "write_error", "")
+            why = (
+                f"the gateway cannot write its usage ledger ({error})"
+                if error
+                else "the gateway's usage ledger is full (usage not yet delivered to the operator)"
+            )
+            return self.refuse(call, 503, "ledger_full", f"{why}; retry later")
         raw = await request.read()
         try:
             body = orjson.loads(raw)

@@ -84,6 +84,7 @@ class OperatorReportingSink:
         self._base = 0  # seq of the line before the ledger's first entry (after rotations)
         self._size = 0
         self.rotations = 0
+        self._rotation_failing = False
         self.url = url.rstrip("/") + "/v1/usage"
         self._ca_file = ca_file
         self._ca_stamp: tuple[int, int, int] | None = None
@@ -246,28 +247,71 @@ class OperatorReportingSink:
 
     @property
     def full(self) -> bool:
-        """The ledger reached its bound: the gateway refuses new calls (503 ledger_full)
-        until acknowledged entries are rotated out (docs/ledger.md)."""
-        return self._ledger is not None and self._size >= self.max_bytes
+        """The ledger reached its bound, or its volume refuses writes: the gateway refuses
+        new calls (503 ledger_full) until acknowledged entries are rotated out, or the
+        entries kept in memory are written (docs/ledger.md)."""
+        return self._ledger is not None and (
+            self._size >= self.max_bytes or self._ledger.unwritten > 0
+        )
+
+    @property
+    def write_error(self) -> str:
+        """Why the ledger cannot be written now ("" when it can)."""
+        return self._ledger.write_error if self._ledger is not None else ""
+
+    @property
+    def unwritten(self) -> int:
+        """Entries answered but not yet on the ledger's volume (kept in memory)."""
+        return self._ledger.unwritten if self._ledger is not None else 0
 
     @property
     def ledger_bytes(self) -> int:
         return self._size
 
     def _maybe_rotate(self) -> None:
-        """Rewrite the ledger without its acknowledged entries once it is ROTATE_BYTES large.
+        """Rewrite the ledger without its acknowledged entries once it is ROTATE_BYTES large,
+        or at any size while its volume refuses writes (to make room).
 
         On the event loop, synchronously: no entry is appended meanwhile. The new file
         starts with a header line naming its base (the seq before its first entry), is
         fsync'd and then atomically renamed over the ledger, so a crash leaves either the
-        old ledger or the new one, both complete; the cursor file is unaffected (seqs)."""
-        if self._ledger is None or self._ledger_path is None or self._size < self._rotate_bytes:
+        old ledger or the new one, both complete; the cursor file is unaffected (seqs).
+        A full volume has no room for the new file: then, if every entry in the file is
+        acknowledged and none is held, the file is cut to its header in place instead."""
+        if self._ledger is None or self._ledger_path is None:
             return
-        keep = self.acked + 1  # held (parked) entries go to the held file instead
+        unwritten = self._ledger.unwritten
+        if self._size < self._rotate_bytes and not unwritten:
+            return
+        in_file = self.seq - unwritten  # the last seq in the file; later ones are in memory
+        keep = min(self.acked + 1, in_file + 1)  # held (parked) entries: the held file
         if self._queue:
             keep = min(keep, self._queue[0][0])
         if keep - 1 <= self._base:
             return  # nothing acknowledged to remove
+        try:
+            self._rotate(keep)
+            self._rotation_failing = False
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._ledger_path.with_name(self._ledger_path.name + ".rotate").unlink()
+            if keep - 1 < in_file or self._parked:
+                (log.debug if self._rotation_failing else log.warning)(
+                    "usage ledger rotation failed (%s); retried later", exc
+                )
+                self._rotation_failing = True
+                return
+            # Everything in the file is acknowledged: nothing is lost by cutting it.
+            self._ledger.restart_empty(_HEADER + b"%d}\n" % in_file)
+            self._base = in_file
+            self._size = self._ledger.ledger_bytes
+            self.rotations += 1
+            log.warning("usage ledger cut to its header in place (%s): every entry in it "
+                        "was acknowledged", exc)  # fmt: skip
+
+    def _rotate(self, keep: int) -> None:
+        assert self._ledger is not None
+        assert self._ledger_path is not None
         path = self._ledger_path
         if self._parked:
             # Held entries are kept in the held file, so that one held team never pins the
@@ -331,6 +375,11 @@ class OperatorReportingSink:
                 # On the loop, not in a thread: no emit may interleave with the re-read,
                 # or the queue would lose its order. Only after an overflow.
                 self._load_unacked(self._ledger_path)
+            # The volume refused entries: write them once it takes them again, or make
+            # room by removing acknowledged entries (they are sent meanwhile).
+            unwritten = self._ledger is not None and self._ledger.unwritten > 0
+            if unwritten and not self._ledger.retry_unwritten():  # type: ignore[union-attr]
+                self._maybe_rotate()
             if not self._queue and not self._parked_ready():
                 backoff = self._send_seconds
                 continue
@@ -371,9 +420,15 @@ class OperatorReportingSink:
         self._settle_parked(parked, held, fresh, acked)
         if acked > self.acked or self._cursor_stale:
             self.acked = max(self.acked, acked)
-            if self._cursor_path is not None:
-                await asyncio.to_thread(self._write_cursor, self.source, self.acked)
             self._cursor_stale = False
+            if self._cursor_path is not None:
+                try:
+                    await asyncio.to_thread(self._write_cursor, self.source, self.acked)
+                except OSError as exc:
+                    # A full volume: written with a later answer. A crash meanwhile
+                    # re-sends from the old cursor, which the operator de-duplicates.
+                    self._cursor_stale = True
+                    log.warning("usage cursor file not written (%s); retried", exc)
         # Forget entries only once the cursor says so: a crash in between re-sends them
         # (a no-op for the operator), never loses them. Held ones moved to _parked above.
         while self._queue and self._queue[0][0] <= acked:

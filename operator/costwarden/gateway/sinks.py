@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import deque
 from enum import StrEnum
 from pathlib import Path
 
@@ -80,6 +81,12 @@ class JsonlLedgerSink:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = os.fstat(self._fd).st_size
         self._pending: list[bytes] = []
+        self._unwritten: deque[bytes] = deque()
+        """Lines the volume refused (full, failing), in order: kept in memory and written
+        first, before any later line, once it takes them again (``retry_unwritten``)."""
+        self._header_unwritten = False  # restart_empty's header is first in _unwritten
+        self.write_error = ""
+        """Why the last write failed (while lines are unwritten), for the refusal."""
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
         self.supervisor: Supervisor | None = None
@@ -109,6 +116,8 @@ class JsonlLedgerSink:
     async def _flusher(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
+            if self._unwritten:
+                self.retry_unwritten()  # on the loop: no line may be appended meanwhile
             if self._pending:
                 await asyncio.to_thread(self._write, self._take())
             if self._dirty and self._fsync is FsyncPolicy.BATCH:
@@ -130,29 +139,93 @@ class JsonlLedgerSink:
 
     @property
     def full(self) -> bool:
-        """At its bound (``max_bytes``): the gateway refuses new calls (503 ledger_full)
-        rather than lose their usage. Nothing acknowledges a ledger-only ledger, so it is
-        never rotated by the gateway (docs/ledger.md)."""
-        return self.max_bytes is not None and self._size >= self.max_bytes
+        """At its bound (``max_bytes``), or its volume refuses writes (lines unwritten):
+        the gateway refuses new calls (503 ledger_full) rather than lose their usage.
+        Nothing acknowledges a ledger-only ledger, so it is never rotated by the gateway
+        (docs/ledger.md)."""
+        return bool(self._unwritten) or (
+            self.max_bytes is not None and self._size >= self.max_bytes
+        )
+
+    @property
+    def unwritten(self) -> int:
+        """Entries answered but not yet in the file (the volume refused them)."""
+        return len(self._unwritten) - self._header_unwritten
 
     def _write_all(self, data: bytes) -> None:
-        self._size += len(data)
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError:
+            if len(view) != len(data):  # part of it was written: cut it off again
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(data)
 
     def append_now(self, line: bytes) -> None:
         """Write one ``\n``-terminated line at once, no fsync (``sync`` does that): for a
         consumer that numbers ledger lines and must never get ahead of the file
-        (gateway/reporting.py). Do not mix with ``emit`` on the same ledger."""
-        self._write_all(line)
-        self._dirty = True
+        (gateway/reporting.py). Do not mix with ``emit`` on the same ledger.
+
+        A line the volume refuses (ENOSPC, EDQUOT, EIO...) is kept in memory, in order,
+        and so is every later line until ``retry_unwritten`` writes them: the call it
+        records was made (the upstream bills it) and is answered; meanwhile ``full`` is
+        true, so the gateway makes no new call it could not record."""
+        if not self._unwritten:
+            try:
+                self._write_all(line)
+            except OSError:
+                pass  # kept below, and reported by retry_unwritten
+            else:
+                self._dirty = True
+                return
+        self._unwritten.append(line)
+        self.retry_unwritten()
+
+    def retry_unwritten(self) -> bool:
+        """Write the lines kept in memory, oldest first; True once none is left. A line
+        is written whole or not at all: a partial write is cut back off the file, so the
+        file's line numbers stay those of the entries (gateway/reporting.py)."""
+        while self._unwritten:
+            line = self._unwritten[0]
+            try:
+                self._write_all(line)
+            except OSError as exc:
+                if not self.write_error:
+                    log.error(
+                        "usage ledger %s cannot be written (%s): new calls are refused (503 "
+                        "ledger_full) until it can; %d entry(ies) kept in memory meanwhile",
+                        self.path, exc.strerror or exc, len(self._unwritten),
+                    )  # fmt: skip
+                self.write_error = exc.strerror or str(exc)
+                return False
+            self._unwritten.popleft()
+            self._header_unwritten = False
+            self._dirty = True
+        if self.write_error:
+            log.warning("usage ledger %s can be written again; calls resume", self.path)
+            self.write_error = ""
+        return True
+
+    def restart_empty(self, header: bytes) -> None:
+        """Cut the file to ``header`` alone, in place (no second file, so it needs no free
+        space): for a ledger whose every line is acknowledged, when a rotation could not
+        write its new file on a full volume. The header goes first among the lines kept in
+        memory, so it precedes every later line even if it cannot be written yet."""
+        os.ftruncate(self._fd, 0)
+        self._size = 0
+        self._unwritten.appendleft(header)
+        self._header_unwritten = True
+        self.retry_unwritten()
 
     def reopen(self) -> None:
         """Open the path again (it was atomically replaced by a rotated ledger)."""
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._size = os.fstat(self._fd).st_size
 
     def sync(self) -> None:
         os.fsync(self._fd)
@@ -169,7 +242,11 @@ class JsonlLedgerSink:
                 await self._task
             self._task = None
         self.flush()
-        os.fsync(self._fd)
+        if not self.retry_unwritten():
+            log.error("usage ledger %s: %d entry(ies) could not be written before exit (%s)",
+                      self.path, len(self._unwritten), self.write_error)  # fmt: skip
+        with contextlib.suppress(OSError):
+            os.fsync(self._fd)
         os.close(self._fd)
 
 

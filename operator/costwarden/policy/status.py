@@ -13,8 +13,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from costwarden.accounting.held import HeldSummary
 from costwarden.accounting.periods import rollover_fragment
-from costwarden.api.conditions import ConditionType, Reason, set_condition
+from costwarden.api.conditions import ConditionType, Reason, find_condition, set_condition
 from costwarden.api.meta import Condition, ConditionStatus
 from costwarden.api.money import format_money
 from costwarden.api.teambudget import MAX_PERCENT, BudgetPhase
@@ -49,9 +50,13 @@ def budget_status(
     generation: int,
     hard_cap_usd: Decimal | None,
     now: datetime,
+    held: HeldSummary | None = None,
 ) -> dict[str, Any]:
-    """The full status fields the reconciler owns for a TeamBudget."""
-    conditions = _with_ready(verdict, observed, generation, now)
+    """The full status fields the reconciler owns for a TeamBudget; ``held``: the team's
+    held usage as ingestion knows it (None: unknown here, UsageApplied left as it is)."""
+    conditions = usage_applied(
+        _with_ready(verdict, observed, generation, now), held, generation, now
+    )
     fragment: dict[str, Any] = {"observedGeneration": generation}
     # A budget restricted by tenancy (Ready=False, NamespaceNotGranted/ReferenceNotGranted)
     # still has caps: it keeps its phase, so its spend and enforcement stay visible.
@@ -95,6 +100,42 @@ def budget_status(
     # accounting's own idempotent rollover, so a budget without traffic rolls over too.
     fragment.update(rollover_fragment(observed, verdict.period_start, verdict.period_end))
     return fragment
+
+
+def usage_applied(
+    conditions: list[Condition], held: HeldSummary | None, generation: int, now: datetime
+) -> list[Condition]:
+    """``UsageApplied``: False (UsageHeld) while entries of the team are held, True
+    (UsageApplied) once they applied; absent until the first hold, so a budget whose usage
+    was never held carries no such condition."""
+    if held is None:
+        return conditions
+    if held.entries:
+        gateways = "a gateway" if held.sources == 1 else f"{held.sources} gateways"
+        return set_condition(
+            conditions,
+            type=ConditionType.USAGE_APPLIED,
+            status=ConditionStatus.FALSE,
+            reason=Reason.USAGE_HELD,
+            message=(
+                f"{held.entries} usage entries from {gateways} could not be written to this "
+                f"status and are held (kept by the gateway and re-sent until they apply; "
+                f"spend shown lags until then) ({held.reason}): {held.message}"
+            )[:1024],
+            now=now,
+            observed_generation=generation,
+        )
+    if find_condition(conditions, ConditionType.USAGE_APPLIED) is None:
+        return conditions
+    return set_condition(
+        conditions,
+        type=ConditionType.USAGE_APPLIED,
+        status=ConditionStatus.TRUE,
+        reason=Reason.USAGE_APPLIED,
+        message="the usage entries once held have been applied",
+        now=now,
+        observed_generation=generation,
+    )
 
 
 def policy_status(

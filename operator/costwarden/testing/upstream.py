@@ -33,6 +33,16 @@ an array), ``stream-truncated`` (cut in the middle of the usage event, no end),
 answers the next bytes queued in :attr:`FakeUpstream.raw_streams`. The usage logged in
 :attr:`FakeUpstream.calls` is what a real provider would have billed.
 
+Network faults, for the fault suite (chat completions; :data:`NETWORK_FAULTS`):
+``slow-answer`` (answers after :attr:`FakeUpstream.slow_answer_seconds`, beyond a client's
+timeout: billed, as a provider bills what it generated), ``reset-before-answer`` (reads
+the request, then resets the connection: nothing billed), ``reset-mid-answer`` (a plain
+answer cut by a reset half-way through its body: not billed, the answer never arrived; a
+stream cut by a reset after its usage event, before its end: billed) and ``garbage`` (bytes
+that are not HTTP, then the connection closed: nothing billed). :attr:`FakeUpstream.mix`
+draws a fault for every call that has none scripted (seeded, so a run can be repeated), for
+load tests; :attr:`ServedCall.fault` says which one each call got.
+
 Run it as a process: ``python -m costwarden.testing.upstream --port 9000``.
 """
 
@@ -41,6 +51,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
+import socket
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +64,15 @@ from costwarden.testing import answers
 from costwarden.testing.answers import prompt_tokens
 from costwarden.testing.threads import ServerThread
 
-__all__ = ["FakeUpstream", "ServedCall", "ServerThread", "main", "prompt_tokens", "serve"]
+__all__ = [
+    "NETWORK_FAULTS",
+    "FakeUpstream",
+    "ServedCall",
+    "ServerThread",
+    "main",
+    "prompt_tokens",
+    "serve",
+]
 
 FAULT_PREFIX = "fault-"
 HOSTILE_STREAMS = (
@@ -64,6 +85,8 @@ HOSTILE_STREAMS = (
     "stream-message-not-object",
     "stream-string-usage",
 )
+NETWORK_FAULTS = ("slow-answer", "reset-before-answer", "reset-mid-answer", "garbage")
+GARBAGE = b'\x00\xff\xfeNOT-HTTP \x1b[31m\r\n\r\n{"usage": \x00}\r\n'
 
 
 @dataclass
@@ -79,6 +102,8 @@ class ServedCall:
     body: dict[str, Any]
     query: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    fault: str = ""
+    """The fault this call got ("" for a normal answer)."""
 
 
 @dataclass
@@ -96,6 +121,14 @@ class FakeUpstream:
     raw_streams: deque[bytes] = field(default_factory=deque)
     """What the fault ``raw-stream`` answers, one entry a call, as an event stream (for
     fuzzing the gateway with arbitrary upstream bytes)."""
+    mix: dict[str, float] = field(default_factory=dict)
+    """Fault name -> probability, drawn for each call with no scripted fault."""
+    seed: int = 13
+    slow_answer_seconds: float = 2.0
+    """How long ``slow-answer`` waits before answering."""
+
+    def __post_init__(self) -> None:
+        self._random = random.Random(self.seed)  # noqa: S311 (a repeatable draw, no secret)
 
     async def _raw_stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         self._log(request, body, None)
@@ -115,10 +148,21 @@ class FakeUpstream:
         if model.startswith(FAULT_PREFIX):
             return model[len(FAULT_PREFIX) :]
         queue = self.faults.get(model)
-        return queue.popleft() if queue else ""
+        if queue:
+            return queue.popleft()
+        draw = self._random.random()
+        for fault, probability in self.mix.items():
+            if draw < probability:
+                return fault
+            draw -= probability
+        return ""
 
     def _log(
-        self, request: web.Request, body: dict[str, Any], usage: dict[str, Any] | None
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        usage: dict[str, Any] | None,
+        fault: str = "",
     ) -> None:
         if self.keep_calls:
             self.calls.append(
@@ -132,6 +176,7 @@ class FakeUpstream:
                     body=body,
                     query=request.query_string,
                     headers=dict(request.headers),
+                    fault=fault,
                 )
             )
 
@@ -168,8 +213,10 @@ class FakeUpstream:
         fault = self._fault(str(body.get("model", "")))
         if fault == "raw-stream":
             return await self._raw_stream(request, body)
+        if fault in NETWORK_FAULTS:
+            return await self._network_fault(request, body, fault)
         if early := _early_fault(fault, openai=True, key=_sent_key(request)):
-            self._log(request, body, None)
+            self._log(request, body, None, fault)
             return early
         slow = fault == "slow-no-usage"  # one chunk per 50 ms, no usage: for disconnects
         fault = "no-usage" if slow else fault
@@ -192,7 +239,13 @@ class FakeUpstream:
         return web.json_response(answers.chat_completion(body, usage))
 
     async def _chat_stream(
-        self, request: web.Request, body: dict[str, Any], usage: dict[str, Any] | None, slow: bool
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        usage: dict[str, Any] | None,
+        slow: bool,
+        *,
+        reset_before_end: bool = False,
     ) -> web.StreamResponse:
         response = await _sse_response(request)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -201,8 +254,44 @@ class FakeUpstream:
         if include_usage and usage is not None:
             final = answers.chunk_base(body) | {"choices": [], "usage": usage}
             await self._send(response, f"data: {json.dumps(final)}\n\n", slow)
+        if reset_before_end:
+            await asyncio.sleep(0.01)  # let the usage event leave before the reset
+            _reset(request)
+            return response
         await response.write(b"data: [DONE]\n\n")
         return response
+
+    async def _network_fault(
+        self, request: web.Request, body: dict[str, Any], fault: str
+    ) -> web.StreamResponse:
+        """The :data:`NETWORK_FAULTS` on chat completions (see the module docstring for
+        what each one bills)."""
+        usage = answers.openai_usage(body)
+        if fault == "slow-answer":
+            await asyncio.sleep(self.slow_answer_seconds)
+            self._log(request, body, usage, fault)
+            if body.get("stream"):
+                return await self._chat_stream(request, body, usage, slow=False)
+            return web.json_response(answers.chat_completion(body, usage))
+        if fault == "reset-mid-answer" and body.get("stream"):
+            self._log(request, body, usage, fault)
+            return await self._chat_stream(request, body, usage, False, reset_before_end=True)
+        self._log(request, body, None, fault)
+        assert request.transport is not None
+        if fault == "reset-mid-answer":
+            answer = json.dumps(answers.chat_completion(body, usage)).encode()
+            head = (
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(answer)}\r\n\r\n"
+            )
+            request.transport.write(head.encode() + answer[: len(answer) // 2])
+            await asyncio.sleep(0.01)  # let the first half leave before the reset
+        elif fault == "garbage":
+            request.transport.write(GARBAGE)
+            await asyncio.sleep(0.01)
+        _reset(request)
+        # The connection is gone: aiohttp finds it closed and sends nothing of this.
+        return web.Response(status=500)
 
     async def _send(self, response: web.StreamResponse, text: str, slow: bool) -> None:
         delay = 0.05 if slow else self.chunk_delay
@@ -477,6 +566,17 @@ def _early_fault(fault: str, *, openai: bool, key: str = "") -> web.Response | N
     if fault == "malformed":
         return web.Response(text="<html>bad gateway</html>", content_type="application/json")
     return None
+
+
+def _reset(request: web.Request) -> None:
+    """Close the connection with a reset (RST), as a crashing server or middlebox does."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def _sse_response(request: web.Request) -> web.StreamResponse:

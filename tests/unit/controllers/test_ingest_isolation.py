@@ -12,6 +12,7 @@ import pytest
 
 from costwarden.accounting.batch import BatchItem, UsageBatch
 from costwarden.accounting.books import Books
+from costwarden.accounting.held import HeldSummary
 from costwarden.accounting.trust import Checked
 from costwarden.api.usage import Endpoint, Outcome, UsageRecord
 from costwarden.controllers import accounting_metrics as metrics
@@ -197,3 +198,30 @@ def test_ingestion_refuses_an_unauthenticated_batch_before_reading_its_body(
 
 def ingestion_with(auth: Any) -> Ingestion:
     return Ingestion(Accountant(), auth, None, lambda: None, None)  # type: ignore[arg-type]
+
+
+def test_the_held_view_follows_holds_and_their_release() -> None:
+    """What the UsageApplied condition is made from: a team is held from the batch whose
+    entries of it could not be written until a batch from the same gateway applies them."""
+    accountant = Accountant()
+    accountant.failures["ns/poison"] = ApiError(422, "PATCH", "/status", b"spentUSD: too long")
+    wakes: list[int] = []
+    ingest = ingestion(accountant)
+    ingest.on_held_change = lambda: wakes.append(1)
+    batch, checked = batch_of(["ns/ok", "ns/poison", "ns/poison"])
+
+    asyncio.run(ingest.apply(batch, "r#gw/1", checked))
+    held = ingest.held.summary("ns/poison")
+    assert held is not None
+    assert (held.entries, held.sources, held.reason) == (2, 1, "http_422")
+    assert ingest.held.summary("ns/ok") == HeldSummary()
+    assert ingest.held.summary("ns/never-seen") is None
+    assert wakes == [1]
+
+    asyncio.run(ingest.apply(batch, "r#gw/1", checked))  # still held: no news
+    assert wakes == [1]
+
+    del accountant.failures["ns/poison"]  # the cause removed: the re-sent entries apply
+    asyncio.run(ingest.apply(batch, "r#gw/1", checked))
+    assert ingest.held.summary("ns/poison") == HeldSummary()
+    assert wakes == [1, 1]

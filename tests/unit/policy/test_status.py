@@ -39,3 +39,34 @@ def test_invalid_budget_reports_the_field_and_phase_invalid():
     ready = status["conditions"][0]
     assert ready["status"] == "False"
     assert "spec.period.timeZone" in ready["message"]
+
+
+def _usage_applied(status: dict) -> dict | None:
+    return next((c for c in status["conditions"] if c["type"] == "UsageApplied"), None)
+
+
+def test_usage_applied_is_absent_until_a_hold_false_while_held_true_once_applied():
+    from costwarden.accounting.held import HeldSummary
+
+    _, verdict = verdict_for({"hardCapUSD": 10})
+    never = budget_status(verdict, {}, 4, Decimal(10), NOW, HeldSummary())
+    assert _usage_applied(never) is None  # no hold ever: no condition, no write
+
+    held = HeldSummary(entries=7, sources=1, reason="http_422", message="spentUSD: too long")
+    during = budget_status(verdict, never, 4, Decimal(10), NOW, held)
+    condition = _usage_applied(during)
+    assert condition is not None
+    assert (condition["status"], condition["reason"]) == ("False", "UsageHeld")
+    assert "7 usage entries from a gateway" in condition["message"]
+    assert "http_422" in condition["message"]
+    assert "spentUSD: too long" in condition["message"]
+
+    unknown = budget_status(verdict, during, 4, Decimal(10), NOW, None)  # another leader
+    assert _usage_applied(unknown) == condition  # left as written
+
+    later = NOW + timedelta(minutes=1)
+    after = budget_status(verdict, during, 4, Decimal(10), later, HeldSummary())
+    cleared = _usage_applied(after)
+    assert cleared is not None
+    assert (cleared["status"], cleared["reason"]) == ("True", "UsageApplied")
+    assert cleared["lastTransitionTime"] == "2026-11-25T12:01:00Z"
