@@ -26,6 +26,9 @@ from costwarden.gateway.identity import Caller
 from costwarden.gateway.wire import WireFormat
 
 decision_log = logging.getLogger("costwarden.gateway.decision")
+MAX_TASK = 128
+MAX_SENSITIVITY = 32
+MAX_ROUTE_REASON = 512
 _NO_TOKENS = TokenUsage()
 
 
@@ -46,6 +49,10 @@ class Call:
     served: ModelRoute | None = None
     rule: str = ""
     reason: str = ""
+    task: str = ""
+    """The task the caller declared (X-Costwarden-Task or metadata.task)."""
+    sensitivity: str = ""
+    """The sensitivity the caller declared (Public, Internal, Confidential)."""
     downgraded_from: str = ""
     admitted: bool = False
     streaming: bool = False
@@ -97,6 +104,11 @@ class Call:
             config_revision=self.revision,
             gateway_replica=replica,
             labels={},
+            # Bounded as the operator's schema bounds them: a long header must not make the
+            # whole batch unparsable at ingestion.
+            task=self.task[:MAX_TASK],
+            sensitivity=self.sensitivity[:MAX_SENSITIVITY],
+            route_reason=self.reason[:MAX_ROUTE_REASON],
         )
 
 
@@ -135,6 +147,8 @@ def log_decision(call: Call, record: UsageRecord) -> None:
         "model": record.served_model,
         "rule": record.rule,
         "reason": call.reason,
+        "task": record.task,
+        "sensitivity": record.sensitivity,
         "downgradedFrom": call.downgraded_from,
         "outcome": record.outcome.value,
         "refusal": call.refusal,
