@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from costwarden.accounting.changes import ChangeBooks
 from costwarden.api.accounting import (
     MAX_HISTORY,
     ClosedPeriod,
@@ -41,6 +42,7 @@ OWNED_FIELDS = (
     "byModel",
     "byJob",
     "results",
+    "changes",
     "history",
     "ingestion",
     "recentActions",
@@ -94,6 +96,7 @@ class Books:
     late_records: int = 0
     last_applied: datetime | None = None
     actions: list[EnforcementRecord] = field(default_factory=list)
+    changes: ChangeBooks = field(default_factory=ChangeBooks)
 
     # -- reading and writing status ----------------------------------------------------
 
@@ -138,6 +141,7 @@ class Books:
             for outcome, tally in _tallies(results).items()
         }
         self.last_finish = results.last_finish
+        self.changes = ChangeBooks.read(parsed.changes)
         self.records = ingestion.records
         self.duplicates = ingestion.duplicates
         self.late_records = ingestion.late_records
@@ -188,6 +192,8 @@ class Books:
             last_applied=self.last_applied,
         ).to_wire()
         ingestion.setdefault("lastApplied", None)
+        changes = self.changes.status().to_wire()
+        changes.setdefault("costPerMergedChangeUSD", None)
         return {
             "spentUSD": format_money(display_usd(self.spent)),
             "spentExactUSD": format_exact(self.spent),
@@ -201,6 +207,7 @@ class Books:
             ],
             "byJob": {"jobs": jobs, "otherUSD": format_exact(self.other_jobs)},
             "results": results,
+            "changes": changes,
             "history": [_history_wire(p) for p in self.history[-MAX_HISTORY:]],
             "ingestion": ingestion,
             "recentActions": [

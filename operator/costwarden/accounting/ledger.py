@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from costwarden.accounting.changes import count_change
 from costwarden.accounting.books import Books, Cursor, JobEntry, Spend, display_usd
 from costwarden.api.accounting import MAX_CURSORS, MAX_JOBS, MAX_MODELS, ClosedPeriod
 from costwarden.api.usage import LoopSignal, UsageRecord
@@ -102,6 +103,7 @@ def _count(books: Books, record: UsageRecord, applied: Applied) -> None:
     if name not in books.models and len(books.models) >= MAX_MODELS - 1:
         name = OTHER_MODEL
     _add(books.models.setdefault(name, Spend()), cost, total)
+    count_change(books.changes, record)
     if not record.job:
         books.other_jobs += cost
         return

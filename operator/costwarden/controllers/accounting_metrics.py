@@ -46,6 +46,13 @@ REFUSED = Counter(
     "reason. Never charged to anyone.",
     ["reason"],
 )
+ATTRIBUTION_INVALID = Counter(
+    "costwarden_attribution_invalid_values_total",
+    "Usage records whose pod carries an attribution tag value its TeamBudget does not allow "
+    "(too long, not in values, not matching the pattern): recorded as _invalid and still "
+    "charged. By key (the five fixed keys, or other).",
+    ["key"],
+)
 INGESTION_LAG = Histogram(
     "costwarden_ingest_lag_seconds",
     "From a call's arrival at the gateway to its record applied in TeamBudget status.",

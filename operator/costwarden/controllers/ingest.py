@@ -36,6 +36,7 @@ from costwarden.accounting.batch import BatchAck, HeldEntry, UsageBatch
 from costwarden.accounting.books import Books
 from costwarden.accounting.ledger import Applied, Entry, apply_entries
 from costwarden.accounting.trust import Checked, Refusal
+from costwarden.api.attribution import FIXED_KEYS
 from costwarden.api.gatewayconfig import GatewayConfig
 from costwarden.api.meta import API_VERSION
 from costwarden.api.teambudget import BudgetPhase
@@ -121,6 +122,9 @@ class Ingestion:
         refused = [c for c in checked if c.refusal is not None]
         if refused:
             return self._refuse(reporter.identity, batch.source, refused)
+        for entry in checked:
+            for key in entry.invalid_tags:
+                metrics.ATTRIBUTION_INVALID.labels(key=key if key in FIXED_KEYS else "other").inc()
         started = time.monotonic()
         try:
             ack = await self.apply(batch, reporter.cursor_key(batch.source), checked)
