@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from costwarden.accounting.changes import count_change
 from costwarden.accounting.books import Books, Cursor, JobEntry, Spend, display_usd
+from costwarden.accounting.changes import count_change
 from costwarden.api.accounting import MAX_CURSORS, MAX_JOBS, MAX_MODELS, ClosedPeriod
 from costwarden.api.usage import LoopSignal, UsageRecord
 

@@ -160,9 +160,7 @@ def pod_facts(pod: Mapping[str, object]) -> PodFacts:
         job=owner_job(pod),
         created=created,
         annotations={
-            str(k): str(v)
-            for k, v in annotations.items()
-            if str(k).startswith(TAG_PREFIX)
+            str(k): str(v) for k, v in annotations.items() if str(k).startswith(TAG_PREFIX)
         }
         if isinstance(annotations, Mapping)
         else {},

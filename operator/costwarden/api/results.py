@@ -20,6 +20,9 @@ from pydantic import AfterValidator, Field
 
 from costwarden.api.base import WireModel
 
+RESULTS_AUDIENCE = "costwarden.io/results"
+"""Audience of the service-account tokens a CI job presents to ``POST /v1/results``: useless
+against the API server, the gateway and usage ingestion."""
 MAX_REPOSITORY = 200
 """owner/name on GitHub is at most 39 + 1 + 100 characters; GitLab groups nest deeper."""
 MAX_CHANGE = 63
@@ -110,6 +113,7 @@ class ResultReport(WireModel):
 __all__ = [
     "MAX_CHANGE",
     "MAX_REPOSITORY",
+    "RESULTS_AUDIENCE",
     "ChangeOutcome",
     "ChangeResult",
     "ResultReport",

@@ -91,3 +91,31 @@ WASTED = Gauge(
     "Spend of failed Jobs and Jobs stopped by costwarden in the current period.",
     ["team"],
 )
+RESULTS = Counter(
+    "costwarden_change_outcomes_total",
+    "Change outcomes reported (POST /v1/results, the GitHub webhook), by result (applied, "
+    "invalid, unauthorized, failed).",
+    ["result"],
+)
+CHANGES = Gauge(
+    "costwarden_budget_changes",
+    "Changes (pull requests, tickets) with spend in the current period, by repository and "
+    "outcome (merged, closed, reverted). At most 32 repositories per team (the rest: _other).",
+    ["team", "repository", "outcome"],
+)
+CHANGE_SPENT = Gauge(
+    "costwarden_budget_change_spent_usd",
+    "Spend tagged with a change in the current period, by repository and outcome (merged, "
+    "closed = never merged, reverted, open = no outcome yet).",
+    ["team", "repository", "outcome"],
+)
+COST_PER_MERGED_CHANGE = Gauge(
+    "costwarden_budget_cost_per_merged_change_usd",
+    "Spend of merged changes divided by their number in the current period, by repository.",
+    ["team", "repository"],
+)
+NEVER_MERGED = Gauge(
+    "costwarden_budget_never_merged_usd",
+    "Spend on changes closed without merging in the current period.",
+    ["team"],
+)

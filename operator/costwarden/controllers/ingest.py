@@ -48,6 +48,7 @@ from costwarden.controllers.ingest_auth import IngestAuth
 from costwarden.controllers.ingest_trust import PodView, PriceMemory, TransientError, check_batch
 from costwarden.controllers.leadership import Leadership
 from costwarden.controllers.rest import ApiError, Rest
+from costwarden.controllers.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,15 @@ class Ingestion:
         self._held_events: dict[str, float] = {}
         self.pods = PodView(rest)
         self.prices = PriceMemory()
+        self.results: Results | None = None
+        """``POST /v1/results`` and the forge webhook, served beside ``/v1/usage``."""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/v1/usage", self.handle)
         app.router.add_get("/healthz", _ok)
+        if self.results is not None:
+            self.results.routes(app)
         return app
 
     async def handle(self, request: web.Request) -> web.Response:

@@ -19,10 +19,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from costwarden.api.attribution import Attribution
 from costwarden.api.catalog import PriceCatalog
 from costwarden.api.conditions import Reason
 from costwarden.api.endpoints import ANY_HOST, ProviderHosts
-from costwarden.api.attribution import Attribution
 from costwarden.api.gatewayconfig import (
     CredentialRef,
     GatewayConfig,
