@@ -24,7 +24,7 @@ from typing import Any
 from costwarden.api.results import ChangeResult
 
 ENV_SERVER = "COSTWARDEN_RESULTS_URL"
-ENV_TOKEN = "COSTWARDEN_RESULTS_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+ENV_TOKEN = "COSTWARDEN_RESULTS_TOKEN"
 ENV_CA = "COSTWARDEN_RESULTS_CA"
 RETRIED = {502, 503, 504}
 

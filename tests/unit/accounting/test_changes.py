@@ -53,7 +53,8 @@ def test_cost_per_merged_change_and_spend_that_never_merged_by_repository():
     assert (api.closed.changes, api.closed.spent_usd) == (1, Decimal("0.07"))
     assert api.open_usd == 0
     web = next(r for r in status.by_repository if r.repository == "acme/web")
-    assert web.open_usd == Decimal("1.00") and web.cost_per_merged_change_usd is None
+    assert web.open_usd == Decimal("1.00")
+    assert web.cost_per_merged_change_usd is None
     assert status.never_merged_usd == Decimal("0.07")
     assert status.cost_per_merged_change_usd == Decimal("0.225")
     assert books.spent == Decimal("2.02"), "untagged spend is spend all the same"
@@ -72,7 +73,8 @@ def test_a_report_is_applied_once_and_a_later_one_moves_the_change():
     # Spend after the outcome joins the outcome's tally.
     spend(books, record("0.05", change="1"))
     api = books.changes.status().by_repository[0]
-    assert api.reverted.spent_usd == Decimal("0.25") and api.open_usd == 0
+    assert api.reverted.spent_usd == Decimal("0.25")
+    assert api.open_usd == 0
 
 
 def test_an_outcome_without_spend_of_the_team_changes_nothing():

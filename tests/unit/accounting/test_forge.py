@@ -56,7 +56,8 @@ def test_a_merged_revert_pull_request_reverts_the_change_it_names():
 def test_the_signature_is_hmac_sha256_of_the_raw_body_under_one_of_the_secrets():
     body = json.dumps(DELIVERIES[2]["payload"]).encode()
     header = github_signature(b"s3cret", body)
-    assert header.startswith("sha256=") and len(header) == 7 + 64
+    assert header.startswith("sha256=")
+    assert len(header) == 7 + 64
     assert verify_github_signature([b"old", b"s3cret"], body, header)
     assert not verify_github_signature([b"other"], body, header)
     assert not verify_github_signature([b"s3cret"], body + b" ", header)

@@ -321,7 +321,8 @@ def test_a_caller_without_a_pod_gets_no_tags():
     keyed = record(pod="", caller="key", labels={"repository": "acme/api", "change": "1"})
     checked = check_record(1, keyed, check(GATEWAY, pod=None, cfg=cfg))
     assert checked.refusal is None
-    assert checked.record is not None and checked.record.labels == {}
+    assert checked.record is not None
+    assert checked.record.labels == {}
 
 
 def test_pod_facts_keep_only_costwarden_annotations():
