@@ -231,3 +231,8 @@ def test_cost_per_merged_change_per_repository_from_tagged_pods_and_reported_out
     assert len(calls) == 8
     assert {(r["task"], r["sensitivity"]) for r in calls} == {("code-review", "Internal")}
     assert all(r["routeReason"] for r in calls)
+    # The gateway's own ledger carries the fixed tags among the pod's labels (the operator
+    # recomputes them, annotations included, at ingestion).
+    assert {r["pod"]: r["labels"] for r in calls} == {
+        pod: {"change": change} for pod, _, change, _, _ in AGENTS
+    }
