@@ -225,6 +225,7 @@ class Books:
             spent_exact_usd=self.spent,
             tokens=self.tokens,
             results=self.results(),
+            changes=self.changes.summary(),
         )
 
 

@@ -143,6 +143,12 @@ class ChangeBooks:
             reverted_usd=reverted,
         )
 
+    def summary(self) -> Changes | None:
+        """The period's tallies for history: by repository, without the per-change list."""
+        if not self.repositories:
+            return None
+        return self.status().model_copy(update={"changes": []})
+
 
 def per_change(usd: Decimal, changes: int) -> Decimal | None:
     if not changes:

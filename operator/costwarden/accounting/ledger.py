@@ -134,6 +134,7 @@ def _add_to_history(books: Books, record: UsageRecord) -> bool:
                     spent_exact_usd=exact,
                     tokens=period.tokens.plus(record.tokens),
                     results=period.results,
+                    changes=period.changes,
                 )
             return True
     return False

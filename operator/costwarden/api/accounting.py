@@ -172,6 +172,11 @@ class ClosedPeriod(WireModel):
     spent_exact_usd: ExactAmount = Field(alias="spentExactUSD")
     tokens: TokenUsage = Field(default_factory=TokenUsage)
     results: Results = Field(default_factory=Results)
+    changes: Changes | None = Field(
+        default=None,
+        description="Changes by repository and outcome at the period's end (without the "
+        "per-change list).",
+    )
 
 
 class SourceCursor(WireModel):
@@ -286,3 +291,6 @@ class Changes(WireModel):
     reverted_usd: ExactAmount = Field(
         default=Decimal(0), alias="revertedUSD", description="Spend on changes later reverted."
     )
+
+
+ClosedPeriod.model_rebuild()

@@ -124,3 +124,19 @@ def test_repositories_are_bounded():
 def test_cost_per_change_has_eighteen_decimals():
     assert per_change(Decimal(1), 3) == Decimal("0.333333333333333333")
     assert per_change(Decimal(1), 0) is None
+
+
+def test_a_closed_period_keeps_the_tallies_by_repository_without_the_change_list():
+    books = Books(START, END)
+    spend(books, record("0.10", change="1"), record("0.30", change="2"))
+    apply_outcome(books.changes, outcome("1", ChangeResult.MERGED))
+    following = Books.read(books.fragment(), END, datetime(2027, 1, 1, tzinfo=UTC))
+    assert following.changes.changes == {}, "the new period starts without changes"
+    closed = following.history[-1].changes
+    assert closed is not None
+    assert closed.changes == []
+    api = closed.by_repository[0]
+    assert (api.merged.changes, api.merged.spent_usd, api.open_usd) == (
+        1, Decimal("0.10"), Decimal("0.30"),
+    )  # fmt: skip
+    assert following.fragment()["history"][-1]["changes"]["costPerMergedChangeUSD"] == "0.1"
