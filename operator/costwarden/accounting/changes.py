@@ -187,8 +187,7 @@ def apply_outcome(books: ChangeBooks, outcome: ChangeOutcome) -> bool:
     if entry.ended is not None and outcome.time <= entry.ended:
         return False
     if entry.outcome is outcome.outcome:
-        entry.ended = outcome.time
-        return True
+        return False  # the same outcome again (a CI step re-run): the first time stands
     tally = books.tally(outcome.repository)
     if entry.outcome is None:
         tally.open_usd -= entry.usd
