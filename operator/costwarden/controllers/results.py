@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,8 @@ class Results:
             return apply_outcome(books.changes, outcome)
 
         async def one(budget: Budget) -> str:
+            if not _carries(self.accountant.status_of(budget), outcome):
+                return ""  # no write queued: most teams never spent on a given change
             try:
                 _commit, changed = await self.accountant.mutate(budget.id, mutate)
             except BudgetGoneError:
@@ -272,6 +274,19 @@ class Results:
         except OSError:
             return []
         return [line.strip().encode() for line in text.splitlines() if line.strip()]
+
+
+def _carries(status: Mapping[str, Any], outcome: ChangeOutcome) -> bool:
+    """Whether a team's status lists spend on the outcome's change (the newest status the
+    accountant knows, its own last write included, so spend just applied is seen)."""
+    changes = status.get("changes")
+    listed = changes.get("changes") if isinstance(changes, Mapping) else None
+    return any(
+        isinstance(c, Mapping)
+        and c.get("change") == outcome.change
+        and c.get("repository") == outcome.repository
+        for c in listed or []
+    )
 
 
 def _json(body: Any, status: int = 200) -> web.Response:

@@ -42,6 +42,7 @@ class Budgets:
 
 class Accountant:
     def __init__(self, teams: list[str]) -> None:
+        self.writes = 0
         self.books = {t: Books(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
                       for t in teams}  # fmt: skip
         for books in self.books.values():  # every team spent on acme/api#101
@@ -52,7 +53,11 @@ class Accountant:
             )  # fmt: skip
             count_change(books.changes, record)
 
+    def status_of(self, budget: Budget) -> dict[str, Any]:
+        return self.books[budget.id].fragment()
+
     async def mutate(self, team: str, mutation: Any) -> tuple[Any, Any]:
+        self.writes += 1
         await asyncio.sleep(0)
         return None, mutation(self.books[team], NOW)
 
@@ -177,6 +182,15 @@ def test_the_admin_token_and_the_webhook_apply_to_every_team(tmp_path):
     for team in ("a/budget", "b/budget"):
         repo = accountant.books[team].changes.status().by_repository[0]
         assert (repo.merged.changes, repo.reverted.changes) == (0, 1)
+
+
+def test_an_outcome_no_team_spent_on_queues_no_write(tmp_path):
+    async def scenario(http: TestClient) -> None:
+        answer = await http.post("/v1/results", json=report("999"), headers=auth("admin-token"))
+        assert answer.status == 200
+        assert (await answer.json())["teams"] == []
+
+    assert run(tmp_path, scenario).writes == 0
 
 
 def test_only_the_leader_applies(tmp_path):
