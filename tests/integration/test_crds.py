@@ -77,6 +77,8 @@ def test_api_server_defaults_match_the_models(api_client: client.ApiClient, crds
 def _without_empty_lists(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_empty_lists(v) for k, v in value.items() if v != []}
+    if isinstance(value, list):  # items of a list default too (spec.attribution.keys)
+        return [_without_empty_lists(v) for v in value]
     return value
 
 

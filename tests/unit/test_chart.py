@@ -46,6 +46,8 @@ EVERYTHING_ON = (
     "webhook.enabled=true,apiKeys.enabled=true",
     "--set",
     "operator.replicas=2,operator.logLevel=debug",
+    "--set",
+    "results.githubWebhookSecret.name=gh-hook,results.tokenSecret.name=ci-results",
 )
 SCENARIOS = {
     "defaults": (),
@@ -402,6 +404,24 @@ def test_api_keys_grant_secrets_in_the_release_namespace_only(helm: Any) -> None
     secrets = {g for g in grants(unnamed(operator_role(objects))) if g[1] == "secrets"}
     assert secrets == {("", "secrets", v) for v in ("get", "list", "create", "delete")}
     assert not {g for g in grants(operator_cluster_role(objects)) if g[1] == "secrets"}
+
+
+def test_results_secrets_are_mounted_files_the_operator_reads(helm: Any) -> None:
+    assert not any("results" in a for a in container_args(template(helm), "operator"))
+    objects = template(
+        helm, "--set", "results.githubWebhookSecret.name=gh-hook,results.tokenSecret.name=ci"
+    )
+    args = container_args(objects, "operator")
+    webhook = flag(args, "--github-webhook-secret-file")
+    token = flag(args, "--results-token-file")
+    assert webhook == "/etc/costwarden/results-webhook/webhook-secret"
+    assert token == "/etc/costwarden/results-token/token"
+    pod = deployment(objects, "operator")["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"results-webhook": "gh-hook", "results-token": "ci"}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert webhook.startswith(mounts["results-webhook"] + "/")
+    assert token.startswith(mounts["results-token"] + "/")
 
 
 def provider_key_roles(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

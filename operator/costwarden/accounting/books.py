@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from costwarden.accounting.changes import ChangeBooks
 from costwarden.api.accounting import (
     MAX_HISTORY,
     ClosedPeriod,
@@ -43,6 +44,7 @@ OWNED_FIELDS = (
     "byModel",
     "byJob",
     "results",
+    "changes",
     "history",
     "ingestion",
     "recentActions",
@@ -110,6 +112,7 @@ class Books:
     """Budget lent to gateway replicas, by holder (= usage cursor key)."""
     refused_need: Decimal | None = None
     """The smallest call refused at the cap this period (policy/leases.py)."""
+    changes: ChangeBooks = field(default_factory=ChangeBooks)
 
     # -- reading and writing status ----------------------------------------------------
 
@@ -157,6 +160,7 @@ class Books:
             for outcome, tally in _tallies(results).items()
         }
         self.last_finish = results.last_finish
+        self.changes = ChangeBooks.read(parsed.changes)
         self.records = ingestion.records
         self.duplicates = ingestion.duplicates
         self.late_records = ingestion.late_records
@@ -233,6 +237,8 @@ class Books:
         leases.setdefault("refusedNeedUSD", None)
         for holder in leases["holders"]:
             holder["renewed"] = timestamp(self.leases[holder["holder"]].renewed)
+        changes = self.changes.status().to_wire()
+        changes.setdefault("costPerMergedChangeUSD", None)
         return {
             "spentUSD": format_money(display_usd(self.spent)),
             "spentExactUSD": format_exact(self.spent),
@@ -246,6 +252,7 @@ class Books:
             ],
             "byJob": {"jobs": jobs, "otherUSD": format_exact(self.other_jobs)},
             "results": results,
+            "changes": changes,
             "history": [_history_wire(p) for p in self.history[-MAX_HISTORY:]],
             "ingestion": ingestion,
             "leases": leases,
@@ -264,6 +271,7 @@ class Books:
             spent_exact_usd=self.spent,
             tokens=self.tokens,
             results=self.results(),
+            changes=self.changes.summary(),
         )
 
 

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from costwarden.accounting.books import Books, Cursor, JobEntry, Spend, display_usd
+from costwarden.accounting.changes import count_change
 from costwarden.api.accounting import MAX_CURSORS, MAX_JOBS, MAX_MODELS, ClosedPeriod
 from costwarden.api.usage import LoopSignal, UsageRecord
 
@@ -103,6 +104,7 @@ def _count(books: Books, record: UsageRecord, applied: Applied) -> None:
     if name not in books.models and len(books.models) >= MAX_MODELS - 1:
         name = OTHER_MODEL
     _add(books.models.setdefault(name, Spend()), cost, total)
+    count_change(books.changes, record)
     if not record.job:
         books.other_jobs += cost
         return
@@ -143,6 +145,7 @@ def _add_to_history(books: Books, record: UsageRecord) -> bool:
                     spent_exact_usd=exact,
                     tokens=period.tokens.plus(record.tokens),
                     results=period.results,
+                    changes=period.changes,
                 )
             return True
     return False

@@ -8,6 +8,9 @@ credential proves *who* it is; nothing else in an entry is taken as sent
   labels, read from the API server) with the gateway configuration's attribution
   (``GatewayConfig.team_for_workload``); an entry naming another team is refused;
 - the **job** is the pod's owning Job (``ownerReferences``), never a label or the entry;
+- the **attribution tags** (``labels``: repository, change, ...) are the pod's
+  ``costwarden.io/<key>`` annotations and labels, bounded by the team's
+  ``spec.attribution`` (policy.attribution); what the entry carries is replaced;
 - the **cost** is recomputed from the team's RoutingPolicy prices for the served model and
   the reported tokens; a served model outside the team's policy is refused;
 - **tokens** are bounded per record, **time** to a window around now (and never before
@@ -21,14 +24,16 @@ Refusals carry a machine-readable reason (:class:`Refusal`), counted in
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
+from costwarden.api.attribution import TAG_PREFIX
 from costwarden.api.gatewayconfig import GatewayConfig, ResolvedPricing, TeamConfig
 from costwarden.api.teambudget import JobAction
 from costwarden.api.usage import LoopKind, LoopSignal, UsageRecord
+from costwarden.policy.attribution import Tags, tags_for
 from costwarden.policy.pricing import call_cost
 
 MAX_RECORD_TOKENS = 50_000_000
@@ -114,6 +119,9 @@ class PodFacts:
     job: str
     """The owning Job (ownerReferences kind Job, controller), "" if none."""
     created: datetime | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    """Only the ``costwarden.io/`` ones (attribution tags): a pod's other annotations can
+    be large and are never needed here."""
 
 
 def owner_job(pod: Mapping[str, object]) -> str:
@@ -136,6 +144,7 @@ def pod_facts(pod: Mapping[str, object]) -> PodFacts:
     meta = pod.get("metadata")
     meta = meta if isinstance(meta, Mapping) else {}
     labels = meta.get("labels")
+    annotations = meta.get("annotations")
     created: datetime | None = None
     stamp = meta.get("creationTimestamp")
     if isinstance(stamp, str):
@@ -150,6 +159,11 @@ def pod_facts(pod: Mapping[str, object]) -> PodFacts:
         labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {},
         job=owner_job(pod),
         created=created,
+        annotations={
+            str(k): str(v) for k, v in annotations.items() if str(k).startswith(TAG_PREFIX)
+        }
+        if isinstance(annotations, Mapping)
+        else {},
     )
 
 
@@ -182,6 +196,9 @@ class Checked:
     signal: LoopSignal | None = None
     refusal: Refusal | None = None
     message: str = ""
+    invalid_tags: tuple[str, ...] = ()
+    """Attribution keys whose value the team's TeamBudget does not allow (recorded as
+    ``_invalid``; the record still counts)."""
 
 
 @dataclass
@@ -241,7 +258,7 @@ def check_record(seq: int, record: UsageRecord, check: Check) -> Checked:
             return refuse(
                 seq, Refusal.TEAM_MISMATCH, f"seq {seq}: a record without a team cannot carry usage"
             )
-        return Checked(seq=seq, record=record)
+        return Checked(seq=seq, record=record.model_copy(update={"labels": {}}))
     if not record.usage_reported:
         if record.cost_usd:
             return refuse(
@@ -249,8 +266,9 @@ def check_record(seq: int, record: UsageRecord, check: Check) -> Checked:
                 Refusal.COST_MISMATCH,
                 f"seq {seq}: a call without reported usage costs 0, not {record.cost_usd}",
             )
-        trusted = record.model_copy(update={"job": job, "team": team.id})
-        return Checked(seq=seq, team=team.id, record=trusted)
+        tags = _tags(team, check)
+        trusted = record.model_copy(update={"job": job, "team": team.id, "labels": tags.values})
+        return Checked(seq=seq, team=team.id, record=trusted, invalid_tags=tags.invalid)
     pricings = check.prices(team, record.served_model)
     if not pricings:
         return refuse(
@@ -268,8 +286,11 @@ def check_record(seq: int, record: UsageRecord, check: Check) -> Checked:
             f"seq {seq}: {record.cost_usd} USD claimed, but these tokens of "
             f"{record.served_model} cost {_plain(costs[0])} USD at the policy's prices",
         )
-    trusted = record.model_copy(update={"job": job, "team": team.id, "cost_usd": cost})
-    return Checked(seq=seq, team=team.id, record=trusted)
+    tags = _tags(team, check)
+    trusted = record.model_copy(
+        update={"job": job, "team": team.id, "cost_usd": cost, "labels": tags.values}
+    )
+    return Checked(seq=seq, team=team.id, record=trusted, invalid_tags=tags.invalid)
 
 
 def check_signal(seq: int, signal: LoopSignal, check: Check) -> Checked:
@@ -381,6 +402,15 @@ def _team(
             f"{recomputed or 'no TeamBudget'}, not to {named or 'no TeamBudget'}",
         )
     return team, job
+
+
+def _tags(team: TeamConfig, check: Check) -> Tags:
+    """The record's tags, from the pod as the API server has it and the team's declared
+    keys; none without a pod (a per-team key's caller has no pod to read them from)."""
+    facts = check.pod
+    if facts is None:
+        return Tags({})
+    return tags_for(facts.labels, facts.annotations, team.tags())
 
 
 def _time_refusal(seq: int, moment: datetime, check: Check) -> Checked | None:

@@ -21,6 +21,7 @@ from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema
 
 from costwarden.api.base import WireModel
 from costwarden.api.money import StatusMoney
+from costwarden.api.results import ChangeResult
 
 MAX_MODELS = 32
 MAX_JOBS = 50
@@ -172,6 +173,11 @@ class ClosedPeriod(WireModel):
     spent_exact_usd: ExactAmount = Field(alias="spentExactUSD")
     tokens: TokenUsage = Field(default_factory=TokenUsage)
     results: Results = Field(default_factory=Results)
+    changes: Changes | None = Field(
+        default=None,
+        description="Changes by repository and outcome at the period's end (without the "
+        "per-change list).",
+    )
 
 
 class SourceCursor(WireModel):
@@ -249,3 +255,89 @@ class Leases(WireModel):
         "call refused this period because the budget left could not hold it: the hard cap "
         "counts as reached while spend plus this exceeds it.",
     )
+
+
+MAX_CHANGES = 100
+MAX_REPOSITORIES = 32
+OTHER_REPOSITORY = "_other"
+"""The repository bucket of changes once MAX_REPOSITORIES repositories are listed."""
+
+
+class ChangeTally(WireModel):
+    changes: int = Field(default=0, ge=0, description="Changes with this outcome.")
+    spent_usd: ExactAmount = Field(
+        default=Decimal(0), alias="spentUSD", description="Their spend in this period."
+    )
+
+
+class RepositoryChanges(WireModel):
+    """Spend on one repository's changes (the ``repository`` and ``change`` tags), by outcome."""
+
+    repository: Annotated[str, Field(max_length=200)] = Field(
+        description=f"owner/name (lower case); {OTHER_REPOSITORY} sums repositories beyond "
+        f"the first {MAX_REPOSITORIES}."
+    )
+    merged: ChangeTally = Field(default_factory=ChangeTally)
+    closed: ChangeTally = Field(
+        default_factory=ChangeTally, description="Closed without merging: never merged."
+    )
+    reverted: ChangeTally = Field(default_factory=ChangeTally, description="Merged, then reverted.")
+    open_usd: ExactAmount = Field(
+        default=Decimal(0),
+        alias="openUSD",
+        description="Spend on changes with no outcome reported yet.",
+    )
+    cost_per_merged_change_usd: ExactAmount | None = Field(
+        default=None,
+        alias="costPerMergedChangeUSD",
+        description="Spend of merged changes divided by their number (18 decimals).",
+    )
+
+
+class ChangeSpend(WireModel):
+    """Spend carrying one change's tag in the current period."""
+
+    repository: Annotated[str, Field(max_length=200)]
+    change: Annotated[str, Field(max_length=63)]
+    spent_usd: ExactAmount = Field(alias="spentUSD")
+    requests: int = Field(default=0, ge=0)
+    outcome: ChangeResult | None = Field(
+        default=None, description="merged, closed or reverted once reported."
+    )
+    ended: datetime | None = Field(default=None, description="When the outcome happened.")
+
+
+class Changes(WireModel):
+    """Cost per result beyond Jobs: spend tagged with a change, joined to the outcome CI or
+    a Git forge reported for it (docs/attribution.md)."""
+
+    by_repository: list[RepositoryChanges] = Field(
+        default_factory=list,
+        max_length=MAX_REPOSITORIES,
+        description="Per repository: changes by outcome, spend, cost per merged change.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["repository"],
+        },
+    )
+    changes: list[ChangeSpend] = Field(
+        default_factory=list,
+        max_length=MAX_CHANGES,
+        description=f"At most {MAX_CHANGES} changes: open ones first, then by spend.",
+    )
+    cost_per_merged_change_usd: ExactAmount | None = Field(
+        default=None,
+        alias="costPerMergedChangeUSD",
+        description="All repositories: spend of merged changes divided by their number.",
+    )
+    never_merged_usd: ExactAmount = Field(
+        default=Decimal(0),
+        alias="neverMergedUSD",
+        description="Spend on changes closed without merging.",
+    )
+    reverted_usd: ExactAmount = Field(
+        default=Decimal(0), alias="revertedUSD", description="Spend on changes later reverted."
+    )
+
+
+ClosedPeriod.model_rebuild()

@@ -17,6 +17,7 @@ from decimal import Decimal
 from pydantic import Field
 
 from costwarden.api.accounting import ModelSpend
+from costwarden.api.attribution import Attribution
 from costwarden.api.base import WireModel
 from costwarden.api.meta import LabelSelector
 from costwarden.api.money import Money, PlainMoney
@@ -121,6 +122,15 @@ class TeamConfig(WireModel):
         default=None, description="id of the PolicyConfig routing the team's calls."
     )
     spend: SpendState
+    attribution: Attribution | None = Field(
+        default=None,
+        description="The tags ingestion records for the team (TeamBudget spec.attribution); "
+        "absent when the spec leaves the default (so a gateway of the previous release still "
+        "reads the document during an upgrade).",
+    )
+
+    def tags(self) -> Attribution:
+        return self.attribution or Attribution()
 
     def selects(self, namespace: str, labels: dict[str, str]) -> bool:
         """Whether a workload in ``namespace`` with ``labels`` belongs to this team."""

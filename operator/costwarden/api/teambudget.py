@@ -17,6 +17,7 @@ from pydantic import Field
 from costwarden.api.accounting import (
     MAX_HISTORY,
     MAX_MODELS,
+    Changes,
     ClosedPeriod,
     ExactAmount,
     Ingestion,
@@ -26,6 +27,7 @@ from costwarden.api.accounting import (
     Results,
     TokenUsage,
 )
+from costwarden.api.attribution import Attribution
 from costwarden.api.base import WireModel
 from costwarden.api.meta import (
     Condition,
@@ -325,6 +327,14 @@ class TeamBudgetSpec(WireModel):
         ),
     )
 
+    attribution: Attribution = Field(
+        default_factory=Attribution,
+        json_schema_extra={"default": {}},
+        description="The tags the team's usage records carry, read from the pods' "
+        "costwarden.io/<key> labels and annotations (bounded), and who may report the "
+        "outcomes of its changes (docs/attribution.md).",
+    )
+
     cel_rules = (
         CelRule(
             cel=(
@@ -450,6 +460,11 @@ class TeamBudgetStatus(WireModel):
     results: Results | None = Field(
         default=None,
         description="Finished agent Jobs of the period by outcome: cost per result, waste.",
+    )
+    changes: Changes | None = Field(
+        default=None,
+        description="Spend tagged with a change (pull request, ticket) by repository and "
+        "outcome: cost per merged change, spend on changes that never merged.",
     )
     history: list[ClosedPeriod] = Field(
         default_factory=list,

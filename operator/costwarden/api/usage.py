@@ -165,8 +165,29 @@ class UsageRecord(WireModel):
     streaming: bool = False
     config_revision: str = ""
     gateway_replica: str = ""
-    labels: dict[str, str] = Field(
-        default_factory=dict, description="Reserved: project/repo tags from pod labels."
+    labels: dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=63)]] = (
+        Field(
+            default_factory=dict,
+            max_length=16,
+            description="Attribution tags (project, repository, environment, application, "
+            "change and the keys the TeamBudget declares), recomputed by the operator at "
+            "ingestion from the pod's costwarden.io/<key> labels and annotations "
+            "(docs/attribution.md); what a gateway sends here is replaced.",
+        )
+    )
+    task: str = Field(
+        default="", max_length=128, description="The task the call declared (routing hint)."
+    )
+    sensitivity: str = Field(
+        default="",
+        max_length=32,
+        description="The sensitivity the call declared: Public, Internal or Confidential.",
+    )
+    route_reason: str = Field(
+        default="",
+        alias="routeReason",
+        max_length=512,
+        description="Why the routing chose the served model (rule, default, downgrade, fallback).",
     )
 
 

@@ -31,6 +31,7 @@ from costwarden.controllers.ingest_tls import DEFAULT_CA_CONFIGMAP, IngestTLS, p
 from costwarden.controllers.jobwatch import JobWatch
 from costwarden.controllers.reconciler import Reconciler
 from costwarden.controllers.rest import Rest
+from costwarden.controllers.results import Results
 from costwarden.policy.leases import LEASE_SECONDS
 from costwarden.supervision import Supervisor
 
@@ -102,6 +103,24 @@ def accounting_arguments(parser: argparse.ArgumentParser) -> None:
         f"gateway's --report-ca-file (default {DEFAULT_CA_CONFIGMAP}; empty: not published)",
     )
     group.add_argument(
+        "--results-token-file",
+        type=Path,
+        help="file of bearer tokens (one a line, a Secret mount) that may report change "
+        "outcomes for every team (POST /v1/results; docs/attribution.md)",
+    )
+    group.add_argument(
+        "--github-webhook-secret-file",
+        type=Path,
+        help="file of GitHub webhook secrets (one a line, a Secret mount): enables POST "
+        "/v1/results/github, pull_request deliveries signed with one of them",
+    )
+    group.add_argument(
+        "--results-log",
+        type=Path,
+        help="append every change outcome reported to this JSON Lines file (for the usage "
+        "store and costwarden report)",
+    )
+    group.add_argument(
         "--clock-offset",
         type=float,
         default=float(os.environ.get(clock.ENV_OFFSET) or 0),
@@ -158,6 +177,12 @@ def build(
             held=reconciler.held,
         )  # fmt: skip
         ingestion.leasing.lease_seconds = args.lease_seconds
+        ingestion.results = Results(
+            accountant, budgets, reconciler.leadership, rest,
+            token_file=getattr(args, "results_token_file", None),
+            github_secret_file=getattr(args, "github_webhook_secret_file", None),
+            log_file=getattr(args, "results_log", None),
+        )  # fmt: skip
     runtime = AccountingRuntime(
         rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
         args.ingest_port,

@@ -46,6 +46,13 @@ REFUSED = Counter(
     "reason. Never charged to anyone.",
     ["reason"],
 )
+ATTRIBUTION_INVALID = Counter(
+    "costwarden_attribution_invalid_values_total",
+    "Usage records whose pod carries an attribution tag value its TeamBudget does not allow "
+    "(too long, not in values, not matching the pattern): recorded as _invalid and still "
+    "charged. By key (the five fixed keys, or other).",
+    ["key"],
+)
 INGESTION_LAG = Histogram(
     "costwarden_ingest_lag_seconds",
     "From a call's arrival at the gateway to its record applied in TeamBudget status.",
@@ -100,5 +107,33 @@ LEASED_USD = Gauge(
     "costwarden_leased_usd",
     "Budget lent to gateway replicas and not yet drawn by their usage, per team (USD; "
     "float here, exact in status.leases).",
+    ["team"],
+)
+RESULTS = Counter(
+    "costwarden_change_outcomes_total",
+    "Change outcomes reported (POST /v1/results, the GitHub webhook), by result (applied, "
+    "invalid, unauthorized, failed).",
+    ["result"],
+)
+CHANGES = Gauge(
+    "costwarden_budget_changes",
+    "Changes (pull requests, tickets) with spend in the current period, by repository and "
+    "outcome (merged, closed, reverted). At most 32 repositories per team (the rest: _other).",
+    ["team", "repository", "outcome"],
+)
+CHANGE_SPENT = Gauge(
+    "costwarden_budget_change_spent_usd",
+    "Spend tagged with a change in the current period, by repository and outcome (merged, "
+    "closed = never merged, reverted, open = no outcome yet).",
+    ["team", "repository", "outcome"],
+)
+COST_PER_MERGED_CHANGE = Gauge(
+    "costwarden_budget_cost_per_merged_change_usd",
+    "Spend of merged changes divided by their number in the current period, by repository.",
+    ["team", "repository"],
+)
+NEVER_MERGED = Gauge(
+    "costwarden_budget_never_merged_usd",
+    "Spend on changes closed without merging in the current period.",
     ["team"],
 )

@@ -84,6 +84,7 @@ class Enforcer:
     def on_commit(self, commit: Commit) -> None:
         budget = commit.budget
         _observe_results(budget.id, commit.books)
+        _observe_changes(budget.id, commit.books)
         if is_exhausted(commit.after) and not is_exhausted(commit.before):
             self._exhausted.add(budget.id)
             self._spawn(self.enforce_cap(budget, commit.after.reason, commit.after.message))
@@ -444,3 +445,41 @@ def _observe_results(team: str, books: Books) -> None:
             float(results.cost_per_succeeded_job_usd)
         )
     metrics.WASTED.labels(team=team).set(float(results.wasted_usd))
+
+
+_CHANGE_SERIES: dict[str, set[str]] = {}
+"""The repositories each team's change gauges were last set for (to drop gone ones)."""
+
+
+def _observe_changes(team: str, books: Books) -> None:
+    """Change gauges from the books: a repository gone from them (a new period) loses its
+    series, so a dashboard never shows last period's cost per merged change as current."""
+    status = books.changes.status()
+    now = {repo.repository for repo in status.by_repository}
+    for gone in _CHANGE_SERIES.get(team, set()) - now:
+        for outcome in ("merged", "closed", "reverted", "open"):
+            with contextlib.suppress(KeyError):
+                metrics.CHANGE_SPENT.remove(team, gone, outcome)
+            if outcome != "open":
+                with contextlib.suppress(KeyError):
+                    metrics.CHANGES.remove(team, gone, outcome)
+        with contextlib.suppress(KeyError):
+            metrics.COST_PER_MERGED_CHANGE.remove(team, gone)
+    _CHANGE_SERIES[team] = now
+    for repo in status.by_repository:
+        name = repo.repository
+        for outcome, tally in (("merged", repo.merged), ("closed", repo.closed),
+                               ("reverted", repo.reverted)):  # fmt: skip
+            metrics.CHANGES.labels(team=team, repository=name, outcome=outcome).set(tally.changes)
+            metrics.CHANGE_SPENT.labels(team=team, repository=name, outcome=outcome).set(
+                float(tally.spent_usd)
+            )
+        metrics.CHANGE_SPENT.labels(team=team, repository=name, outcome="open").set(
+            float(repo.open_usd)
+        )
+        if repo.cost_per_merged_change_usd is not None:
+            metrics.COST_PER_MERGED_CHANGE.labels(team=team, repository=name).set(
+                float(repo.cost_per_merged_change_usd)
+            )
+    if status.by_repository or team in _CHANGE_SERIES:
+        metrics.NEVER_MERGED.labels(team=team).set(float(status.never_merged_usd))

@@ -38,6 +38,7 @@ from costwarden.accounting.books import Books
 from costwarden.accounting.held import HeldUsage
 from costwarden.accounting.ledger import Applied, Entry, apply_entries
 from costwarden.accounting.trust import Checked, Refusal
+from costwarden.api.attribution import FIXED_KEYS
 from costwarden.api.gatewayconfig import GatewayConfig
 from costwarden.api.meta import API_VERSION
 from costwarden.api.teambudget import BudgetPhase
@@ -50,6 +51,7 @@ from costwarden.controllers.ingest_trust import PodView, PriceMemory, TransientE
 from costwarden.controllers.leadership import Leadership
 from costwarden.controllers.leases import Leasing
 from costwarden.controllers.rest import ApiError, Rest
+from costwarden.controllers.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +94,16 @@ class Ingestion:
         self.pods = PodView(rest)
         self.prices = PriceMemory()
         self.leasing = Leasing(accountant, auth, leadership, config, self.pods)
+        self.results: Results | None = None
+        """``POST /v1/results`` and the forge webhook, served beside ``/v1/usage``."""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/v1/usage", self.handle)
         app.router.add_post("/v1/leases", self.leasing.handle)
         app.router.add_get("/healthz", _ok)
+        if self.results is not None:
+            self.results.routes(app)
         return app
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -131,6 +137,9 @@ class Ingestion:
         refused = [c for c in checked if c.refusal is not None]
         if refused:
             return self._refuse(reporter.identity, batch.source, refused)
+        for entry in checked:
+            for key in entry.invalid_tags:
+                metrics.ATTRIBUTION_INVALID.labels(key=key if key in FIXED_KEYS else "other").inc()
         started = time.monotonic()
         try:
             ack = await self.apply(batch, reporter.cursor_key(batch.source), checked)

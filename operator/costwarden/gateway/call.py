@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel
 
+from costwarden.api.attribution import FIXED_KEYS, MAX_VALUE_LENGTH, TAG_PREFIX
 from costwarden.api.gatewayconfig import ModelRoute, TeamConfig
 from costwarden.api.teambudget import TokenUsage
 from costwarden.api.usage import (
@@ -27,6 +28,9 @@ from costwarden.gateway.reservations import Reservation
 from costwarden.gateway.wire import WireFormat
 
 decision_log = logging.getLogger("costwarden.gateway.decision")
+MAX_TASK = 128
+MAX_SENSITIVITY = 32
+MAX_ROUTE_REASON = 512
 _NO_TOKENS = TokenUsage()
 
 
@@ -47,6 +51,10 @@ class Call:
     served: ModelRoute | None = None
     rule: str = ""
     reason: str = ""
+    task: str = ""
+    """The task the caller declared (X-Costwarden-Task or metadata.task)."""
+    sensitivity: str = ""
+    """The sensitivity the caller declared (Public, Internal, Confidential)."""
     downgraded_from: str = ""
     admitted: bool = False
     streaming: bool = False
@@ -102,8 +110,31 @@ class Call:
             streaming=self.streaming,
             config_revision=self.revision,
             gateway_replica=replica,
-            labels={},
+            labels=_tags(caller),
+            # Bounded as the operator's schema bounds them: a long header must not make the
+            # whole batch unparsable at ingestion.
+            task=self.task[:MAX_TASK],
+            sensitivity=self.sensitivity[:MAX_SENSITIVITY],
+            route_reason=self.reason[:MAX_ROUTE_REASON],
         )
+
+
+def _tags(caller: Caller) -> dict[str, str]:
+    """The fixed attribution tags among the caller's pod labels, for the gateway's own ledger.
+
+    A convenience only: the operator recomputes the tags at ingestion from the pod as the
+    API server has it (annotations included, with the team's declared keys and limits) and
+    replaces these. Fixed keys only and values cut to 63 characters, so a pod's labels can
+    never make a record fail the operator's schema (which would refuse the whole batch)."""
+    labels = caller.labels
+    if not labels:
+        return {}
+    found = {}
+    for key in FIXED_KEYS:
+        value = labels.get(TAG_PREFIX + key)
+        if value:
+            found[key] = value[:MAX_VALUE_LENGTH]
+    return found
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -141,6 +172,8 @@ def log_decision(call: Call, record: UsageRecord) -> None:
         "model": record.served_model,
         "rule": record.rule,
         "reason": call.reason,
+        "task": record.task,
+        "sensitivity": record.sensitivity,
         "downgradedFrom": call.downgraded_from,
         "outcome": record.outcome.value,
         "refusal": call.refusal,

@@ -273,6 +273,7 @@ class Gateway:
             hints = take_hints(request.headers, body)
         except BadRequestError as exc:
             return self.refuse(call, 400, RefusalReason.BAD_REQUEST, str(exc))
+        call.task, call.sensitivity = hints.task, hints.sensitivity.value
         fp = fingerprint(body) if call.team.loop_detection.enabled else ""
         admission = self.limits.admit(call.team, compiled.revision, call.caller.unit, fp)
         if admission.refusal is not None:
@@ -591,6 +592,7 @@ class Gateway:
             hints = take_hints(request.headers, body)
         except BadRequestError as exc:
             return self.refuse(call, 400, RefusalReason.BAD_REQUEST, str(exc))
+        call.task, call.sensitivity = hints.task, hints.sensitivity.value
         traits = RequestTraits(
             provider=call.fmt.provider,
             requested_model=call.requested_model,

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from costwarden.api.accounting import ModelSpend
+from costwarden.api.attribution import Attribution
 from costwarden.api.catalog import PriceCatalog
 from costwarden.api.conditions import Reason
 from costwarden.api.endpoints import ANY_HOST, ProviderHosts
@@ -293,6 +294,7 @@ def _team_config(
         loop_detection=spec.loop_detection,
         exemptions=spec.exemptions,
         routing_policy=policy_id,
+        attribution=spec.attribution if spec.attribution != Attribution() else None,
         spend=SpendState(
             phase=caps.phase, spent_usd=spent, tokens=tokens, period_start=start, period_end=end
         ),

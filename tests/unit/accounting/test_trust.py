@@ -297,3 +297,37 @@ def test_tool_calls_are_bounded_per_record():
 
     claim = record(tool_calls={"web_search_call": MAX_RECORD_TOOL_CALLS + 1})
     assert check_record(1, claim, check()).refusal is Refusal.TOKENS_OUT_OF_BOUNDS
+
+
+# -- attribution tags (issue 14) -------------------------------------------------------------
+
+
+def test_tags_are_recomputed_from_the_pod_never_taken_from_the_record():
+    tagged = PodFacts(
+        "shared", "agent-0", "uid-1", {"team": "alpha", "costwarden.io/change": "7"},
+        job="nightly", created=CREATED,
+        annotations={"costwarden.io/repository": "acme/api"},
+    )  # fmt: skip
+    forged = record(labels={"repository": "victim/repo", "change": "99", "project": "x"})
+    for reporter in (SIDECAR, GATEWAY):
+        checked = check_record(1, forged, check(reporter, pod=tagged))
+        assert checked.refusal is None
+        assert checked.record is not None
+        assert checked.record.labels == {"repository": "acme/api", "change": "7"}
+
+
+def test_a_caller_without_a_pod_gets_no_tags():
+    cfg = config()
+    keyed = record(pod="", caller="key", labels={"repository": "acme/api", "change": "1"})
+    checked = check_record(1, keyed, check(GATEWAY, pod=None, cfg=cfg))
+    assert checked.refusal is None
+    assert checked.record is not None
+    assert checked.record.labels == {}
+
+
+def test_pod_facts_keep_only_costwarden_annotations():
+    facts = pod_facts({"metadata": {
+        "namespace": "shared", "name": "p", "uid": "u",
+        "annotations": {"costwarden.io/change": "5", "kubectl.kubernetes.io/last": "x" * 1000},
+    }})  # fmt: skip
+    assert facts.annotations == {"costwarden.io/change": "5"}
