@@ -94,6 +94,13 @@ def accounting_arguments(parser: argparse.ArgumentParser) -> None:
         f"gateway's --report-ca-file (default {DEFAULT_CA_CONFIGMAP}; empty: not published)",
     )
     group.add_argument(
+        "--store-dir",
+        default=os.environ.get("COSTWARDEN_STORE_DIR", ""),
+        help="write every acknowledged usage record, exactly once, to Parquet files under "
+        "this directory (docs/store.md; needs the costwarden[store] extra); default "
+        "$COSTWARDEN_STORE_DIR or off",
+    )
+    group.add_argument(
         "--clock-offset",
         type=float,
         default=float(os.environ.get(clock.ENV_OFFSET) or 0),
@@ -143,9 +150,15 @@ def build(
             rest=rest,
             allow_sidecars=args.ingest_allow_sidecars,
         )
+        store = None
+        if getattr(args, "store_dir", ""):
+            from costwarden.controllers.store_sink import StoreSink  # pyarrow: optional
+
+            store = StoreSink(args.store_dir)
         ingestion = Ingestion(
-            accountant, auth, reconciler.leadership, lambda: reconciler.last_config, rest
-        )
+            accountant, auth, reconciler.leadership, lambda: reconciler.last_config, rest,
+            store,
+        )  # fmt: skip
     runtime = AccountingRuntime(
         rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
         args.ingest_port,

@@ -1,0 +1,167 @@
+"""Writing acknowledged usage to the store exactly once.
+
+The operator's ingestion applies a batch to a team's books (the API server) and only then
+acknowledges it; a gateway re-sends a batch until it is acknowledged. The store is written
+*after* the books and *before* the acknowledgement, so:
+
+- a crash between the books and the store: the gateway re-sends, the books see
+  duplicates, but the store has not seen these entries and writes them now;
+- a crash after the store write: the re-sent entries are found in the store and skipped.
+
+"Found in the store" is decided from file names alone: a part file of (source, team, day)
+named ``...-<first>-<last>`` holds *every* entry of that source, team and day with a
+sequence number in ``[first, last]`` from one batch (an entry's day is its own time, the
+same on every re-send), so an entry is written iff its seq falls in the range of a file
+of its (source, team, day). The ranges are read from the directory once per team and
+process, then kept in memory. A file is written under a temporary name and renamed, so a
+reader or a crash never sees half a file.
+
+Only the leader writes (only the leader applies batches). During a leadership handover a
+batch still in flight on the old leader could race a re-send on the new one; both write
+the same rows, and ``costwarden report`` counts a record id once (query.py), so the
+figures stay exact even then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from costwarden.store.schema import (
+    Pricing,
+    day_of,
+    file_name,
+    parse_file_name,
+    row_of,
+    source_token,
+    table_of,
+    team_partition,
+)
+
+log = logging.getLogger(__name__)
+
+OUTCOMES_DIR = "outcomes"
+OUTCOME_SCHEMA = pa.schema(
+    [
+        ("repository", pa.string()),
+        ("change", pa.string()),
+        ("outcome", pa.string()),
+        ("time", pa.timestamp("us", tz="UTC")),
+        ("source", pa.string()),
+    ]
+)
+"""Change outcomes (api/results.py ``ChangeOutcome``), exactly these columns."""
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """One acknowledged record with what the store needs beside it."""
+
+    seq: int
+    record: Any
+    pricing: Pricing | None = None
+    locality: str = ""
+
+
+class UsageStore:
+    """A local directory of Parquet files (``--store-dir``)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # (token, team partition) -> day -> [(first, last)]; loaded per team on first use
+        self._ranges: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {}
+        self._loaded: set[str] = set()
+        self.rows_written = 0
+        self.rows_skipped = 0
+
+    def write(self, source: str, team: str, entries: Sequence[StoreEntry]) -> int:
+        """Write the entries not yet in the store; returns how many rows were written."""
+        token = source_token(source)
+        partition = team_partition(team)
+        with self._lock:
+            self._load(partition)
+            ranges = self._ranges.setdefault((token, partition), {})
+            by_day: dict[str, list[StoreEntry]] = defaultdict(list)
+            skipped = 0
+            for entry in entries:
+                day = day_of(entry.record.time)
+                if _covered(ranges.get(day, ()), entry.seq):
+                    skipped += 1
+                    continue
+                by_day[day].append(entry)
+            written = 0
+            for day in sorted(by_day):
+                chosen = sorted(by_day[day], key=lambda e: e.seq)
+                first, last = chosen[0].seq, chosen[-1].seq
+                rows = [
+                    row_of(e.record, source=source, seq=e.seq, pricing=e.pricing,
+                           locality=e.locality)
+                    for e in chosen
+                ]  # fmt: skip
+                directory = self.root / f"day={day}" / f"team={partition}"
+                self._write_file(directory, file_name(token, first, last), table_of(rows))
+                ranges.setdefault(day, []).append((first, last))
+                written += len(rows)
+            self.rows_written += written
+            self.rows_skipped += skipped
+            return written
+
+    def write_outcomes(self, outcomes: Iterable[Any]) -> int:
+        """Append change outcomes (objects or mappings with the ChangeOutcome fields)."""
+        rows = []
+        for outcome in outcomes:
+            get = outcome.get if isinstance(outcome, dict) else (
+                lambda name, o=outcome: getattr(o, name, None)
+            )  # fmt: skip
+            rows.append({
+                "repository": str(get("repository") or ""),
+                "change": str(get("change") or ""),
+                "outcome": str(getattr(get("outcome"), "value", get("outcome")) or ""),
+                "time": get("time"),
+                "source": str(get("source") or ""),
+            })  # fmt: skip
+        if not rows:
+            return 0
+        table = pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)
+        self._write_file(self.root / OUTCOMES_DIR, f"part-{uuid.uuid4().hex}.parquet", table)
+        return len(rows)
+
+    def _write_file(self, directory: Path, name: str, table: pa.Table) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = directory / f".{name}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(table, temporary, compression="zstd")
+        os.replace(temporary, directory / name)
+
+    def _load(self, partition: str) -> None:
+        """The ranges already written for this team, from the file names."""
+        if partition in self._loaded:
+            return
+        for path in self.root.glob(f"day=*/team={partition}/part-*.parquet"):
+            parsed = parse_file_name(path.name)
+            if parsed is None:
+                continue
+            token, first, last = parsed
+            day = path.parent.parent.name.removeprefix("day=")
+            self._ranges.setdefault((token, partition), {}).setdefault(day, []).append(
+                (first, last)
+            )
+        self._loaded.add(partition)
+
+
+def _covered(ranges: Iterable[tuple[int, int]], seq: int) -> bool:
+    return any(first <= seq <= last for first, last in ranges)
+
+
+__all__ = ["OUTCOMES_DIR", "OUTCOME_SCHEMA", "StoreEntry", "UsageStore"]
