@@ -17,6 +17,7 @@ _SUBCOMMANDS = (
     "costwarden.cluster.cli",
     "costwarden.gitops.cli",
     "costwarden.demo.cli",
+    "costwarden.store.cli",
 )
 
 

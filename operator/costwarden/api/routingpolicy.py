@@ -162,7 +162,7 @@ class ModelBackend(WireModel):
         alias="discountPercent",
         description=(
             'Contract discount off the list price, in percent (an integer or a decimal '
-            'string, e.g. "12.5"; below 100). Budgets count list prices; the FOCUS export '
+            'string, e.g. "12.5"; below 100, at most 4 decimals). Budgets count list prices; the FOCUS export '
             "(costwarden export focus) reports ContractedCost and EffectiveCost with it."
         ),
     )
@@ -174,6 +174,9 @@ class ModelBackend(WireModel):
     def _discount_below_100(cls, value: Decimal | None) -> Decimal | None:
         if value is not None and value >= 100:
             raise ValueError("discountPercent must be below 100")
+        if value is not None and value != value.quantize(Decimal("0.0001")):
+            # Contracted unit prices then keep 18 decimals (the FOCUS export's precision).
+            raise ValueError("discountPercent has at most 4 decimal places")
         return value
 
     @property

@@ -121,7 +121,9 @@ def _outcomes(con: duckdb.DuckDBPyConnection, root: Path, extra: Sequence[str | 
     tables = []
     stored = sorted((root / OUTCOMES_DIR).glob("part-*.parquet"))
     if stored:
-        tables.append(con.read_parquet([str(p) for p in stored]).arrow())
+        import pyarrow.parquet as pq
+
+        tables.extend(pq.read_table(p) for p in stored)
     for path in extra:
         tables.append(load_outcomes(Path(path)))
     table = (
