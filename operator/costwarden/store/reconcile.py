@@ -193,7 +193,7 @@ def metered(con: duckdb.DuckDBPyConnection, provider: str) -> dict[tuple[date, s
                coalesce(nullif(upstream_model, ''), served_model) AS model,
                sum(input_tokens)::BIGINT, sum(cached_input_tokens)::BIGINT,
                sum(cache_creation_tokens)::BIGINT, sum(output_tokens)::BIGINT, count(*),
-               sum(cost_usd * (100 - coalesce(discount_percent, 0)) / 100)
+               sum(cost_usd), coalesce(discount_percent, 0)
         FROM usage
         WHERE usage_reported AND provider = ? AND locality IS DISTINCT FROM 'InCluster'
         GROUP BY ALL
@@ -201,10 +201,11 @@ def metered(con: duckdb.DuckDBPyConnection, provider: str) -> dict[tuple[date, s
         [PROVIDERS[provider]],
     ).fetchall()
     found: dict[tuple[date, str], Metered] = {}
-    for day, model, inp, cached, creation, out, calls, cost in rows:
+    for day, model, inp, cached, creation, out, calls, cost, discount in rows:
         entry = found.setdefault((day, model_key(model)), Metered())
         entry.usage.add(Usage(inp, cached, creation, out, calls))
-        entry.cost += Decimal(cost or 0)
+        # In Python: DuckDB divides decimals in floating point; money stays exact here.
+        entry.cost += Decimal(cost or 0) * (100 - Decimal(discount)) / 100
     return found
 
 
@@ -302,14 +303,15 @@ def _token_cause(
     provider: int, ours: int, model: str, metered_: Metered, around: list[tuple[str, Usage]]
 ) -> str:
     if provider > ours:
-        if around:
-            names = ", ".join(key for key, _ in around)
-            return f"calls around the gateway: made with API key(s) {names}, not the gateway's"
+        names = ", ".join(key for key, _ in around)
+        keys = f" (API key(s) {names}, not the gateway's)" if around else ""
         if not metered_.usage.requests and not _total(metered_.usage):
             return (
                 f"calls around the gateway: the provider served {model} but no call to it "
-                "went through costwarden"
+                f"went through costwarden{keys}"
             )
+        if around:
+            return f"calls around the gateway: made with API key(s) {names}, not the gateway's"
         return (
             "calls around the gateway (a provider key used directly, not through the "
             "gateway): the provider counted more than costwarden metered"
