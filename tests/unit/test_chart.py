@@ -855,3 +855,21 @@ def test_gateway_command_line_is_accepted_by_the_cli(helm: Any) -> None:
     options = "apiKeys.enabled=true,gateway.logLevel=debug"
     parsed = parse_cli(container_args(template(helm, "--set", options), "gateway"))
     assert str(parsed.api_keys_file) == "/etc/costwarden/api-keys/api-keys.yaml"
+
+
+def test_usage_store_is_off_by_default_and_mounts_a_claim_when_named(helm: Any) -> None:
+    args = container_args(template(helm), "operator")
+    assert not any(a.startswith("--store-dir") for a in args)
+    objects = template(
+        helm, "--set", "operator.store.enabled=true", "--set", "operator.store.existingClaim=usage"
+    )
+    assert flag(container_args(objects, "operator"), "--store-dir") == "/var/lib/costwarden/store"
+    spec = deployment(objects, "operator")["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "costwarden-store")
+    assert volume["persistentVolumeClaim"] == {"claimName": "usage"}
+    mounts = spec["containers"][0]["volumeMounts"]
+    assert {"name": "costwarden-store", "mountPath": "/var/lib/costwarden/store"} in mounts
+    scratch = template(helm, "--set", "operator.store.enabled=true")
+    spec = deployment(scratch, "operator")["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "costwarden-store")
+    assert volume["emptyDir"] == {"sizeLimit": "1Gi"}

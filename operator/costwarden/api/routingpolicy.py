@@ -161,8 +161,9 @@ class ModelBackend(WireModel):
         default=None,
         alias="discountPercent",
         description=(
-            'Contract discount off the list price, in percent (an integer or a decimal '
-            'string, e.g. "12.5"; below 100, at most 4 decimals). Budgets count list prices; the FOCUS export '
+            "Contract discount off the list price, in percent (an integer or a decimal "
+            'string, e.g. "12.5"; below 100, at most 4 decimals). Budgets count list '
+            "prices; the FOCUS export "
             "(costwarden export focus) reports ContractedCost and EffectiveCost with it."
         ),
     )

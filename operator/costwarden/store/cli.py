@@ -160,7 +160,10 @@ def _focus(args: argparse.Namespace) -> int:
     ext = "parquet" if args.format == "parquet" else "csv"
     out = Path(args.file or f"focus-{args.period}.{ext}")
     focus.write(rows, period, out, args.format)
-    print(f"wrote {len(rows)} FOCUS {focus.FOCUS_VERSION} rows to {out} (metadata: {out}.metadata.json)")
+    print(
+        f"wrote {len(rows)} FOCUS {focus.FOCUS_VERSION} rows to {out} "
+        f"(metadata: {out}.metadata.json)"
+    )
     return 0
 
 

@@ -99,6 +99,7 @@ PROVIDERS = {"OpenAI": "OpenAI", "Anthropic": "Anthropic"}
 
 def _group_query(start: datetime, end: datetime) -> str:
     labels = ", ".join(f'"{name}"' for name in FIXED_LABELS)
+    # Only the period bounds (datetimes we formatted) are interpolated.
     return f"""
         SELECT CAST(time AT TIME ZONE 'UTC' AS DATE) AS day, team, namespace, provider,
                locality, served_model, upstream_model, policy, {labels},
@@ -114,7 +115,7 @@ def _group_query(start: datetime, end: datetime) -> str:
         WHERE usage_reported AND time >= TIMESTAMPTZ '{start.isoformat()}'
               AND time < TIMESTAMPTZ '{end.isoformat()}'
         GROUP BY ALL ORDER BY ALL
-    """
+    """  # noqa: S608
 
 
 def focus_rows(
@@ -188,7 +189,8 @@ def _rows_of(
         metered += list_cost
         yield _row(
             base, meter, Decimal(quantity), "Tokens", unit, factor,
-            sku=f"{provider.lower() or 'model'}:{model}", price_id=f"{model}:{slug}:{_plain(per_m)}",
+            sku=f"{provider.lower() or 'model'}:{model}",
+            price_id=f"{model}:{slug}:{_plain(per_m)}",
             description=f"{quantity} {meter.lower()} of {model} for {group['team']}",
             requests=int(group["requests"]) if first else 0,
         )  # fmt: skip
@@ -198,11 +200,11 @@ def _rows_of(
         # Provider-run tool calls (or usage the store has no prices for): one row whose
         # quantity is the calls and whose unit price is exact when the calls divide it.
         calls = int(group["tool_calls"] or 0)
-        quantity, unit_name, unit = Decimal(1), "Charges", rest
+        amount, unit_name, unit = Decimal(1), "Charges", rest
         if calls and (rest / calls) * calls == rest:
-            quantity, unit_name, unit = Decimal(calls), "Requests", rest / calls
+            amount, unit_name, unit = Decimal(calls), "Requests", rest / calls
         yield _row(
-            base, "Tool Calls", quantity, unit_name, unit, factor,
+            base, "Tool Calls", amount, unit_name, unit, factor,
             sku=f"{provider.lower() or 'model'}:{model}", price_id=f"{model}:tool-calls",
             description=f"{calls} provider-run tool calls of {model} for {group['team']}",
             requests=int(group["requests"]) if first else 0,

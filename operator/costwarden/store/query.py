@@ -88,7 +88,9 @@ def usage_files(root: Path, period: Period) -> list[str]:
         return sorted(str(p) for p in root.glob("day=*/team=*/part-*.parquet"))
     found: list[str] = []
     for day in days:
-        found.extend(str(p) for p in (root / f"day={day.isoformat()}").glob("team=*/part-*.parquet"))
+        found.extend(
+            str(p) for p in (root / f"day={day.isoformat()}").glob("team=*/part-*.parquet")
+        )
     return sorted(found)
 
 
@@ -107,10 +109,13 @@ def connect(
     where = ""
     if period.start is not None and period.end is not None:
         start, end = period.bounds()
-        where = f"WHERE time >= TIMESTAMPTZ '{start.isoformat()}' AND time < TIMESTAMPTZ '{end.isoformat()}'"
+        where = (
+            f"WHERE time >= TIMESTAMPTZ '{start.isoformat()}' "
+            f"AND time < TIMESTAMPTZ '{end.isoformat()}'"
+        )
     # One row per record id (a re-write during a leadership handover counts once).
     con.execute(
-        f"CREATE VIEW usage AS SELECT * FROM usage_raw {where} "
+        f"CREATE VIEW usage AS SELECT * FROM usage_raw {where} "  # noqa: S608 - our datetimes
         "QUALIFY row_number() OVER (PARTITION BY id ORDER BY seq) = 1"
     )
     _outcomes(con, root, outcomes)
@@ -118,7 +123,7 @@ def connect(
 
 
 def _outcomes(con: duckdb.DuckDBPyConnection, root: Path, extra: Sequence[str | Path]) -> None:
-    tables = []
+    tables: list[pa.Table] = []
     stored = sorted((root / OUTCOMES_DIR).glob("part-*.parquet"))
     if stored:
         import pyarrow.parquet as pq
@@ -202,11 +207,12 @@ def spend_by(con: duckdb.DuckDBPyConnection, tags: Sequence[str]) -> Result:
     if not tags:
         raise ValueError("name at least one tag (--by repository)")
     expressions = [_tag_expression(tag) for tag in tags]
-    select = ", ".join(f"{e} AS \"{t}\"" for e, t in zip(expressions, tags, strict=True))
+    select = ", ".join(f'{e} AS "{t}"' for e, t in zip(expressions, tags, strict=True))
     group = ", ".join(str(n + 1) for n in range(len(tags)))
     return _run(
         con,
-        f"SELECT {select}, count(*) AS calls, sum({TOKENS})::BIGINT AS tokens, "
+        # tag names are validated (_tag_expression): columns or a checked label key
+        f"SELECT {select}, count(*) AS calls, sum({TOKENS})::BIGINT AS tokens, "  # noqa: S608
         f"sum(cost_usd) AS cost_usd FROM usage GROUP BY {group} "
         f"ORDER BY cost_usd DESC, {group}",
     )
@@ -268,22 +274,21 @@ def waste(con: duckdb.DuckDBPyConnection) -> Result:
             SELECT team, 'calls_' || outcome AS category, 1 AS calls, {TOKENS} AS tokens,
                    cost_usd AS cost FROM usage WHERE outcome IN ({outcomes})
             UNION ALL
-            SELECT u.team, 'stopped_jobs', 1, {_tokens('u.')},
-                   u.cost_usd FROM usage u JOIN stopped s ON u.namespace = s.namespace AND u.job = s.job
+            SELECT u.team, 'stopped_jobs', 1, {_tokens("u.")},
+                   u.cost_usd FROM usage u
+            JOIN stopped s ON u.namespace = s.namespace AND u.job = s.job
             UNION ALL
             SELECT sp.team, 'unmerged_changes', sp.calls, sp.tokens, sp.cost FROM spend sp
             JOIN outcomes o ON o.repository = sp.repository AND o.change = sp.change
             WHERE o.outcome IN ('closed', 'reverted')
         ) GROUP BY team, category ORDER BY cost_usd DESC, team, category
-        """,
+        """,  # noqa: S608 - module constants only
     )
 
 
 def as_text(result: Result) -> str:
     cells = [[_cell(v) for v in row] for row in result.rows]
-    widths = [
-        max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(result.columns)
-    ]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(result.columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(result.columns, widths, strict=True))]
     for row in cells:
         lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -303,9 +308,10 @@ def as_csv(result: Result) -> str:
 
 
 def as_json(result: Result) -> str:
-    return json.dumps(
-        [{k: _json(v) for k, v in row.items()} for row in result.as_dicts()], indent=2
-    ) + "\n"
+    return (
+        json.dumps([{k: _json(v) for k, v in row.items()} for row in result.as_dicts()], indent=2)
+        + "\n"
+    )
 
 
 def _cell(value: Any) -> str:
@@ -325,8 +331,7 @@ def _json(value: Any) -> Any:
 
 
 def _plain(value: Decimal) -> str:
-    text = format(value.normalize(), "f") if value else "0"
-    return text
+    return format(value.normalize(), "f") if value else "0"
 
 
 __all__ = ["Period", "Result", "changes", "connect", "load_outcomes", "spend_by", "waste"]

@@ -42,7 +42,8 @@ _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 
 
 def model_key(model: str) -> str:
-    """``gpt-4.1-2025-04-14`` -> ``gpt-4.1``; ``claude-sonnet-4-20250514`` -> ``claude-sonnet-4``."""
+    """A dated snapshot folded into its alias: ``gpt-4.1-2025-04-14`` -> ``gpt-4.1``,
+    ``claude-sonnet-4-20250514`` -> ``claude-sonnet-4``."""
     return _SNAPSHOT.sub("", model.strip().lower())
 
 
@@ -74,9 +75,7 @@ class Export:
     usage: dict[tuple[date, str], Usage] = field(default_factory=dict)
     by_key: dict[tuple[date, str, str], Usage] = field(default_factory=dict)
     cost: dict[tuple[date, str], Decimal] = field(default_factory=lambda: defaultdict(Decimal))
-    unmetered: dict[tuple[date, str], Decimal] = field(
-        default_factory=lambda: defaultdict(Decimal)
-    )
+    unmetered: dict[tuple[date, str], Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     """Charges with no token usage behind them (tool calls, storage, ...), by line item."""
     pages: int = 0
 
@@ -249,7 +248,9 @@ def compare(
             if p is None or abs(p - c) <= (0 if metric == "requests" else tolerance_tokens):
                 continue
             token_gap = True
-            found.append(Difference(day, model, metric, p, c, _token_cause(p, c, model, ours, around)))
+            found.append(
+                Difference(day, model, metric, p, c, _token_cause(p, c, model, ours, around))
+            )
         for key, usage in around:
             found.append(Difference(
                 day, model, "tokens_by_key", _total(usage), 0,
@@ -328,7 +329,16 @@ def as_result(differences: Sequence[Difference]) -> Result:
     )
     for d in differences:
         result.rows.append(
-            [d.day.isoformat(), d.model, d.key, d.metric, d.provider, d.costwarden, d.delta, d.cause]
+            [
+                d.day.isoformat(),
+                d.model,
+                d.key,
+                d.metric,
+                d.provider,
+                d.costwarden,
+                d.delta,
+                d.cause,
+            ]
         )
     return result
 
@@ -385,7 +395,9 @@ def fetch(
         for path, params in requests:
             token: str | None = None
             for _ in range(MAX_PAGES):
-                query = [*params, ("page", token)] if token else params
+                query: list[tuple[str, str | int | float | bool | None]] = [*params]
+                if token:
+                    query.append(("page", token))
                 response = client.get(path, params=query)
                 if response.status_code != 200:
                     # The body may echo the request, never the key: print status and path.
@@ -403,6 +415,13 @@ def fetch(
 
 
 __all__ = [
-    "Difference", "Export", "READERS", "as_result", "compare", "fetch", "load_pages",
-    "metered", "model_key",
+    "READERS",
+    "Difference",
+    "Export",
+    "as_result",
+    "compare",
+    "fetch",
+    "load_pages",
+    "metered",
+    "model_key",
 ]  # fmt: skip

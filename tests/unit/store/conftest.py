@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("pyarrow")
 pytest.importorskip("duckdb")
 
-from costwarden.api.accounting import TokenUsage  # noqa: E402
-from costwarden.api.usage import Endpoint, Outcome, UsageRecord  # noqa: E402
-from costwarden.store.schema import Pricing  # noqa: E402
+from costwarden.api.accounting import TokenUsage
+from costwarden.api.usage import Endpoint, Outcome, UsageRecord
+from costwarden.store.schema import Pricing
 
 GPT = Pricing(Decimal("2"), Decimal("8"), Decimal("0.5"), Decimal("2"), Decimal("10"))
 """gpt-4.1 list prices per 1M tokens, with a 10 % contract discount."""

@@ -125,7 +125,9 @@ def test_focus_file_follows_the_column_rules_and_costs_are_exact(
                  "--file", str(out)]) == 0  # fmt: skip
     table = pq.read_table(out)
     assert table.schema.metadata[b"FocusVersion"] == b"1.2"
-    assert json.loads(Path(f"{out}.metadata.json").read_text())["Schemas"][0]["FocusVersion"] == "1.2"
+    assert (
+        json.loads(Path(f"{out}.metadata.json").read_text())["Schemas"][0]["FocusVersion"] == "1.2"
+    )
     rows = check_focus(table)
 
     assert {r["BillingPeriodStart"] for r in rows} == {datetime(2026, 11, 1, tzinfo=UTC)}
@@ -144,11 +146,20 @@ def test_focus_file_follows_the_column_rules_and_costs_are_exact(
     assert gpt_day1["Output Tokens"]["ContractedUnitPrice"] == Decimal("0.0000072")
     assert gpt_day1["Input Tokens"]["ServiceSubcategory"] == "Generative AI"
     # every record's cost is in the file exactly once (list cost), November only
-    november = Decimal("0.03") + Decimal("0.012") + Decimal("0.001") + Decimal("0.0028") + (
-        100 * Decimal(3) + 50 * Decimal(15) + 4_000 * Decimal("3.75")) / 1_000_000
+    november = (
+        Decimal("0.03")
+        + Decimal("0.012")
+        + Decimal("0.001")
+        + Decimal("0.0028")
+        + (100 * Decimal(3) + 50 * Decimal(15) + 4_000 * Decimal("3.75")) / 1_000_000
+    )
     assert sum(r["ListCost"] for r in rows) == november
     claude = [r for r in rows if r["x_Team"] == "team-b/b"]
-    assert {r["SkuMeter"] for r in claude} == {"Input Tokens", "Cache Write Tokens", "Output Tokens"}
+    assert {r["SkuMeter"] for r in claude} == {
+        "Input Tokens",
+        "Cache Write Tokens",
+        "Output Tokens",
+    }
     assert {r["ProviderName"] for r in claude} == {"Anthropic"}
     assert all(r["EffectiveCost"] == r["ListCost"] for r in claude)  # no discount declared
     tagged = [r for r in rows if r["ChargePeriodStart"].day == 30]

@@ -58,26 +58,33 @@ def test_openai_calls_around_the_gateway_are_found_and_named(store: Path) -> Non
     by = {(d.day.day, d.model, d.metric, d.key): d for d in found}
     inp = by[(3, "gpt-4.1", "input", "")]
     assert (inp.provider, inp.costwarden, inp.delta) == (20_000, 15_000, 5_000)
-    assert "calls around the gateway" in inp.cause and "key_laptop" in inp.cause
+    assert "calls around the gateway" in inp.cause
+    assert "key_laptop" in inp.cause
     assert by[(3, "gpt-4.1", "requests", "")].delta == 3
     assert by[(3, "gpt-4.1", "output", "")].delta == 800
     named = by[(3, "gpt-4.1", "tokens_by_key", "key_laptop")]
-    assert named.provider == 5_800 and "key_laptop" in named.cause
+    assert named.provider == 5_800
+    assert "key_laptop" in named.cause
     assert "token difference" in by[(3, "gpt-4.1", "cost_usd", "")].cause
     # a model nobody routed through costwarden
     o3 = by[(4, "o3", "input", "")]
     assert "no call to it went through costwarden" in o3.cause
     # tokens match on the 4th, the money does not: a price change (0.0042 vs 0.9 x 0.0028)
     price = by[(4, "gpt-4.1", "cost_usd", "")]
-    assert price.provider == Decimal("0.0042") and price.costwarden == Decimal("0.00252")
-    assert "price change" in price.cause and "1.6667x" in price.cause
+    assert price.provider == Decimal("0.0042")
+    assert price.costwarden == Decimal("0.00252")
+    assert "price change" in price.cause
+    assert "1.6667x" in price.cause
     assert (4, "gpt-4.1", "input", "") not in by  # the in-cluster llama is not compared
     web = by[(4, "", "unmetered_usd", "web search tool calls")]
-    assert web.provider == Decimal("0.25") and "unmetered charge type" in web.cause
+    assert web.provider == Decimal("0.25")
+    assert "unmetered charge type" in web.cause
 
 
 def test_anthropic_usage_report_pages_and_cost_report_in_cents(store: Path) -> None:
-    found = diffs("anthropic", store, ["anthropic-usage-messages.json", "anthropic-cost-report.json"])
+    found = diffs(
+        "anthropic", store, ["anthropic-usage-messages.json", "anthropic-cost-report.json"]
+    )
     by = {(d.metric, d.key): d for d in found}
     inp = by[("input", "")]
     assert (inp.provider, inp.costwarden) == (30_100, 100)  # both pages read
@@ -85,7 +92,8 @@ def test_anthropic_usage_report_pages_and_cost_report_in_cents(store: Path) -> N
     assert ("cache_creation", "") not in by  # 5m + 1h cache writes match the metered 4000
     assert ("requests", "") not in by  # Anthropic's report counts no requests
     cost = by[("cost_usd", "")]
-    assert cost.provider == Decimal("0.13605") and cost.costwarden == Decimal("0.01605")
+    assert cost.provider == Decimal("0.13605")
+    assert cost.costwarden == Decimal("0.01605")
     assert by[("unmetered_usd", "Web Search Usage")].provider == Decimal("0.05")
 
 
@@ -100,7 +108,9 @@ def test_matching_exports_show_no_difference(store: Path, tmp_path: Path) -> Non
                  "--store", str(store), "--period", "2026-11-04"]) == 0  # fmt: skip
 
 
-def test_cli_prints_every_difference_and_fails(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_every_difference_and_fails(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main([
         "reconcile", "--provider", "openai", "--store", str(store), "--period", "2026-11",
         "--from", str(FIXTURES / "openai-usage-completions.json"),
@@ -162,8 +172,10 @@ def test_an_http_error_names_no_key() -> None:
 
     with pytest.raises(RuntimeError) as error:
         reconcile.fetch("openai", "sk-admin-secret", datetime(2026, 11, 1, tzinfo=UTC),
-                        datetime(2026, 12, 1, tzinfo=UTC), transport=httpx.MockTransport(handler))  # fmt: skip
-    assert "401" in str(error.value) and "sk-admin" not in str(error.value)
+                        datetime(2026, 12, 1, tzinfo=UTC),
+                        transport=httpx.MockTransport(handler))  # fmt: skip
+    assert "401" in str(error.value)
+    assert "sk-admin" not in str(error.value)
 
 
 def test_model_snapshots_fold_into_their_alias() -> None:

@@ -39,13 +39,17 @@ def seed(root: Path) -> dict[str, Decimal]:
         )  # fmt: skip
         costs[change] = costs.get(change, Decimal(0)) + record.cost_usd
         store.write("gw#1", team, [StoreEntry(seq, record, pricing)])
+
+    def outcome(repo: str, change: str, result: str, hour: int = 12) -> dict[str, object]:
+        return {"repository": repo, "change": change, "outcome": result,
+                "time": WHEN.replace(hour=hour), "source": "forge"}  # fmt: skip
+
     store.write_outcomes([
-        {"repository": "acme/web", "change": "101", "outcome": "merged", "time": WHEN, "source": "github"},
-        {"repository": "acme/web", "change": "102", "outcome": "closed", "time": WHEN, "source": "github"},
-        {"repository": "acme/web", "change": "102", "outcome": "merged",
-         "time": WHEN.replace(hour=13), "source": "github"},  # reopened and merged: latest wins
-        {"repository": "acme/web", "change": "103", "outcome": "closed", "time": WHEN, "source": "github"},
-        {"repository": "acme/api", "change": "7", "outcome": "merged", "time": WHEN, "source": "gitlab"},
+        outcome("acme/web", "101", "merged"),
+        outcome("acme/web", "102", "closed"),
+        outcome("acme/web", "102", "merged", hour=13),  # reopened and merged: latest wins
+        outcome("acme/web", "103", "closed"),
+        outcome("acme/api", "7", "merged"),
     ])  # fmt: skip
     return costs
 
@@ -55,7 +59,8 @@ def test_cost_per_merged_change_per_repository_is_exact(tmp_path: Path) -> None:
     # by hand: change 101 = (10000*2 + 1000*8 + 4000*2 + 2000*8) / 1e6 = 0.052
     assert costs["101"] == Decimal("0.052")
     # change 102 = (20000*3 + 3000*15) / 1e6 = 0.105; change 7 = (1000*3 + 500*15)/1e6 = 0.0105
-    assert costs["102"] == Decimal("0.105") and costs["7"] == Decimal("0.0105")
+    assert costs["102"] == Decimal("0.105")
+    assert costs["7"] == Decimal("0.0105")
     result = query.changes(query.connect(tmp_path)).as_dicts()
     by_repo = {r["repository"]: r for r in result}
     web = by_repo["acme/web"]
@@ -106,7 +111,9 @@ def test_cli_prints_table_csv_and_json(tmp_path: Path, capsys: pytest.CaptureFix
     data = json.loads(capsys.readouterr().out)
     assert data[0]["repository"] == "acme/web"
     assert data[0]["cost_per_merged_change_usd"] == "0.0785"  # a string: exact
-    assert main(["report", "spend", "--store", str(tmp_path), "--by", "repository", "-o", "csv"]) == 0
+    assert (
+        main(["report", "spend", "--store", str(tmp_path), "--by", "repository", "-o", "csv"]) == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "repository,calls,tokens,cost_usd"
     assert lines[1] == "acme/web,4,43300,0.1654"
@@ -120,10 +127,12 @@ def test_outcomes_from_a_file(tmp_path: Path) -> None:
         labels={"repository": "r", "change": "1"}), GPT)])  # fmt: skip
     outcomes = tmp_path / "outcomes.jsonl"
     outcomes.write_text(
-        '{"repository": "r", "change": "1", "outcome": "merged", "time": "2026-11-03T15:00:00Z", "source": "ci"}\n'
+        '{"repository": "r", "change": "1", "outcome": "merged", '
+        '"time": "2026-11-03T15:00:00Z", "source": "ci"}\n'
     )
     [row] = query.changes(query.connect(tmp_path / "store", outcomes=[outcomes])).as_dicts()
-    assert row["merged_changes"] == 1 and row["cost_per_merged_change_usd"] == Decimal("0.0028")
+    assert row["merged_changes"] == 1
+    assert row["cost_per_merged_change_usd"] == Decimal("0.0028")
     bad = tmp_path / "bad.json"
     bad.write_text('[{"repository": "r", "change": "1", "outcome": "merged"}]')
     with pytest.raises(ValueError, match="lacks time"):

@@ -24,12 +24,36 @@ from costwarden.store.schema import FIXED_LABELS, SCHEMA, parse_file_name, sourc
 from costwarden.store.writer import StoreEntry, UsageStore
 from tests.unit.store.conftest import GPT, make_record
 
-CONTRACT = (
-    "id time team namespace job pod endpoint requested_model served_model upstream_model "
-    "provider rule outcome reason input_tokens output_tokens cached_input_tokens "
-    "cache_creation_tokens cost_usd task sensitivity route_reason project repository "
-    "environment application change labels"
-).split()
+CONTRACT = [
+    "id",
+    "time",
+    "team",
+    "namespace",
+    "job",
+    "pod",
+    "endpoint",
+    "requested_model",
+    "served_model",
+    "upstream_model",
+    "provider",
+    "rule",
+    "outcome",
+    "reason",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_creation_tokens",
+    "cost_usd",
+    "task",
+    "sensitivity",
+    "route_reason",
+    "project",
+    "repository",
+    "environment",
+    "application",
+    "change",
+    "labels",
+]
 
 
 def rows(root: Path) -> list[dict[str, Any]]:
@@ -56,7 +80,8 @@ def test_files_have_the_contract_layout_and_columns(tmp_path: Path) -> None:
     assert schema.field("input_tokens").type == pa.int64()
     assert schema.field("labels").type == pa.map_(pa.string(), pa.string())
     [row] = pq.read_table(path).to_pylist()
-    assert row["repository"] == "acme/web" and row["change"] == "42"
+    assert row["repository"] == "acme/web"
+    assert row["change"] == "42"
     assert row["labels"] == [("cost-center", "7")]  # a non-fixed label goes to the map
     assert row["cost_usd"] == record.cost_usd  # exact: 0.0028
     assert row["team"] == "team-a/a"
@@ -156,7 +181,9 @@ def test_ingestion_writes_each_acknowledged_record_once_even_after_a_store_failu
     sink = FlakySink(tmp_path)
     ingestion = Ingestion(accountant, None, None, lambda: None, None, sink)  # type: ignore[arg-type]
     records = [make_record(when=datetime.now(UTC) - timedelta(minutes=1)) for _ in range(3)]
-    batch = UsageBatch(source="gw/1", items=[BatchItem(seq=n, record=r) for n, r in enumerate(records, 1)])
+    batch = UsageBatch(
+        source="gw/1", items=[BatchItem(seq=n, record=r) for n, r in enumerate(records, 1)]
+    )
     checked = [Checked(seq=n, team="team-a/a", record=r) for n, r in enumerate(records, 1)]
 
     with pytest.raises(StoreWriteError):  # not acknowledged: the gateway re-sends
@@ -165,10 +192,12 @@ def test_ingestion_writes_each_acknowledged_record_once_even_after_a_store_failu
     assert rows(tmp_path) == []
 
     ack = asyncio.run(ingestion.apply(batch, "sa:cw/gw#gw/1", checked))
-    assert ack.acked_seq == 3 and ack.duplicates == 3  # the books skip...
+    assert ack.acked_seq == 3
+    assert ack.duplicates == 3
     assert [r["id"] for r in rows(tmp_path)] == [r.id for r in records]  # ...the store catches up
     ack = asyncio.run(ingestion.apply(batch, "sa:cw/gw#gw/1", checked))
     assert len(rows(tmp_path)) == 3
     assert accountant.books["team-a/a"].spent == sum(r.cost_usd for r in records)
     total = query.connect(tmp_path).execute("SELECT sum(cost_usd) FROM usage").fetchone()
-    assert total is not None and Decimal(total[0]) == sum(r.cost_usd for r in records)
+    assert total is not None
+    assert Decimal(total[0]) == sum(r.cost_usd for r in records)
