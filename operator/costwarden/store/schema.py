@@ -138,6 +138,14 @@ def row_of(
     record: Any, *, source: str, seq: int, pricing: Pricing | None, locality: str = ""
 ) -> dict[str, Any]:
     """One record as a row of :data:`SCHEMA`."""
+    return dict(zip(COLUMNS, values_of(record, source, seq, pricing, locality), strict=True))
+
+
+def values_of(
+    record: Any, source: str, seq: int, pricing: Pricing | None, locality: str = ""
+) -> tuple[Any, ...]:
+    """One record's values in :data:`COLUMNS` order (tuples: the writer builds columns
+    from them, twice as fast as from dicts)."""
     tokens = _get(record, "tokens", None)
     input_tokens = int(_get(tokens, "input", 0))
     output_tokens = int(_get(tokens, "output", 0))
@@ -156,45 +164,50 @@ def row_of(
         ) / Decimal(1_000_000)
         tool_cost = cost - token_cost  # what the per-call tool prices added (exact)
     moment: datetime = _get(record, "time", None) or datetime.now(UTC)
-    return {
-        "id": _text(_get(record, "id")),
-        "time": moment.astimezone(UTC),
-        "team": _text(_get(record, "team")),
-        "namespace": _text(_get(record, "namespace")),
-        "job": _text(_get(record, "job")),
-        "pod": _text(_get(record, "pod")),
-        "endpoint": _text(_get(record, "endpoint")),
-        "requested_model": _text(_get(record, "requested_model")),
-        "served_model": _text(_get(record, "served_model")),
-        "upstream_model": _text(_get(record, "upstream_model")),
-        "provider": _text(_get(record, "provider")),
-        "rule": _text(_get(record, "rule")),
-        "outcome": _text(_get(record, "outcome")),
-        "reason": _text(_get(record, "reason")),
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "cached_input_tokens": cached,
-        "cache_creation_tokens": creation,
-        "cost_usd": cost,
-        "task": _text(_get(record, "task")),
-        "sensitivity": _text(_get(record, "sensitivity")),
-        "route_reason": _text(_get(record, "route_reason")),
-        **{name: str(labels.get(name, "")) for name in FIXED_LABELS},
-        "labels": [(str(k), str(v)) for k, v in sorted(labels.items()) if k not in FIXED_LABELS],
-        "policy": _text(_get(record, "policy")),
-        "locality": locality,
-        "usage_reported": bool(_get(record, "usage_reported", False)),
-        "tool_calls": int(sum(int(v) for v in tool_calls.values())),
-        "tool_cost_usd": tool_cost,
-        "input_price_per_m_usd": pricing.input if pricing else None,
-        "output_price_per_m_usd": pricing.output if pricing else None,
-        "cached_input_price_per_m_usd": pricing.cached_input if pricing else None,
-        "cache_write_price_per_m_usd": pricing.cache_write if pricing else None,
-        "discount_percent": pricing.discount_percent if pricing else Decimal(0),
-        "source": source,
-        "seq": seq,
-    }
+    return (
+        _text(_get(record, "id")),
+        moment.astimezone(UTC),
+        _text(_get(record, "team")),
+        _text(_get(record, "namespace")),
+        _text(_get(record, "job")),
+        _text(_get(record, "pod")),
+        _text(_get(record, "endpoint")),
+        _text(_get(record, "requested_model")),
+        _text(_get(record, "served_model")),
+        _text(_get(record, "upstream_model")),
+        _text(_get(record, "provider")),
+        _text(_get(record, "rule")),
+        _text(_get(record, "outcome")),
+        _text(_get(record, "reason")),
+        input_tokens,
+        output_tokens,
+        cached,
+        creation,
+        cost,
+        _text(_get(record, "task")),
+        _text(_get(record, "sensitivity")),
+        _text(_get(record, "route_reason")),
+        *(str(labels.get(name, "")) for name in FIXED_LABELS),
+        [(str(k), str(v)) for k, v in sorted(labels.items()) if k not in FIXED_LABELS],
+        _text(_get(record, "policy")),
+        locality,
+        bool(_get(record, "usage_reported", False)),
+        int(sum(int(v) for v in tool_calls.values())),
+        tool_cost,
+        pricing.input if pricing else None,
+        pricing.output if pricing else None,
+        pricing.cached_input if pricing else None,
+        pricing.cache_write if pricing else None,
+        pricing.discount_percent if pricing else Decimal(0),
+        source,
+        seq,
+    )
 
 
-def table_of(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+def table_of(rows: list[tuple[Any, ...]]) -> pa.Table:
+    """A table from :func:`values_of` tuples, built column by column."""
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in COLUMNS]
+    return pa.Table.from_arrays(
+        [pa.array(values, type=f.type) for values, f in zip(columns, SCHEMA, strict=True)],
+        schema=SCHEMA,
+    )

@@ -42,10 +42,10 @@ from costwarden.store.schema import (
     day_of,
     file_name,
     parse_file_name,
-    row_of,
     source_token,
     table_of,
     team_partition,
+    values_of,
 )
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,7 @@ class UsageStore:
             for day in sorted(by_day):
                 chosen = sorted(by_day[day], key=lambda e: e.seq)
                 first, last = chosen[0].seq, chosen[-1].seq
-                rows = [
-                    row_of(e.record, source=source, seq=e.seq, pricing=e.pricing,
-                           locality=e.locality)
-                    for e in chosen
-                ]  # fmt: skip
+                rows = [values_of(e.record, source, e.seq, e.pricing, e.locality) for e in chosen]
                 directory = self.root / f"day={day}" / f"team={partition}"
                 self._write_file(directory, file_name(token, first, last), table_of(rows))
                 ranges.setdefault(day, []).append((first, last))
