@@ -7,7 +7,8 @@ largest batch, one ``UsageStore.write`` per team and batch: row conversion, Parq
 encoding with zstd, rename), spread over 10 teams, 30 days of one month and 200 changes
 in 20 repositories; building the records (the gateway's work) is not timed. Then times
 DuckDB queries over all N rows: spend by team, spend by repository and change, cost per
-merged change (with 200 outcomes), waste, and the month's FOCUS rows.
+merged change (with 200 outcomes), waste, and the month's FOCUS rows; once over the files
+as written (one per batch, team and day), once after ``costwarden store compact``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from costwarden.api.accounting import TokenUsage
 from costwarden.api.usage import Endpoint, Outcome, UsageRecord
 from costwarden.store import focus, query
 from costwarden.store.schema import Pricing
-from costwarden.store.writer import StoreEntry, UsageStore
+from costwarden.store.writer import StoreEntry, UsageStore, compact
 
 PRICING = Pricing(Decimal("2"), Decimal("8"), Decimal("0.5"), Decimal("2"), Decimal("10"))
 MONTH = datetime(2026, 11, 1, tzinfo=UTC)
@@ -99,16 +100,28 @@ def main() -> int:
         "waste": query.waste,
         "focus_rows": lambda con: focus.focus_rows(con, period),
     }
-    for name, run in queries.items():
-        started = time.perf_counter()
-        con = query.connect(root, period)
-        output = run(con)
-        seconds = time.perf_counter() - started
-        rows = len(output.rows) if hasattr(output, "rows") else len(output)  # type: ignore[arg-type]
-        results[name] = {
-            "seconds": round(seconds, 2), "rows_per_second": round(written / seconds),
-            "result_rows": rows,
-        }  # fmt: skip
+
+    def measure(label: str) -> None:
+        for name, run in queries.items():
+            started = time.perf_counter()
+            con = query.connect(root, period)
+            output = run(con)
+            seconds = time.perf_counter() - started
+            rows = len(output.rows) if hasattr(output, "rows") else len(output)  # type: ignore[arg-type]
+            results[f"{label}:{name}"] = {
+                "seconds": round(seconds, 2), "rows_per_second": round(written / seconds),
+                "result_rows": rows,
+            }  # fmt: skip
+
+    measure("as written")
+    started = time.perf_counter()
+    merged, removed = compact(root, date(2026, 12, 1))
+    seconds = time.perf_counter() - started
+    results["compact"] = {
+        "seconds": round(seconds, 2), "rows_per_second": round(written / seconds),
+        "files_before": removed, "files_after": merged,
+    }  # fmt: skip
+    measure("compacted")
     json.dump(results, sys.stdout, indent=2)
     print()
     if not args.dir:

@@ -73,6 +73,22 @@ def register(subparsers: Any) -> None:
     focus.set_defaults(func=_focus)
     export.set_defaults(func=lambda _a: (export.print_help(), 2)[1])
 
+    store = subparsers.add_parser("store", help="maintain the usage store")
+    actions = store.add_subparsers(title="actions", metavar="ACTION")
+    compact = actions.add_parser(
+        "compact", help="merge closed days' small part files into one per team and source"
+    )
+    compact.add_argument(
+        "--store", default=os.environ.get(STORE_ENV, ""), help="the usage store's directory"
+    )
+    compact.add_argument(
+        "--before", default="",
+        help="compact days before this UTC day (default: two days ago, so gateways have "
+        "finished delivering)",
+    )  # fmt: skip
+    compact.set_defaults(func=_compact)
+    store.set_defaults(func=lambda _a: (store.print_help(), 2)[1])
+
     reconcile = subparsers.add_parser(
         "reconcile", help="compare a provider's usage and cost export with the usage store",
     )  # fmt: skip
@@ -164,6 +180,26 @@ def _focus(args: argparse.Namespace) -> int:
         f"wrote {len(rows)} FOCUS {focus.FOCUS_VERSION} rows to {out} "
         f"(metadata: {out}.metadata.json)"
     )
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from datetime import UTC, date, datetime, timedelta
+
+    from costwarden.store.writer import compact
+
+    if not args.store or not Path(args.store).is_dir():
+        raise SystemExit("costwarden: name an existing store (--store DIR)")
+    try:
+        before = (
+            date.fromisoformat(args.before)
+            if args.before
+            else datetime.now(UTC).date() - timedelta(days=2)
+        )
+    except ValueError as exc:
+        raise SystemExit(f"costwarden: --before {args.before!r}: {exc}") from exc
+    written, removed = compact(args.store, before)
+    print(f"compacted days before {before}: {removed} files merged into {written}")
     return 0
 
 

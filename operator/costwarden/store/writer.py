@@ -31,6 +31,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -160,4 +161,49 @@ def _covered(ranges: Iterable[tuple[int, int]], seq: int) -> bool:
     return any(first <= seq <= last for first, last in ranges)
 
 
-__all__ = ["OUTCOMES_DIR", "OUTCOME_SCHEMA", "StoreEntry", "UsageStore"]
+def compact(root: str | os.PathLike[str], before: date) -> tuple[int, int]:
+    """Merge each closed day's part files into one per (team, source); returns the files
+    written and the files removed.
+
+    Safe beside a running operator: only days before ``before`` are touched (pass a day
+    the gateways have finished delivering, e.g. two days ago), the merged file's range
+    ``[first of the first, last of the last]`` holds every entry of its source, team and
+    day in that range (entries of a team are written in sequence order, so the gaps
+    between the merged ranges belong to other teams or days), and the originals are
+    removed only after the merged file is in place. A crash between the two leaves the
+    rows twice on disk, which every query counts once (query.py).
+    """
+    base = Path(root)
+    written = removed = 0
+    for day_dir in sorted(base.glob("day=*")):
+        try:
+            day = date.fromisoformat(day_dir.name.removeprefix("day="))
+        except ValueError:
+            continue
+        if day >= before:
+            continue
+        for team_dir in sorted(day_dir.glob("team=*")):
+            groups: dict[str, list[tuple[int, int, Path]]] = defaultdict(list)
+            for path in team_dir.glob("part-*.parquet"):
+                parsed = parse_file_name(path.name)
+                if parsed is not None:
+                    groups[parsed[0]].append((parsed[1], parsed[2], path))
+            for token, files in groups.items():
+                if len(files) < 2:
+                    continue
+                files.sort()
+                table = pa.concat_tables(pq.read_table(p) for _, _, p in files)
+                table = table.sort_by([("seq", "ascending")])
+                name = file_name(token, files[0][0], max(last for _, last, _ in files))
+                temporary = team_dir / f".{name}.{uuid.uuid4().hex}.tmp"
+                pq.write_table(table, temporary, compression="zstd")
+                os.replace(temporary, team_dir / name)
+                written += 1
+                for _, _, path in files:
+                    if path.name != name:
+                        path.unlink()
+                        removed += 1
+    return written, removed
+
+
+__all__ = ["OUTCOMES_DIR", "OUTCOME_SCHEMA", "StoreEntry", "UsageStore", "compact"]

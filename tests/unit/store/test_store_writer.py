@@ -201,3 +201,40 @@ def test_ingestion_writes_each_acknowledged_record_once_even_after_a_store_failu
     total = query.connect(tmp_path).execute("SELECT sum(cost_usd) FROM usage").fetchone()
     assert total is not None
     assert Decimal(total[0]) == sum(r.cost_usd for r in records)
+
+
+def test_compaction_merges_closed_days_and_keeps_writes_exactly_once(tmp_path: Path) -> None:
+    from costwarden.cli import main
+
+    store = UsageStore(tmp_path)
+    batches = [[StoreEntry(n, make_record(), GPT) for n in range(b, b + 3)] for b in (1, 4, 7)]
+    for entries in batches:
+        store.write("gw#1", "team-a/a", entries)
+    store.write("gw#1", "team-a/a", [StoreEntry(10, make_record(when=datetime.now(UTC)), GPT)])
+    before = sorted(r["id"] for r in rows(tmp_path))
+    today = datetime.now(UTC).date().isoformat()
+    assert main(["store", "compact", "--store", str(tmp_path), "--before", today]) == 0
+    day = tmp_path / "day=2026-11-03" / "team=team-a__a"
+    assert [parse_file_name(p.name)[1:] for p in day.glob("*.parquet")] == [(1, 9)]  # type: ignore[index]
+    assert sorted(r["id"] for r in rows(tmp_path)) == before
+    # today's partition is left alone; a restarted writer still skips every re-send
+    assert len(list((tmp_path / f"day={today}").rglob("*.parquet"))) == 1
+    fresh = UsageStore(tmp_path)
+    assert sum(fresh.write("gw#1", "team-a/a", entries) for entries in batches) == 0
+    assert fresh.write("gw#1", "team-a/a", [StoreEntry(11, make_record(), GPT)]) == 1
+
+
+def test_a_crash_during_compaction_counts_each_record_once(tmp_path: Path) -> None:
+    from costwarden.store.writer import compact
+
+    store = UsageStore(tmp_path)
+    store.write("gw#1", "team-a/a", [StoreEntry(1, make_record(), GPT)])
+    store.write("gw#1", "team-a/a", [StoreEntry(2, make_record(), GPT)])
+    day = tmp_path / "day=2026-11-03" / "team=team-a__a"
+    saved = {p.name: p.read_bytes() for p in day.glob("*.parquet")}
+    compact(tmp_path, datetime(2026, 11, 4, tzinfo=UTC).date())
+    for name, data in saved.items():  # the originals back: as if removing them never ran
+        (day / name).write_bytes(data)
+    assert len(list(day.glob("*.parquet"))) == 3
+    count = query.connect(tmp_path).execute("SELECT count(*) FROM usage").fetchone()
+    assert count == (2,)
