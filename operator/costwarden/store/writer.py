@@ -31,7 +31,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,9 @@ from costwarden.store.schema import (
 
 log = logging.getLogger(__name__)
 
+KEEP_RANGES = timedelta(days=36)
+"""How long the written ranges of a day are remembered: ingestion refuses records older
+than 35 days (accounting.trust.GATEWAY_MAX_AGE), so no re-send can reach an older day."""
 OUTCOMES_DIR = "outcomes"
 OUTCOME_SCHEMA = pa.schema(
     [
@@ -82,7 +85,7 @@ class UsageStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         # (token, team partition) -> day -> [(first, last)]; loaded per team on first use
-        self._ranges: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {}
+        self._ranges: dict[tuple[str, str], dict[str, _Spans]] = {}
         self._loaded: set[str] = set()
         self.rows_written = 0
         self.rows_skipped = 0
@@ -96,9 +99,13 @@ class UsageStore:
             ranges = self._ranges.setdefault((token, partition), {})
             by_day: dict[str, list[StoreEntry]] = defaultdict(list)
             skipped = 0
+            horizon = day_of(datetime.now(UTC) - KEEP_RANGES)
+            for old in [d for d in ranges if d < horizon]:
+                del ranges[old]  # ingestion refuses records this old (accounting.trust)
             for entry in entries:
                 day = day_of(entry.record.time)
-                if _covered(ranges.get(day, ()), entry.seq):
+                spans = ranges.get(day)
+                if spans is not None and spans.covers(entry.seq):
                     skipped += 1
                     continue
                 by_day[day].append(entry)
@@ -109,7 +116,7 @@ class UsageStore:
                 rows = [values_of(e.record, source, e.seq, e.pricing, e.locality) for e in chosen]
                 directory = self.root / f"day={day}" / f"team={partition}"
                 self._write_file(directory, file_name(token, first, last), table_of(rows))
-                ranges.setdefault(day, []).append((first, last))
+                ranges.setdefault(day, _Spans()).add(first, last)
                 written += len(rows)
             self.rows_written += written
             self.rows_skipped += skipped
@@ -151,14 +158,31 @@ class UsageStore:
                 continue
             token, first, last = parsed
             day = path.parent.parent.name.removeprefix("day=")
-            self._ranges.setdefault((token, partition), {}).setdefault(day, []).append(
-                (first, last)
+            self._ranges.setdefault((token, partition), {}).setdefault(day, _Spans()).add(
+                first, last
             )
         self._loaded.add(partition)
 
 
-def _covered(ranges: Iterable[tuple[int, int]], seq: int) -> bool:
-    return any(first <= seq <= last for first, last in ranges)
+class _Spans:
+    """The sequence ranges written for one (source, team, day), and the highest seq."""
+
+    __slots__ = ("high", "spans")
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[int, int]] = []
+        self.high = 0
+
+    def add(self, first: int, last: int) -> None:
+        self.spans.append((first, last))
+        self.high = max(self.high, last)
+
+    def covers(self, seq: int) -> bool:
+        # A team's entries are written in sequence order, so nearly every entry is above
+        # everything written (one comparison); only a re-send scans the ranges.
+        if seq > self.high:
+            return False
+        return any(first <= seq <= last for first, last in self.spans)
 
 
 def compact(root: str | os.PathLike[str], before: date) -> tuple[int, int]:
