@@ -56,7 +56,7 @@ def operator(
 
 
 @pytest.fixture
-def agent(api_client: client.ApiClient, namespace: str) -> str:
+def agent(api_client: client.ApiClient, crds, namespace: str) -> str:
     core = client.CoreV1Api(api_client)
     core.create_namespaced_service_account(
         namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="agent"))
@@ -141,3 +141,33 @@ def test_acknowledged_usage_lands_in_the_store_once_with_its_discount(
     focus = pq.read_table(out).to_pylist()
     assert sum(r["ListCost"] for r in focus) == Decimal("0.45")
     assert sum(r["EffectiveCost"] for r in focus) == Decimal("0.36")  # 20 % off
+
+
+def test_reconcile_posts_a_warning_event_on_the_teambudget(
+    control_plane: LocalControlPlane, api_client, agent: str, tmp_path: Path
+) -> None:
+    """A difference (usage the provider saw and costwarden did not) becomes a Warning
+    Event on the named TeamBudget; the exit status says so too."""
+    from costwarden.cli import main
+
+    store = tmp_path / "empty-store"
+    store.mkdir()
+    page = {"object": "page", "has_more": False, "next_page": None, "data": [{
+        "object": "bucket", "start_time": 1793664000, "end_time": 1793750400, "results": [{
+            "object": "organization.usage.completions.result", "input_tokens": 1000,
+            "output_tokens": 100, "input_cached_tokens": 0, "num_model_requests": 1,
+            "model": "gpt-4.1-2025-04-14", "api_key_id": "key_laptop"}]}]}  # fmt: skip
+    usage = tmp_path / "usage.json"
+    usage.write_text(json.dumps(page))
+    code = main([
+        "reconcile", "--provider", "openai", "--from", str(usage), "--store", str(store),
+        "--period", "2026-11", "--event-on", f"{agent}/team",
+        "--kubeconfig", str(control_plane.kubeconfig_path),
+    ])  # fmt: skip
+    assert code == 1
+    events = client.CoreV1Api(api_client).list_namespaced_event(agent).items
+    [event] = [e for e in events if e.reason == "ReconciliationMismatch"]
+    assert event.type == "Warning"
+    assert event.involved_object.kind == "TeamBudget"
+    assert event.involved_object.name == "team"
+    assert "calls around the gateway" in event.message

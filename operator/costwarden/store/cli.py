@@ -109,6 +109,14 @@ def register(subparsers: Any) -> None:
         help="a provider API key id (or project/workspace id) the gateway uses: usage under "
         "any other is named as calls around the gateway (repeatable)",
     )  # fmt: skip
+    reconcile.add_argument(
+        "--event-on", default="", metavar="NAMESPACE/NAME",
+        help="on any difference, post a Warning Event (reason ReconciliationMismatch) on this "
+        "TeamBudget, as `kubectl describe teambudget` shows it",
+    )  # fmt: skip
+    reconcile.add_argument(
+        "--kubeconfig", default="", help="for --event-on: default in-cluster, else ~/.kube/config"
+    )
     reconcile.add_argument("--tolerance-tokens", type=int, default=0)
     reconcile.add_argument("--tolerance-usd", default="0.01")
     _store_args(reconcile)
@@ -203,6 +211,47 @@ def _compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _post_event(args: argparse.Namespace, differences: list[Any], pages: int) -> None:
+    """A Warning Event on the TeamBudget named by --event-on, summing up the differences."""
+    from kubernetes import client, config
+
+    from costwarden.api.meta import API_VERSION
+    from costwarden.controllers.events import event_body
+
+    namespace, _, name = args.event_on.partition("/")
+    if not namespace or not name:
+        raise SystemExit("costwarden: --event-on takes NAMESPACE/NAME")
+    try:
+        if args.kubeconfig:
+            config.load_kube_config(config_file=args.kubeconfig)
+        else:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+        api = client.ApiClient()
+        budget: Any = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            "costwarden.io", "v1alpha1", namespace, "teambudgets", name
+        )
+        money = [d for d in differences if d.metric in ("cost_usd", "unmetered_usd")]
+        gap = sum((d.delta for d in money), Decimal(0))
+        first = differences[0]
+        message = (
+            f"{len(differences)} differences between {args.provider}'s export ({pages} pages) "
+            f"and costwarden's records for {args.period or 'all days'}; money: provider minus "
+            f"costwarden = {gap} USD. First: {first.day} {first.model or first.key} "
+            f"{first.metric} {first.provider} vs {first.costwarden}: {first.cause}"
+        )
+        body = event_body(
+            api_version=API_VERSION, kind="TeamBudget", namespace=namespace, name=name,
+            uid=budget["metadata"]["uid"], event_type="Warning",
+            reason="ReconciliationMismatch", message=message,
+        )  # fmt: skip
+        client.CoreV1Api(api).create_namespaced_event(namespace, body)  # type: ignore[arg-type]
+    except (client.ApiException, config.ConfigException, OSError) as exc:
+        raise SystemExit(f"costwarden: --event-on {args.event_on}: {exc}") from exc
+
+
 def _reconcile(args: argparse.Namespace) -> int:
     from costwarden.store import query, reconcile
 
@@ -228,6 +277,8 @@ def _reconcile(args: argparse.Namespace) -> int:
         export, reconcile.metered(con, args.provider), gateway_keys=args.gateway_key,
         tolerance_tokens=args.tolerance_tokens, tolerance_usd=tolerance,
     )  # fmt: skip
+    if differences and args.event_on:
+        _post_event(args, differences, export.pages)
     result = reconcile.as_result(differences)
     if args.output == "table" and not differences:
         print(f"no differences ({export.pages} pages from {args.provider})")
