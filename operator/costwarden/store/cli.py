@@ -16,7 +16,8 @@ STORE_ENV = "COSTWARDEN_STORE_DIR"
 def _store_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store", default=os.environ.get(STORE_ENV, ""),
-        help=f"the usage store's directory (the operator's --store-dir); default ${STORE_ENV}",
+        help="the usage store: a directory or s3://bucket/prefix (the operator's --store-dir); "
+        f"default ${STORE_ENV}",
     )  # fmt: skip
     parser.add_argument(
         "--period", default="",
@@ -129,7 +130,7 @@ def _open(args: argparse.Namespace) -> Any:
 
     if not args.store:
         raise SystemExit(f"costwarden: name the store (--store DIR or ${STORE_ENV})")
-    if not Path(args.store).is_dir():
+    if not args.store.startswith("s3://") and not Path(args.store).is_dir():
         raise SystemExit(f"costwarden: no usage store at {args.store}")
     try:
         period = query.Period.parse(args.period)

@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from costwarden.store.location import Location, locate
 from costwarden.store.schema import FIXED_LABELS, SCHEMA
 from costwarden.store.writer import OUTCOME_SCHEMA, OUTCOMES_DIR
 
@@ -82,28 +83,37 @@ class Result:
         return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
 
 
-def usage_files(root: Path, period: Period) -> list[str]:
+def usage_files(location: Location, period: Period) -> list[str]:
+    """The part files of the period's days (only those partitions are listed)."""
     days = period.days()
     if days is None:
-        return sorted(str(p) for p in root.glob("day=*/team=*/part-*.parquet"))
+        return [f for f in location.files() if _is_part(location, f)]
     found: list[str] = []
     for day in days:
-        found.extend(
-            str(p) for p in (root / f"day={day.isoformat()}").glob("team=*/part-*.parquet")
-        )
+        found.extend(f for f in location.files(f"day={day.isoformat()}") if _is_part(location, f))
     return sorted(found)
+
+
+def _is_part(location: Location, path: str) -> bool:
+    parts = location.relative(path)
+    return len(parts) == 3 and parts[0].startswith("day=") and parts[2].startswith("part-")
 
 
 def connect(
     root: str | Path, period: Period = Period(), outcomes: Sequence[str | Path] = ()
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``usage`` and ``outcomes``."""
-    root = Path(root)
+    location = locate(root)
     con = duckdb.connect()
-    files = usage_files(root, period)
-    if files:
+    files = usage_files(location, period)
+    if files and location.local:
         raw = con.read_parquet(files, hive_partitioning=False, union_by_name=True)
         con.register("usage_raw", raw)
+    elif files:  # a bucket: pyarrow reads it (DuckDB's httpfs is an extension to download)
+        import pyarrow.dataset as ds
+
+        data = ds.dataset(files, filesystem=location.fs, format="parquet", schema=SCHEMA)
+        con.register("usage_raw", data.to_table())
     else:
         con.register("usage_raw", pa.Table.from_pylist([], schema=SCHEMA))
     where = ""
@@ -118,17 +128,18 @@ def connect(
         f"CREATE VIEW usage AS SELECT * FROM usage_raw {where} "  # noqa: S608 - our datetimes
         "QUALIFY row_number() OVER (PARTITION BY id ORDER BY seq) = 1"
     )
-    _outcomes(con, root, outcomes)
+    _outcomes(con, location, outcomes)
     return con
 
 
-def _outcomes(con: duckdb.DuckDBPyConnection, root: Path, extra: Sequence[str | Path]) -> None:
-    tables: list[pa.Table] = []
-    stored = sorted((root / OUTCOMES_DIR).glob("part-*.parquet"))
-    if stored:
-        import pyarrow.parquet as pq
+def _outcomes(
+    con: duckdb.DuckDBPyConnection, location: Location, extra: Sequence[str | Path]
+) -> None:
+    import pyarrow.parquet as pq
 
-        tables.extend(pq.read_table(p) for p in stored)
+    tables: list[pa.Table] = [
+        pq.read_table(path, filesystem=location.fs) for path in location.files(OUTCOMES_DIR)
+    ]
     for path in extra:
         tables.append(load_outcomes(Path(path)))
     table = (

@@ -38,6 +38,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from costwarden.store.location import locate
 from costwarden.store.schema import (
     Pricing,
     day_of,
@@ -78,15 +79,16 @@ class StoreEntry:
 
 
 class UsageStore:
-    """A local directory of Parquet files (``--store-dir``)."""
+    """Parquet files in a local directory or an S3-compatible bucket (``--store-dir``)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.location = locate(root)
+        if self.location.local:
+            Path(self.location.base).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # (token, team partition) -> day -> [(first, last)]; loaded per team on first use
+        # (token, team partition) -> day -> ranges written; read from the file names once
         self._ranges: dict[tuple[str, str], dict[str, _Spans]] = {}
-        self._loaded: set[str] = set()
+        self._loaded = False
         self.rows_written = 0
         self.rows_skipped = 0
 
@@ -95,7 +97,7 @@ class UsageStore:
         token = source_token(source)
         partition = team_partition(team)
         with self._lock:
-            self._load(partition)
+            self._load()
             ranges = self._ranges.setdefault((token, partition), {})
             by_day: dict[str, list[StoreEntry]] = defaultdict(list)
             skipped = 0
@@ -114,8 +116,10 @@ class UsageStore:
                 chosen = sorted(by_day[day], key=lambda e: e.seq)
                 first, last = chosen[0].seq, chosen[-1].seq
                 rows = [values_of(e.record, source, e.seq, e.pricing, e.locality) for e in chosen]
-                directory = self.root / f"day={day}" / f"team={partition}"
-                self._write_file(directory, file_name(token, first, last), table_of(rows))
+                self._write_file(
+                    (f"day={day}", f"team={partition}"), file_name(token, first, last),
+                    table_of(rows),
+                )  # fmt: skip
                 ranges.setdefault(day, _Spans()).add(first, last)
                 written += len(rows)
             self.rows_written += written
@@ -139,29 +143,38 @@ class UsageStore:
         if not rows:
             return 0
         table = pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)
-        self._write_file(self.root / OUTCOMES_DIR, f"part-{uuid.uuid4().hex}.parquet", table)
+        self._write_file((OUTCOMES_DIR,), f"part-{uuid.uuid4().hex}.parquet", table)
         return len(rows)
 
-    def _write_file(self, directory: Path, name: str, table: pa.Table) -> None:
+    def _write_file(self, parts: tuple[str, ...], name: str, table: pa.Table) -> None:
+        location = self.location
+        if not location.local:  # one PUT: the object appears whole or not at all
+            pq.write_table(
+                table, location.path(*parts, name), filesystem=location.fs, compression="zstd"
+            )
+            return
+        directory = Path(location.path(*parts))
         directory.mkdir(parents=True, exist_ok=True)
         temporary = directory / f".{name}.{uuid.uuid4().hex}.tmp"
         pq.write_table(table, temporary, compression="zstd")
         os.replace(temporary, directory / name)
 
-    def _load(self, partition: str) -> None:
-        """The ranges already written for this team, from the file names."""
-        if partition in self._loaded:
+    def _load(self) -> None:
+        """The ranges already written, from the file names (one listing per process)."""
+        if self._loaded:
             return
-        for path in self.root.glob(f"day=*/team={partition}/part-*.parquet"):
-            parsed = parse_file_name(path.name)
-            if parsed is None:
+        for path in self.location.files():
+            parts = self.location.relative(path)
+            if len(parts) != 3 or not parts[0].startswith("day="):
+                continue
+            parsed = parse_file_name(parts[2])
+            if parsed is None or not parts[1].startswith("team="):
                 continue
             token, first, last = parsed
-            day = path.parent.parent.name.removeprefix("day=")
-            self._ranges.setdefault((token, partition), {}).setdefault(day, _Spans()).add(
-                first, last
-            )
-        self._loaded.add(partition)
+            key = (token, parts[1].removeprefix("team="))
+            day = parts[0].removeprefix("day=")
+            self._ranges.setdefault(key, {}).setdefault(day, _Spans()).add(first, last)
+        self._loaded = True
 
 
 class _Spans:
@@ -197,6 +210,8 @@ def compact(root: str | os.PathLike[str], before: date) -> tuple[int, int]:
     removed only after the merged file is in place. A crash between the two leaves the
     rows twice on disk, which every query counts once (query.py).
     """
+    if str(root).startswith("s3://"):
+        raise ValueError("compaction works on a local store directory only (for now)")
     base = Path(root)
     written = removed = 0
     for day_dir in sorted(base.glob("day=*")):
