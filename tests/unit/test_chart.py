@@ -873,3 +873,13 @@ def test_usage_store_is_off_by_default_and_mounts_a_claim_when_named(helm: Any) 
     spec = deployment(scratch, "operator")["spec"]["template"]["spec"]
     volume = next(v for v in spec["volumes"] if v["name"] == "costwarden-store")
     assert volume["emptyDir"] == {"sizeLimit": "1Gi"}
+
+
+def test_usage_store_in_a_bucket_needs_no_volume(helm: Any) -> None:
+    objects = template(
+        helm, "--set", "operator.store.enabled=true",
+        "--set", "operator.store.bucket=s3://usage/costwarden",
+    )  # fmt: skip
+    assert flag(container_args(objects, "operator"), "--store-dir") == "s3://usage/costwarden"
+    spec = deployment(objects, "operator")["spec"]["template"]["spec"]
+    assert all(v["name"] != "costwarden-store" for v in spec["volumes"])
