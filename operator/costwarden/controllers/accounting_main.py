@@ -152,8 +152,12 @@ def build(
         )
         store = None
         if getattr(args, "store_dir", ""):
-            from costwarden.controllers.store_sink import StoreSink  # pyarrow: optional
-
+            try:
+                from costwarden.controllers.store_sink import StoreSink  # pyarrow: optional
+            except ModuleNotFoundError as exc:
+                raise SystemExit(
+                    f"--store-dir needs {exc.name}: install costwarden[store] (docs/store.md)"
+                ) from exc
             store = StoreSink(args.store_dir)
         ingestion = Ingestion(
             accountant, auth, reconciler.leadership, lambda: reconciler.last_config, rest,

@@ -126,7 +126,12 @@ def register(subparsers: Any) -> None:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from costwarden.store import query
+    try:
+        from costwarden.store import query
+    except ModuleNotFoundError as exc:  # pyarrow or duckdb: the optional extra
+        raise SystemExit(
+            f"costwarden: the usage store needs {exc.name}: pip install 'costwarden[store]'"
+        ) from exc
 
     if not args.store:
         raise SystemExit(f"costwarden: name the store (--store DIR or ${STORE_ENV})")
