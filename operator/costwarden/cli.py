@@ -18,6 +18,7 @@ _SUBCOMMANDS = (
     "costwarden.gitops.cli",
     "costwarden.demo.cli",
     "costwarden.results_cli",
+    "costwarden.store.cli",
 )
 
 

@@ -910,3 +910,31 @@ def test_schema_bounds_the_liveness_and_ledger_values(
     result = helm("template", RELEASE, str(CHART), *args)
     assert result.returncode != 0, f"{args} was accepted"
     assert message in result.stderr, result.stderr
+
+
+def test_usage_store_is_off_by_default_and_mounts_a_claim_when_named(helm: Any) -> None:
+    args = container_args(template(helm), "operator")
+    assert not any(a.startswith("--store-dir") for a in args)
+    objects = template(
+        helm, "--set", "operator.store.enabled=true", "--set", "operator.store.existingClaim=usage"
+    )
+    assert flag(container_args(objects, "operator"), "--store-dir") == "/var/lib/costwarden/store"
+    spec = deployment(objects, "operator")["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "costwarden-store")
+    assert volume["persistentVolumeClaim"] == {"claimName": "usage"}
+    mounts = spec["containers"][0]["volumeMounts"]
+    assert {"name": "costwarden-store", "mountPath": "/var/lib/costwarden/store"} in mounts
+    scratch = template(helm, "--set", "operator.store.enabled=true")
+    spec = deployment(scratch, "operator")["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "costwarden-store")
+    assert volume["emptyDir"] == {"sizeLimit": "1Gi"}
+
+
+def test_usage_store_in_a_bucket_needs_no_volume(helm: Any) -> None:
+    objects = template(
+        helm, "--set", "operator.store.enabled=true",
+        "--set", "operator.store.bucket=s3://usage/costwarden",
+    )  # fmt: skip
+    assert flag(container_args(objects, "operator"), "--store-dir") == "s3://usage/costwarden"
+    spec = deployment(objects, "operator")["spec"]["template"]["spec"]
+    assert all(v["name"] != "costwarden-store" for v in spec["volumes"])

@@ -48,6 +48,11 @@ class ResolvedPricing(WireModel):
     cached_input_per_m_tok_usd: Money = Field(alias="cachedInputPerMTokUSD")
     cache_write_per_m_tok_usd: Money = Field(alias="cacheWritePerMTokUSD")
     tool_call_usd: dict[str, PlainMoney] = Field(default_factory=dict, alias="toolCallUSD")
+    discount_percent: Money | None = Field(
+        default=None,
+        alias="discountPercent",
+        description="The model's contract discount (percent), for the usage store.",
+    )
 
 
 class CredentialRef(WireModel):

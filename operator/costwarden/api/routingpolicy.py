@@ -11,10 +11,11 @@ otherwise, and the gateway refuses a call it cannot keep inside the cluster.
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, WithJsonSchema
+from pydantic import AfterValidator, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from costwarden.api.base import WireModel
@@ -156,7 +157,28 @@ class ModelBackend(WireModel):
         ),
     )
 
+    discount_percent: Money | None = Field(
+        default=None,
+        alias="discountPercent",
+        description=(
+            "Contract discount off the list price, in percent (an integer or a decimal "
+            'string, e.g. "12.5"; below 100, at most 4 decimals). Budgets count list '
+            "prices; the FOCUS export "
+            "(costwarden export focus) reports ContractedCost and EffectiveCost with it."
+        ),
+    )
+
     cel_rules = MODEL_ENDPOINT_RULES
+
+    @field_validator("discount_percent")
+    @classmethod
+    def _discount_below_100(cls, value: Decimal | None) -> Decimal | None:
+        if value is not None and value >= 100:
+            raise ValueError("discountPercent must be below 100")
+        if value is not None and value != value.quantize(Decimal("0.0001")):
+            # Contracted unit prices then keep 18 decimals (the FOCUS export's precision).
+            raise ValueError("discountPercent has at most 4 decimal places")
+        return value
 
     @property
     def upstream_id(self) -> str:

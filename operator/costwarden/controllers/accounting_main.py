@@ -121,6 +121,13 @@ def accounting_arguments(parser: argparse.ArgumentParser) -> None:
         "store and costwarden report)",
     )
     group.add_argument(
+        "--store-dir",
+        default=os.environ.get("COSTWARDEN_STORE_DIR", ""),
+        help="write every acknowledged usage record, exactly once, to Parquet files under "
+        "this directory (docs/store.md; needs the costwarden[store] extra); default "
+        "$COSTWARDEN_STORE_DIR or off",
+    )
+    group.add_argument(
         "--clock-offset",
         type=float,
         default=float(os.environ.get(clock.ENV_OFFSET) or 0),
@@ -172,9 +179,18 @@ def build(
             rest=rest,
             allow_sidecars=args.ingest_allow_sidecars,
         )
+        store = None
+        if getattr(args, "store_dir", ""):
+            try:
+                from costwarden.controllers.store_sink import StoreSink  # pyarrow: optional
+            except ModuleNotFoundError as exc:
+                raise SystemExit(
+                    f"--store-dir needs {exc.name}: install costwarden[store] (docs/store.md)"
+                ) from exc
+            store = StoreSink(args.store_dir)
         ingestion = Ingestion(
             accountant, auth, reconciler.leadership, lambda: reconciler.last_config, rest,
-            held=reconciler.held,
+            held=reconciler.held, store=store,
         )  # fmt: skip
         ingestion.leasing.lease_seconds = args.lease_seconds
         ingestion.results = Results(

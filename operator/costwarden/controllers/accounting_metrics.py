@@ -137,3 +137,12 @@ NEVER_MERGED = Gauge(
     "Spend on changes closed without merging in the current period.",
     ["team"],
 )
+STORE_ROWS = Counter(
+    "costwarden_store_rows_written_total",
+    "Usage records written to the usage store (--store-dir), each once (docs/store.md).",
+)
+STORE_FAILURES = Counter(
+    "costwarden_store_write_failures_total",
+    "Usage store writes that failed; the batch is not acknowledged and the gateway re-sends "
+    "it (the books are not counted twice, the store catches up).",
+)

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -81,11 +81,13 @@ class Ingestion:
         rest: Rest,
         held: HeldUsage | None = None,
         on_held_change: Callable[[], None] | None = None,
+        store: StoreSink | None = None,
     ) -> None:
         self.held = held or HeldUsage()
         """Which teams are held now (the reconciler's UsageApplied condition)."""
         self.on_held_change = on_held_change
         self.accountant = accountant
+        self.store = store
         self.auth = auth
         self.leadership = leadership
         self.config = config
@@ -276,7 +278,39 @@ class Ingestion:
             metrics.RECORDS_UNATTRIBUTED.inc(len(entries))
             return team, None, None
         _observe(commit, applied)
+        if self.store is not None:
+            await self._store(cursor, team, entries)
         return team, commit.after.phase, applied
+
+    async def _store(self, cursor: str, team: str, entries: list[Entry]) -> None:
+        """Write the team's records to the usage store after its books and before the
+        acknowledgement (store/writer.py: exactly once). A failure fails the batch like a
+        transient API error: the gateway re-sends, the books skip, the store catches up."""
+        assert self.store is not None
+        config = self.config()
+        try:
+            await self.store.write(cursor, team, entries, config, self.prices)
+        except Exception as exc:
+            metrics.STORE_FAILURES.inc()
+            log.error("usage store write for %s failed (the batch is re-sent): %s", team, exc)
+            raise StoreWriteError(str(exc)) from exc
+
+
+class StoreWriteError(RuntimeError):
+    """The usage store could not be written: transient (the batch is re-sent)."""
+
+
+class StoreSink(Protocol):
+    """Where acknowledged records go besides the books (controllers/store_sink.py)."""
+
+    async def write(
+        self,
+        cursor: str,
+        team: str,
+        entries: list[Entry],
+        config: GatewayConfig | None,
+        prices: PriceMemory,
+    ) -> None: ...
 
 
 def permanent(error: BaseException) -> bool:
@@ -329,4 +363,4 @@ async def serve(
     return runner
 
 
-__all__ = ["Ingestion", "serve", "usage_mutation"]
+__all__ = ["Ingestion", "StoreSink", "StoreWriteError", "serve", "usage_mutation"]

@@ -60,4 +60,5 @@ def resolve_pricing(model: ModelBackend, catalog: PriceCatalog) -> ResolvedPrici
             else declared.input_per_m_tok_usd
         ),
         tool_call_usd=dict(declared.tool_call_usd or {}),
+        discount_percent=model.discount_percent,
     )
