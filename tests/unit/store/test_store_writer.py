@@ -88,14 +88,17 @@ def test_files_have_the_contract_layout_and_columns(tmp_path: Path) -> None:
 
 
 def test_fields_are_read_defensively_before_and_after_attribution() -> None:
-    """A record without task/sensitivity/route_reason (today's model) and one with them
-    (the attribution work's) both make rows."""
+    """A record without task/sensitivity/route_reason (an older gateway's) and one with
+    them both make rows."""
     from costwarden.store.schema import row_of
 
-    today = make_record()
-    assert row_of(today, source="s", seq=1, pricing=GPT)["task"] == ""
-    later = SimpleNamespace(**today.__dict__, task="code-review", sensitivity="Internal",
-                            route_reason="rule routine")  # fmt: skip
+    record = make_record()
+    attribution = ("task", "sensitivity", "route_reason")
+    older = SimpleNamespace(**{k: v for k, v in record.__dict__.items() if k not in attribution})
+    assert row_of(older, source="s", seq=1, pricing=GPT)["task"] == ""
+    later = record.model_copy(
+        update={"task": "code-review", "sensitivity": "Internal", "route_reason": "rule routine"}
+    )
     row = row_of(later, source="s", seq=1, pricing=GPT)
     assert (row["task"], row["sensitivity"], row["route_reason"]) == (
         "code-review", "Internal", "rule routine",
@@ -179,7 +182,7 @@ def test_ingestion_writes_each_acknowledged_record_once_even_after_a_store_failu
 ) -> None:
     accountant = Accountant()
     sink = FlakySink(tmp_path)
-    ingestion = Ingestion(accountant, None, None, lambda: None, None, sink)  # type: ignore[arg-type]
+    ingestion = Ingestion(accountant, None, None, lambda: None, None, store=sink)  # type: ignore[arg-type]
     records = [make_record(when=datetime.now(UTC) - timedelta(minutes=1)) for _ in range(3)]
     batch = UsageBatch(
         source="gw/1", items=[BatchItem(seq=n, record=r) for n, r in enumerate(records, 1)]
