@@ -59,6 +59,7 @@ def stack(control_plane, api_client, crds, kubeconfig, tmp_path):
         control_plane, api_client, tmp_path,
         "--github-webhook-secret-file", str(secret),
         "--results-log", str(tmp_path / "results.jsonl"),
+        "--store-dir", str(tmp_path / "store"),
         "--metrics-port", str(metrics_port),
         gateway_args=("--kubeconfig", kubeconfig),
     ) as running:  # fmt: skip
@@ -225,6 +226,22 @@ def test_cost_per_merged_change_per_repository_from_tagged_pods_and_reported_out
         ("acme/web", "7", "merged", "github-webhook"),
         ("acme/api", "103", "merged", f"sa:{namespace}/ci"),
     }
+    # The usage store answers the same question over any period: `costwarden report
+    # changes` joins the stored usage to the stored outcomes, exactly.
+    answer = subprocess.run(
+        [sys.executable, "-m", "costwarden", "report", "changes", "--store",
+         str(tmp_path / "store"), "-o", "json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert answer.returncode == 0, answer.stderr
+    by_repository = {row["repository"]: row for row in json.loads(answer.stdout)}
+    assert Decimal(str(by_repository["acme/api"]["cost_per_merged_change_usd"])) == Decimal(
+        "0.0000112125"
+    )
+    assert Decimal(str(by_repository["acme/web"]["cost_per_merged_change_usd"])) == Decimal(
+        "0.000004125"
+    )
+    assert Decimal(str(by_repository["acme/api"]["unmerged_cost_usd"])) == expected["102"]
     # The gateway recorded the declared task and the routing reason of each call.
     records = [json.loads(line) for line in stack.gateway.ledger.read_text().splitlines()]
     calls = [r for r in records if r.get("kind") == "UsageRecord" and r.get("pod")]

@@ -199,6 +199,10 @@ def build(
             github_secret_file=getattr(args, "github_webhook_secret_file", None),
             log_file=getattr(args, "results_log", None),
         )  # fmt: skip
+        if store is not None:
+            # Outcomes land in the store beside the usage they price: `costwarden report
+            # changes` joins them (latest per change) with no other file to pass.
+            ingestion.results.on_outcome.append(lambda o: store.store.write_outcomes([o]))
     runtime = AccountingRuntime(
         rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
         args.ingest_port,
