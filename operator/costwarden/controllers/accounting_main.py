@@ -21,6 +21,7 @@ from typing import Any
 import kopf
 from kubernetes import client
 
+from costwarden.api.results import ChangeOutcome
 from costwarden.controllers import clock
 from costwarden.controllers.accountant import Accountant
 from costwarden.controllers.budgets import BudgetIndex
@@ -202,7 +203,12 @@ def build(
         if store is not None:
             # Outcomes land in the store beside the usage they price: `costwarden report
             # changes` joins them (latest per change) with no other file to pass.
-            ingestion.results.on_outcome.append(lambda o: store.store.write_outcomes([o]))
+            usage_store = store.store
+
+            def keep_outcome(outcome: ChangeOutcome) -> None:
+                usage_store.write_outcomes([outcome])
+
+            ingestion.results.on_outcome.append(keep_outcome)
     runtime = AccountingRuntime(
         rest, budgets, accountant, enforcer, ingestion, args.ingest_listen_address,
         args.ingest_port,

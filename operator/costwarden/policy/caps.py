@@ -7,10 +7,10 @@ accounting update; both get the same answer from the same function.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from costwarden.api.conditions import Reason
-from costwarden.api.money import format_money
+from costwarden.api.money import MICRO, format_money
 from costwarden.api.teambudget import BudgetPhase, TokenCaps, TokenUsage
 from costwarden.api.usage import format_exact_usd
 
@@ -50,7 +50,7 @@ def evaluate_caps(
             Reason.HARD_CAP_EXCEEDED,
             f"spent {format_money(spent_usd)} USD of the {format_money(hard_cap_usd)} USD hard cap",
         )
-    if refused_need_usd is not None and spent_usd + refused_need_usd > hard_cap_usd:
+    if refused_need_usd is not None and _no_room(spent_usd, refused_need_usd, hard_cap_usd):
         return CapVerdict(
             BudgetPhase.EXHAUSTED,
             Reason.CALL_EXCEEDS_REMAINING,
@@ -73,6 +73,15 @@ def evaluate_caps(
         Reason.WITHIN_LIMIT,
         f"spent {format_money(spent_usd)} USD of {format_money(hard_cap_usd)} USD",
     )
+
+
+def _no_room(spent: Decimal, need: Decimal, cap: Decimal) -> bool:
+    """Whether ``need`` no longer fits ``cap - spent``, at micro-dollar resolution: spend
+    rounded down (as status.spentUSD and the gateway configuration carry it), the need
+    rounded up. The reconciler reads the rounded spend and the accounting the exact one;
+    both must agree, and both agree on the rounded figures (a cap has six decimals)."""
+    rounded = spent.quantize(MICRO, rounding=ROUND_FLOOR)
+    return rounded + need.quantize(MICRO, rounding=ROUND_CEILING) >= cap
 
 
 def tripped_token_cap(tokens: TokenUsage, caps: TokenCaps | None) -> str | None:

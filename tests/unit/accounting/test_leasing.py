@@ -126,3 +126,18 @@ def test_too_many_holders_are_refused_a_new_lease():
     assert result.grant.short
     assert result.grant.trip is None
     assert "pod:ns/new/u#s" not in books.leases
+
+
+def test_the_reconcilers_rounded_spend_and_the_exact_spend_agree_on_the_trip():
+    """status.spentUSD is rounded down to micro-dollars; the accounting reads the exact
+    spend. A refused call must put both in Exhausted (else the enforcer, reading one,
+    resumes what the other suspended)."""
+    exact, rounded, need = D("0.0000708"), D("0.00007"), D("0.00003")
+    verdicts = [
+        evaluate_caps(
+            spent_usd=spent, tokens=TokenUsage(), hard_cap_usd=D("0.0001"),
+            soft_limit_usd=D("0.0001"), token_caps=None, refused_need_usd=need,
+        ).phase
+        for spent in (exact, rounded)
+    ]  # fmt: skip
+    assert verdicts == [BudgetPhase.EXHAUSTED, BudgetPhase.EXHAUSTED]
