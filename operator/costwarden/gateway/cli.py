@@ -22,6 +22,7 @@ from costwarden.api.usage import UsageSink
 from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import SHARED_HINT, SIDECAR_HINT, Credentials
 from costwarden.gateway.egress import CA_FILE_ENV, Egress
+from costwarden.gateway.holds import HoldJournal, journal_path
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
 from costwarden.gateway.leases import Leases
 from costwarden.gateway.metrics import rejected_reason
@@ -270,6 +271,17 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
     elif isinstance(sink, JsonlLedgerSink):
         gateway.metrics.ledger_bytes.set_function(lambda: sink.ledger_bytes)
         gateway.metrics.ledger_unwritten.set_function(lambda: sink.unwritten)
+    if args.ledger is not None:
+        # Before serving: calls a killed predecessor left in flight are charged at their
+        # reservation, once (docs/ledger.md, "Calls in flight at a kill").
+        journal = HoldJournal(
+            journal_path(args.ledger),
+            replica_id=args.replica_id,
+            fsync=FsyncPolicy(args.ledger_fsync),
+        )
+        journal.recover(sink, args.ledger, gateway.metrics)
+        journal.supervisor = gateway.supervisor
+        gateway.holds = journal
     return gateway
 
 
@@ -336,6 +348,8 @@ async def _serve_until_signalled(gateway: Gateway, args: argparse.Namespace) -> 
         gateway, args.host, args.port, stop,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port,
     )  # fmt: skip
+    if gateway.holds is not None:
+        await gateway.holds.close()  # every call settled: the journal holds nothing open
 
 
 def main(argv: list[str] | None = None) -> int:

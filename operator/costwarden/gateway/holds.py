@@ -1,0 +1,388 @@
+"""The hold journal: every reserved call written down before it is forwarded, so that a
+gateway killed with calls in flight charges them at their reservation when it restarts
+(issue #12: "reserved-but-unsettled calls of a crashed replica are charged at their
+reservation, never lost"; docs/ledger.md, "Calls in flight at a kill").
+
+With ``--ledger PATH`` the journal is ``PATH.holds``, next to the ledger. Two kinds of
+line, each written with one ``write(2)`` on an ``O_APPEND`` descriptor (the ledger's
+durability class: in the page cache at once, so a killed process loses none; fsync'd
+within :data:`FLUSH_SECONDS` with ``--ledger-fsync batch``):
+
+- ``{"kind":"Hold","reservedUSD":…,"record":{…}}`` before the call is forwarded. ``record``
+  is the call's usage record *as if it were interrupted*: charged at its reservation (see
+  :func:`charge_at_reservation`), outcome ``UpstreamError``, reason
+  :data:`INTERRUPTED_REASON`, HTTP status 0 (the client got no answer).
+- ``{"kind":"Settled","id":…}`` once the call settled and its own usage record went to the
+  sink (the ledger line is written first, in the same synchronous step).
+
+On start, before the gateway serves, :meth:`HoldJournal.recover` charges every hold
+without a settlement whose id is not in the ledger either: its record goes through the
+sink once (a numbered ledger line, delivered like any other), the ledger is fsync'd and
+only then the journal is emptied (a new file renamed over it). A restart during recovery
+finds the records it already wrote in the ledger (same id) and does not charge them again;
+a hold whose own record reached the ledger before the kill is not charged either.
+
+The journal is compacted (rewritten with only the calls still in flight, fsync'd, renamed
+over the old one) once it passes :data:`COMPACT_BYTES` and twice what is still held: it
+stays under 1 MiB plus the holds of the calls in flight (about 600 bytes each). It is
+bounded on its own, not counted in ``--ledger-max-bytes``.
+
+What a kill -9 still costs: a call killed after its reservation but before its request
+left is charged too (the gateway cannot know it was not sent); the charge is the worst
+case, not what the provider billed. What is still lost: a ledger whose volume is gone
+(the pod deleted with its emptyDir) takes its journal with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+from pydantic import ValidationError
+
+from costwarden.api.gatewayconfig import ModelRoute
+from costwarden.api.teambudget import TokenUsage
+from costwarden.api.usage import (
+    RECORD_API_VERSION,
+    Outcome,
+    UsageRecord,
+    UsageSink,
+    format_exact_usd,
+)
+from costwarden.gateway.sinks import FsyncPolicy
+from costwarden.policy.reservation import WorstCase, worst_cost
+from costwarden.supervision import Supervisor
+
+if TYPE_CHECKING:
+    from costwarden.gateway.call import Call
+    from costwarden.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger("costwarden.gateway.holds")
+
+SUFFIX = ".holds"
+COMPACT_BYTES = 1024 * 1024
+FLUSH_SECONDS = 0.2
+INTERRUPTED_REASON = "gateway_interrupted; charged_reservation"
+"""The reason of a record charged at recovery. It ends like the reason of a call charged
+its reservation in the same process (gateway/proxy.py), so consumers that look for
+``charged_reservation`` (forward.charged_without_usage) see both."""
+LOGGED_CALLS = 20
+"""Interrupted calls logged one by one at recovery; the rest are in the summary line."""
+_ID = re.compile(rb'"id":"([^"]{1,64})"')
+
+
+def journal_path(ledger: Path) -> Path:
+    return ledger.with_name(ledger.name + SUFFIX)
+
+
+def charge_at_reservation(
+    worst: WorstCase, routes: Iterable[ModelRoute]
+) -> tuple[ModelRoute, TokenUsage]:
+    """The candidate and tokens that price to exactly the reservation.
+
+    The reservation is the worst case at the dearest candidate's prices, its input at that
+    model's dearest input rate (policy/reservation.py). The charge names that candidate as
+    the served model and puts the input tokens in the field priced at that rate (plain
+    input unless cached reads or cache writes cost more), so ``call_cost`` of the record,
+    which the operator recomputes from the policy's prices, is the reservation itself."""
+    routes = tuple(routes)
+    route = next(
+        (r for r in routes if worst_cost(worst.input_tokens, worst.output_tokens, r.pricing)
+         == worst.cost),
+        routes[0],
+    )  # fmt: skip
+    p = route.pricing
+    rate = max(p.input_per_m_tok_usd, p.cached_input_per_m_tok_usd, p.cache_write_per_m_tok_usd)
+    prompt = worst.input_tokens
+    if rate == p.input_per_m_tok_usd:
+        split = (prompt, 0, 0)
+    elif rate == p.cache_write_per_m_tok_usd:
+        split = (0, 0, prompt)
+    else:
+        split = (0, prompt, 0)
+    tokens = TokenUsage.model_construct(
+        input=split[0], cached_input=split[1], cache_creation=split[2], output=worst.output_tokens
+    )
+    return route, tokens
+
+
+class HoldJournal:
+    """The journal of one ledger. :meth:`recover` first (it opens the file), then
+    :meth:`hold` before each forwarded call and :meth:`settled` after its record."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        replica_id: str = "",
+        fsync: FsyncPolicy = FsyncPolicy.BATCH,
+        compact_bytes: int = COMPACT_BYTES,
+    ) -> None:
+        self.path = path
+        self.replica_id = replica_id
+        self._fsync = fsync
+        self._compact_bytes = compact_bytes
+        self._fd: int | None = None
+        self._size = 0
+        self._open: dict[str, bytes] = {}  # record id -> its Hold line
+        self._open_bytes = 0
+        self._dirty = False
+        self._task: asyncio.Task[None] | None = None
+        self.supervisor: Supervisor | None = None
+        """Runs the fsync task (restarted with backoff should it fail); set by the gateway."""
+        self.compactions = 0
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def recover(
+        self, sink: UsageSink, ledger: Path, metrics: GatewayMetrics | None = None
+    ) -> list[UsageRecord]:
+        """Charge the holds a previous run left unsettled, once; then start an empty
+        journal. Returns the records charged (already emitted through ``sink``)."""
+        assert self._fd is None, "recover() runs once, before the journal is used"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        pending = _unsettled(self.path)
+        if pending:
+            in_ledger = _ids_in(ledger, set(pending))
+            charged = [r for i, r in pending.items() if i not in in_ledger]
+        else:
+            in_ledger, charged = set(), []
+        for record in charged:
+            sink.emit(record)  # a numbered ledger line, delivered like any other
+            if metrics is not None:
+                metrics.interrupted_calls.labels(record.team).inc()
+                metrics.cost.labels(record.team, record.served_model).inc(float(record.cost_usd))
+        if charged:
+            _fsync_file(ledger)  # the charges are durable before the holds are forgotten
+            _log_recovery(charged, len(in_ledger))
+        elif in_ledger:
+            log.info("hold journal: %d calls in flight at the previous stop had reached the "
+                     "ledger; nothing to charge", len(in_ledger))  # fmt: skip
+        self._rewrite([])
+        return charged
+
+    # -- the request path ----------------------------------------------------------------
+
+    def hold(self, call: Call, routes: tuple[ModelRoute, ...]) -> bool:
+        """Write ``call``'s hold (its reservation) before it is forwarded. False if it
+        could not be written: the call must not be forwarded (nobody could charge it)."""
+        held = call.reservation
+        assert held is not None
+        assert self._fd is not None, "recover() first"
+        line = self._hold_line(call, held.worst, routes)
+        try:
+            self._write(line)
+        except OSError as exc:
+            log.error("hold journal %s not writable (%s): call refused", self.path, exc)
+            return False
+        self._open[call.id] = line
+        self._open_bytes += len(line)
+        return True
+
+    def settled(self, call_id: str) -> None:
+        """The call settled and its record went to the sink: its hold is done."""
+        line = self._open.pop(call_id, None)
+        if line is None:
+            return
+        self._open_bytes -= len(line)
+        try:
+            # Losing this line costs nothing: recovery finds the record's id in the ledger.
+            self._write(b'{"kind":"Settled","id":"%s"}\n' % call_id.encode())
+        except OSError as exc:
+            log.warning("hold journal %s: settlement not written (%s)", self.path, exc)
+        if self._size >= self._compact_bytes and self._size >= 2 * self._open_bytes:
+            self.compact()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._open)
+
+    @property
+    def journal_bytes(self) -> int:
+        return self._size
+
+    def _hold_line(self, call: Call, worst: WorstCase, routes: tuple[ModelRoute, ...]) -> bytes:
+        route, tokens = charge_at_reservation(worst, routes)
+        caller, team = call.caller, call.team
+        assert caller is not None
+        assert team is not None
+        cost = format_exact_usd(worst.cost)
+        record = {
+            "apiVersion": RECORD_API_VERSION,
+            "kind": "UsageRecord",
+            "id": call.id,
+            "time": call.arrived,
+            "team": team.id,
+            "namespace": caller.namespace,
+            "job": caller.job,
+            "pod": caller.pod,
+            "caller": caller.via,
+            "endpoint": call.endpoint.value,
+            "requestedModel": call.requested_model,
+            "servedModel": route.name,
+            "upstreamModel": route.upstream_model,
+            "rule": call.rule,
+            "policy": call.policy_id,
+            "provider": route.provider.value,
+            "tokens": {
+                "input": tokens.input,
+                "output": tokens.output,
+                "cachedInput": tokens.cached_input,
+                "cacheCreation": tokens.cache_creation,
+            },
+            "usageReported": True,
+            "costUSD": cost,
+            "outcome": Outcome.UPSTREAM_ERROR.value,
+            "reason": INTERRUPTED_REASON,
+            "httpStatus": 0,
+            "streaming": call.streaming,
+            "configRevision": call.revision,
+            "gatewayReplica": self.replica_id,
+        }
+        return orjson.dumps({"kind": "Hold", "reservedUSD": cost, "record": record}) + b"\n"
+
+    # -- the file ------------------------------------------------------------------------
+
+    def _write(self, line: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(line)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._size += len(line)
+        self._dirty = True
+        self._ensure_task()
+
+    def compact(self) -> None:
+        """Rewrite the journal with only the calls still in flight (synchronously, on the
+        event loop: no hold is appended meanwhile); a crash leaves the old or the new file,
+        both complete."""
+        self._rewrite(self._open.values())
+        self.compactions += 1
+
+    def _rewrite(self, lines: Iterable[bytes]) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with temporary.open("wb") as new:
+            for line in lines:
+                new.write(line)
+            new.flush()
+            if self._fsync is FsyncPolicy.BATCH:
+                os.fsync(new.fileno())
+        os.replace(temporary, self.path)
+        if self._fsync is FsyncPolicy.BATCH:
+            _fsync_dir(self.path.parent)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._size = os.fstat(self._fd).st_size
+        self._dirty = False
+
+    def _ensure_task(self) -> None:
+        if self._task is None and self._fsync is FsyncPolicy.BATCH:
+            with contextlib.suppress(RuntimeError):  # no running loop: close() syncs
+                if self.supervisor is not None:
+                    self._task = self.supervisor.start("hold-journal-fsync", self._flusher)
+                else:
+                    self._task = asyncio.get_running_loop().create_task(self._flusher())
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            if self._dirty and self._fd is not None:
+                self._dirty = False
+                await asyncio.to_thread(os.fsync, self._fd)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """Complete lines of a file; a torn last line (node crash mid-write) is skipped."""
+    try:
+        with path.open("rb") as file:
+            for line in file:
+                if line.endswith(b"\n"):
+                    yield line
+    except FileNotFoundError:
+        return
+
+
+def _unsettled(path: Path) -> dict[str, UsageRecord]:
+    """Holds of the journal without a settlement line, by record id, in journal order.
+    A line that does not parse (torn) or a hold that is not a valid record is skipped:
+    a hold's line is written whole with one write(2), so only a node crash tears one."""
+    holds: dict[str, UsageRecord] = {}
+    settled: set[str] = set()
+    for line in _lines(path):
+        try:
+            entry = orjson.loads(line)
+            kind = entry.get("kind")
+            if kind == "Settled":
+                settled.add(str(entry["id"]))
+            elif kind == "Hold":
+                record = UsageRecord.model_validate(entry["record"])
+                holds[record.id] = record
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValidationError):
+            log.warning("hold journal %s: an unreadable line skipped", path)
+    return {i: r for i, r in holds.items() if i not in settled}
+
+
+def _ids_in(ledger: Path, wanted: set[str]) -> set[str]:
+    """Which of ``wanted`` are the id of a ledger line (a record written before the kill,
+    or charged by a recovery that was itself interrupted)."""
+    found: set[str] = set()
+    for line in _lines(ledger):
+        match = _ID.search(line)
+        if match is not None and (record_id := match.group(1).decode()) in wanted:
+            found.add(record_id)
+    return found
+
+
+def _log_recovery(charged: list[UsageRecord], reached: int) -> None:
+    for record in charged[:LOGGED_CALLS]:
+        log.warning(
+            "call %s of team %s (namespace %s, job %s, model %s) was in flight when the "
+            "gateway stopped: charged at its reservation, %s USD",
+            record.id, record.team, record.namespace, record.job or "-",
+            record.served_model, format_exact_usd(record.cost_usd),
+        )  # fmt: skip
+    total = sum((r.cost_usd for r in charged), Decimal(0))
+    teams = sorted({r.team for r in charged})
+    log.warning(
+        "hold journal: %d calls interrupted by the previous stop charged at their "
+        "reservation (%s USD in all; teams %s); %d more had reached the ledger",
+        len(charged), format_exact_usd(total), ", ".join(teams), reached,
+    )  # fmt: skip
+
+
+def _fsync_file(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
