@@ -241,6 +241,18 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         replica_id=args.replica_id,
         reserving=not args.no_reservation,
     )
+    if args.ledger is not None:
+        # Before serving (and before the sink's tasks are supervised: no loop runs yet),
+        # calls a killed predecessor left in flight are charged at their reservation, once
+        # (docs/ledger.md, "Calls in flight at a kill").
+        journal = HoldJournal(
+            journal_path(args.ledger),
+            replica_id=args.replica_id,
+            fsync=FsyncPolicy(args.ledger_fsync),
+        )
+        journal.recover(gateway.sink, args.ledger, gateway.metrics)
+        journal.supervisor = gateway.supervisor
+        gateway.holds = journal
     gateway.supervisor.unhealthy_after = args.liveness_task_failure_seconds
     if hasattr(gateway.sink, "supervisor"):
         gateway.sink.supervisor = gateway.supervisor
@@ -271,17 +283,6 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
     elif isinstance(sink, JsonlLedgerSink):
         gateway.metrics.ledger_bytes.set_function(lambda: sink.ledger_bytes)
         gateway.metrics.ledger_unwritten.set_function(lambda: sink.unwritten)
-    if args.ledger is not None:
-        # Before serving: calls a killed predecessor left in flight are charged at their
-        # reservation, once (docs/ledger.md, "Calls in flight at a kill").
-        journal = HoldJournal(
-            journal_path(args.ledger),
-            replica_id=args.replica_id,
-            fsync=FsyncPolicy(args.ledger_fsync),
-        )
-        journal.recover(sink, args.ledger, gateway.metrics)
-        journal.supervisor = gateway.supervisor
-        gateway.holds = journal
     return gateway
 
 
