@@ -21,6 +21,7 @@ from costwarden.gateway.holds import (
     HoldJournal,
     charge_at_reservation,
     journal_path,
+    segments,
 )
 from costwarden.gateway.identity import Caller
 from costwarden.gateway.metrics import GatewayMetrics
@@ -72,6 +73,10 @@ def started(ledger: Path, sink: Any = None, metrics: GatewayMetrics | None = Non
     return j
 
 
+def journal_bytes(ledger: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in segments(journal_path(ledger)))
+
+
 def ledger_ids(ledger: Path) -> list[str]:
     return [orjson.loads(line)["id"] for line in ledger.read_bytes().splitlines() if line]
 
@@ -107,7 +112,8 @@ def test_an_unsettled_hold_is_charged_at_its_reservation_on_recovery(tmp_path: P
     assert record.gateway_replica == "gw-1"
     assert metrics.interrupted_calls.labels(TEAM_ID)._value.get() == 1
     # The journal starts empty: a second restart charges nothing more.
-    assert journal_path(ledger).read_bytes() == b""
+    assert journal_bytes(ledger) == b""
+    assert len(segments(journal_path(ledger))) == 1
     assert journal(ledger).recover(MemorySink(), ledger) == []
 
 
@@ -152,11 +158,11 @@ def test_a_restart_during_recovery_does_not_charge_twice(
     for call in calls:
         assert j.hold(call, ROUTES)
 
-    def killed(self: HoldJournal, lines: Any) -> None:
+    def killed(self: HoldJournal, *args: Any, **kwargs: Any) -> None:
         raise SystemExit("killed after the charges were written, before the journal reset")
 
     with monkeypatch.context() as patch:
-        patch.setattr(HoldJournal, "_rewrite", killed)
+        patch.setattr(HoldJournal, "_start_segment", killed)
         with pytest.raises(SystemExit):
             journal(ledger).recover(JsonlLedgerSink(ledger, FsyncPolicy.NONE), ledger)
     assert sorted(ledger_ids(ledger)) == sorted(c.id for c in calls)
@@ -173,7 +179,7 @@ def test_a_torn_last_line_is_skipped_and_the_journal_stays_usable(tmp_path: Path
     whole, torn = held_call(), held_call()
     assert j.hold(whole, ROUTES)
     assert j.hold(torn, ROUTES)
-    path = journal_path(ledger)
+    path = j.current
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 40])  # a node crash cut the last line short
 
@@ -192,7 +198,7 @@ def test_an_unreadable_hold_line_is_skipped_not_fatal(tmp_path: Path) -> None:
     j = started(ledger)
     good = held_call()
     assert j.hold(good, ROUTES)
-    with journal_path(ledger).open("ab") as file:
+    with j.current.open("ab") as file:
         file.write(b'{"kind":"Hold","record":{"id":"x"}}\nnot json\n')
 
     assert [r.id for r in journal(ledger).recover(MemorySink(), ledger)] == [good.id]
@@ -204,17 +210,18 @@ def test_compaction_keeps_only_the_calls_in_flight(tmp_path: Path) -> None:
     j.recover(MemorySink(), ledger)
     long_running = held_call()
     assert j.hold(long_running, ROUTES)
-    line = journal_path(ledger).stat().st_size
+    line = len(journal_bytes(ledger))
     largest = 0
     for _ in range(500):
         call = held_call()
         assert j.hold(call, ROUTES)
         j.settled(call.id)
-        largest = max(largest, journal_path(ledger).stat().st_size)
+        largest = max(largest, len(journal_bytes(ledger)))
 
     assert j.compactions >= 10
     assert largest < 8192 + 2 * line  # bounded: the threshold plus a hold and its settlement
     assert j.in_flight == 1
+    assert len(segments(journal_path(ledger))) == 1  # old segments unlinked
     assert [r.id for r in journal(ledger).recover(MemorySink(), ledger)] == [long_running.id]
 
 
@@ -282,7 +289,7 @@ def test_the_gateway_writes_the_hold_before_forwarding_and_settles_it_after(
     caller.start()
 
     wait_for(lambda: holds.in_flight == 1, what="the call held in the journal")
-    (line,) = journal_path(ledger).read_bytes().splitlines()
+    (line,) = journal_bytes(ledger).splitlines()
     hold = orjson.loads(line)
     assert hold["kind"] == "Hold"
     assert hold["record"]["team"] == TEAM_ID
@@ -294,7 +301,7 @@ def test_the_gateway_writes_the_hold_before_forwarding_and_settles_it_after(
     assert answers
     assert answers[0].status_code == 200
     wait_for(lambda: holds.in_flight == 0, what="the hold settled")
-    kinds = [orjson.loads(x)["kind"] for x in journal_path(ledger).read_bytes().splitlines()]
+    kinds = [orjson.loads(x)["kind"] for x in journal_bytes(ledger).splitlines()]
     assert kinds == ["Hold", "Settled"]
     (record,) = [UsageRecord.model_validate_json(x) for x in ledger.read_bytes().splitlines()]
     assert record.id == hold["record"]["id"]
