@@ -100,7 +100,9 @@ def segments(base: Path) -> list[Path]:
 
 
 def charge_at_reservation(
-    worst: WorstCase, routes: Iterable[ModelRoute]
+    worst: WorstCase,
+    routes: Iterable[ModelRoute],
+    costs: Iterable[tuple[str, Decimal]] = (),
 ) -> tuple[ModelRoute, TokenUsage]:
     """The candidate and tokens that price to exactly the reservation.
 
@@ -108,26 +110,36 @@ def charge_at_reservation(
     model's dearest input rate (policy/reservation.py). The charge names that candidate as
     the served model and puts the input tokens in the field priced at that rate (plain
     input unless cached reads or cache writes cost more), so ``call_cost`` of the record,
-    which the operator recomputes from the policy's prices, is the reservation itself."""
-    routes = tuple(routes)
-    route = next(
-        (r for r in routes if worst_cost(worst.input_tokens, worst.output_tokens, r.pricing)
-         == worst.cost),
-        routes[0],
-    )  # fmt: skip
+    which the operator recomputes from the policy's prices, is the reservation itself.
+    ``costs``: each candidate's worst cost if known (``Reservation.models``), which spares
+    computing them again on the request path."""
+    route, (fresh, cached, written) = _charge(worst, tuple(routes), tuple(costs))
+    tokens = TokenUsage.model_construct(
+        input=fresh, cached_input=cached, cache_creation=written, output=worst.output_tokens
+    )
+    return route, tokens
+
+
+def _charge(
+    worst: WorstCase, routes: tuple[ModelRoute, ...], costs: tuple[tuple[str, Decimal], ...]
+) -> tuple[ModelRoute, tuple[int, int, int]]:
+    """(route, (input, cachedInput, cacheCreation)) of :func:`charge_at_reservation`."""
+    dearest = next((name for name, cost in costs if cost == worst.cost), None)
+    route = next((r for r in routes if r.name == dearest), None)
+    if route is None:
+        route = next(
+            (r for r in routes
+             if worst_cost(worst.input_tokens, worst.output_tokens, r.pricing) == worst.cost),
+            routes[0],
+        )  # fmt: skip
     p = route.pricing
     rate = max(p.input_per_m_tok_usd, p.cached_input_per_m_tok_usd, p.cache_write_per_m_tok_usd)
     prompt = worst.input_tokens
     if rate == p.input_per_m_tok_usd:
-        split = (prompt, 0, 0)
-    elif rate == p.cache_write_per_m_tok_usd:
-        split = (0, 0, prompt)
-    else:
-        split = (0, prompt, 0)
-    tokens = TokenUsage.model_construct(
-        input=split[0], cached_input=split[1], cache_creation=split[2], output=worst.output_tokens
-    )
-    return route, tokens
+        return route, (prompt, 0, 0)
+    if rate == p.cache_write_per_m_tok_usd:
+        return route, (0, 0, prompt)
+    return route, (0, prompt, 0)
 
 
 class HoldJournal:
@@ -200,7 +212,7 @@ class HoldJournal:
         held = call.reservation
         assert held is not None
         assert self._fd is not None, "recover() first"
-        line = self._hold_line(call, held.worst, routes)
+        line = self._hold_line(call, held.worst, routes, held.models)
         try:
             self._write(line)
         except OSError as exc:
@@ -232,8 +244,14 @@ class HoldJournal:
     def journal_bytes(self) -> int:
         return self._size
 
-    def _hold_line(self, call: Call, worst: WorstCase, routes: tuple[ModelRoute, ...]) -> bytes:
-        route, tokens = charge_at_reservation(worst, routes)
+    def _hold_line(
+        self,
+        call: Call,
+        worst: WorstCase,
+        routes: tuple[ModelRoute, ...],
+        costs: tuple[tuple[str, Decimal], ...] = (),
+    ) -> bytes:
+        route, (fresh, cached, written) = _charge(worst, routes, costs)
         caller, team = call.caller, call.team
         assert caller is not None
         assert team is not None
@@ -256,10 +274,10 @@ class HoldJournal:
             "policy": call.policy_id,
             "provider": route.provider.value,
             "tokens": {
-                "input": tokens.input,
-                "output": tokens.output,
-                "cachedInput": tokens.cached_input,
-                "cacheCreation": tokens.cache_creation,
+                "input": fresh,
+                "output": worst.output_tokens,
+                "cachedInput": cached,
+                "cacheCreation": written,
             },
             "usageReported": True,
             "costUSD": cost,

@@ -235,6 +235,8 @@ def test_the_charge_prices_to_the_reservation_whichever_input_rate_is_dearest() 
     assert call_cost(tokens, route.pricing) == worst.cost
 
     worst = reserve.worst_case(1000, 50, (ROUTES[1], ROUTES[0]))  # the dearer one second
+    held = Reservations().hold(TEAM, "job", worst, (ROUTES[1], ROUTES[0]))
+    assert charge_at_reservation(worst, (ROUTES[1], ROUTES[0]), held.models)[0] is ROUTES[0]
     route, tokens = charge_at_reservation(worst, (ROUTES[1], ROUTES[0]))
     assert route.name == "gpt-4o"
     assert tokens.input == 1000
