@@ -40,7 +40,7 @@ def run(calls: int, in_flight: int) -> dict[str, Any]:
     from costwarden.gateway.openai import OPENAI
     from costwarden.gateway.proxy import Gateway
     from costwarden.gateway.sinks import FsyncPolicy, MemorySink
-    from costwarden.policy.routing import RequestTraits, decide
+    from costwarden.policy.routing import RequestTraits, RouteDecision, decide
     from costwarden.testing.gateway import sample_config
 
     config = sample_config(
@@ -67,6 +67,7 @@ def run(calls: int, in_flight: int) -> dict[str, Any]:
     }
     raw = orjson.dumps(body)
     decision = decide(policy, RequestTraits(provider=Provider.OPENAI))
+    assert isinstance(decision, RouteDecision)
     caller = Caller("sidecar", namespace="team-a", pod="p", job="job-1")
     work = Path(tempfile.mkdtemp(prefix="cw-holds-bench-"))
     journal = HoldJournal(journal_path(work / "ledger.jsonl"), fsync=FsyncPolicy.BATCH)

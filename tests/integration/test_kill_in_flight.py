@@ -1,5 +1,5 @@
 """kill -9 with calls in flight (issue #12): a real gateway process, ledger-only, the official
-openai SDK as the client and a slow upstream. Calls the kill cuts off were sent upstream
+openai and anthropic SDKs as clients and a slow upstream. Calls the kill cuts off were sent upstream
 (the provider bills them) and never answered; after the restart on the same ledger each is
 in the ledger exactly once, charged exactly its reservation, and nothing else is charged:
 spend in the ledger == the settled calls (the upstream's own usage, priced) + the
@@ -18,10 +18,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import orjson
 
+from costwarden.api.gatewayconfig import ModelRoute
 from costwarden.api.teambudget import TokenUsage
 from costwarden.gateway.holds import INTERRUPTED_REASON, journal_path, segments
 from costwarden.policy import reservation as reserve
@@ -45,6 +47,14 @@ IN_FLIGHT = 8
 LATENCY = 8.0  # seconds the upstream holds the calls the kill cuts off
 
 
+def anthropic_body(label: str) -> dict[str, Any]:
+    return {
+        "model": "claude-fake-sonnet",
+        "max_tokens": MAX_TOKENS,
+        "messages": [{"role": "user", "content": f"call {label}"}],
+    }
+
+
 def body(label: str) -> dict[str, Any]:
     # Distinct prompts of one size (identical ones would trip loop detection).
     return {
@@ -58,7 +68,8 @@ class GatewayProcess:
     def __init__(self, tmp_path: Path, upstream_url: str) -> None:
         self.dir = tmp_path
         config = sample_config(upstream_url)
-        self.mini = next(m for m in config.policies[0].models if m.name == MODEL)
+        self.models = config.policies[0].models
+        self.mini = next(m for m in self.models if m.name == MODEL)
         self.config = tmp_path / "config.json"
         self.config.write_text(config.model_dump_json(by_alias=True))
         self.keys = tmp_path / "keys.yaml"
@@ -109,6 +120,9 @@ class GatewayProcess:
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
+    def anthropic(self) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=self.url, api_key=KEY, max_retries=0, timeout=60)
+
     def records(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.ledger.read_bytes().splitlines() if line]
 
@@ -131,30 +145,38 @@ def _run(gateway: GatewayProcess, fake: FakeUpstream) -> None:
         answer = sdk.chat.completions.create(**body(f"settled {i:03d}"))
         assert answer.usage is not None
     # The upstream's own bill of the answered calls, priced at the policy's prices.
-    settled_bill = sum((_price(c.usage, gateway) for c in list(fake.calls)), Decimal(0))
+    settled_bill = sum((_price(c.usage, gateway.mini) for c in list(fake.calls)), Decimal(0))
     assert len(fake.calls) == SETTLED
 
-    # Every call from now on stays upstream LATENCY seconds: the kill comes first.
+    # Every call from now on stays upstream LATENCY seconds: the kill comes first. In
+    # flight: plain chat, streamed chat and an Anthropic message (whose reservation is
+    # priced at Claude's cache-write rate, its dearest input rate).
     fake.latency = LATENCY
-    reservation = reserve.worst_cost(
-        reserve.prompt_token_bound(orjson.dumps(body("flight 000"))), MAX_TOKENS,
-        gateway.mini.pricing,
-    )  # fmt: skip
+    claude = next(m for m in gateway.models if m.name == "claude-sonnet")
+    flights = [("chat", f"flight {i:03d}") for i in range(IN_FLIGHT - 3)]
+    flights += [("stream", "flight s01"), ("stream", "flight s02"), ("messages", "flight m01")]
+    expected = {label: _reservation(kind, label, gateway.mini, claude) for kind, label in flights}
     failures: list[BaseException] = []
 
-    def call(i: int) -> None:
+    def call(kind: str, label: str) -> None:
         try:
-            gateway.client().chat.completions.create(**body(f"flight {i:03d}"))
-        except openai.APIConnectionError as exc:  # the gateway died under it
-            failures.append(exc)
+            if kind == "messages":
+                gateway.anthropic().messages.create(**anthropic_body(label))
+            else:
+                sdk = gateway.client()
+                if kind == "stream":
+                    list(sdk.chat.completions.create(**body(label), stream=True))
+                else:
+                    sdk.chat.completions.create(**body(label))
+        except (openai.APIConnectionError, anthropic.APIConnectionError) as exc:
+            failures.append(exc)  # the gateway died under it
 
-    callers = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(IN_FLIGHT)]
+    callers = [threading.Thread(target=call, args=f, daemon=True) for f in flights]
     for caller in callers:
         caller.start()
-    wait_for(
-        lambda: gateway.metric("costwarden_gateway_reserved_usd") == float(reservation * IN_FLIGHT),
-        timeout=30, what=f"{IN_FLIGHT} calls reserved and in flight",
-    )  # fmt: skip
+    held = float(sum(expected.values(), Decimal(0)))
+    wait_for(lambda: gateway.metric("costwarden_gateway_reserved_usd") == held, timeout=30,
+             what=f"{IN_FLIGHT} calls reserved and in flight")  # fmt: skip
     # ... and sent: the provider has them all (a call killed before its request left is
     # charged its reservation too, but the provider would not bill it).
     wait_for(lambda: fake.waiting == IN_FLIGHT, timeout=30, what="the upstream has every call")
@@ -176,18 +198,26 @@ def _run(gateway: GatewayProcess, fake: FakeUpstream) -> None:
     assert len(ok) == SETTLED
     assert len(interrupted) == IN_FLIGHT
     assert len(records) == SETTLED + IN_FLIGHT
+    charged: dict[tuple[str, bool], list[Decimal]] = {}
     for record in interrupted:
-        assert Decimal(record["costUSD"]) == reservation  # exactly the reservation
         assert record["usageReported"] is True
         assert record["team"] == TEAM_ID
-        assert record["servedModel"] == MODEL
+        route = claude if record["servedModel"] == claude.name else gateway.mini
         tokens = TokenUsage.model_validate(record["tokens"])
-        assert (
-            call_cost(tokens, gateway.mini.pricing) == reservation
-        )  # what the operator recomputes
+        # Exactly the reservation, also as the operator recomputes it (tokens x prices).
+        assert call_cost(tokens, route.pricing) == Decimal(record["costUSD"])
+        key = (record["servedModel"], record["streaming"])
+        charged.setdefault(key, []).append(Decimal(record["costUSD"]))
+    by_kind = {"chat": (MODEL, False), "stream": (MODEL, True), "messages": (claude.name, False)}
+    wanted: dict[tuple[str, bool], list[Decimal]] = {}
+    for kind, label in flights:
+        wanted.setdefault(by_kind[kind], []).append(expected[label])
+    assert {k: sorted(v) for k, v in charged.items()} == {k: sorted(v) for k, v in wanted.items()}
+    claude_record = next(r for r in interrupted if r["servedModel"] == claude.name)
+    assert claude_record["tokens"]["cacheCreation"] > 0  # input at the cache-write rate
     delivered = sum((Decimal(r["costUSD"]) for r in records), Decimal(0))
     assert sum((Decimal(r["costUSD"]) for r in ok), Decimal(0)) == settled_bill
-    assert delivered == settled_bill + IN_FLIGHT * reservation
+    assert delivered == settled_bill + sum(expected.values(), Decimal(0))
     assert gateway.metric("costwarden_gateway_interrupted_calls_total") == IN_FLIGHT
     # Recovered, then a new empty segment started and the old ones removed.
     (segment,) = segments(journal_path(gateway.ledger))
@@ -198,7 +228,9 @@ def _run(gateway: GatewayProcess, fake: FakeUpstream) -> None:
     wait_for(lambda: len(fake.calls) == SETTLED + IN_FLIGHT, timeout=LATENCY + 30,
              what="the upstream finishing the calls it was sent")  # fmt: skip
     for served in list(fake.calls)[SETTLED:]:
-        assert _price(served.usage, gateway) <= reservation
+        label = _label(served.body)
+        route = claude if served.model == claude.upstream_model else gateway.mini
+        assert _price(served.usage, route) <= expected[label]
 
     # Restarting again (after a clean stop, and after another kill) charges nothing more.
     gateway.signal(signal.SIGTERM)
@@ -215,12 +247,35 @@ def _run(gateway: GatewayProcess, fake: FakeUpstream) -> None:
     assert PROVIDER_KEY not in log
 
 
-def _price(usage: dict[str, Any] | None, gateway: GatewayProcess) -> Decimal:
+def _price(usage: dict[str, Any] | None, route: ModelRoute) -> Decimal:
+    """The upstream's own usage (OpenAI or Anthropic shape), priced at the route's prices."""
     assert usage is not None
+    if "input_tokens" in usage:  # Anthropic
+        tokens = TokenUsage(
+            input=usage["input_tokens"],
+            output=usage["output_tokens"],
+            cached_input=usage.get("cache_read_input_tokens") or 0,
+            cache_creation=usage.get("cache_creation_input_tokens") or 0,
+        )
+        return call_cost(tokens, route.pricing)
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     tokens = TokenUsage(
         input=usage["prompt_tokens"] - cached,
         output=usage["completion_tokens"],
         cached_input=cached,
     )
-    return call_cost(tokens, gateway.mini.pricing)
+    return call_cost(tokens, route.pricing)
+
+
+def _reservation(kind: str, label: str, mini: ModelRoute, claude: ModelRoute) -> Decimal:
+    """The worst case of one call, from the body the SDK sends (compact JSON)."""
+    if kind == "messages":
+        raw, route = orjson.dumps(anthropic_body(label)), claude
+    else:
+        sent = body(label) | ({"stream": True} if kind == "stream" else {})
+        raw, route = orjson.dumps(sent), mini
+    return reserve.worst_cost(reserve.prompt_token_bound(raw), MAX_TOKENS, route.pricing)
+
+
+def _label(sent: dict[str, Any]) -> str:
+    return str(sent["messages"][0]["content"]).removeprefix("call ")
