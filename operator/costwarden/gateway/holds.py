@@ -217,6 +217,7 @@ class HoldJournal:
             self._write(line)
         except OSError as exc:
             log.error("hold journal %s not writable (%s): call refused", self.current, exc)
+            self._fresh_segment()  # no torn fragment for the next line to merge with
             return False
         self._open[call.id] = line
         self._open_bytes += len(line)
@@ -229,10 +230,13 @@ class HoldJournal:
             return
         self._open_bytes -= len(line)
         try:
-            # Losing this line costs nothing: recovery finds the record's id in the ledger.
             self._write(b'{"kind":"Settled","id":"%s"}\n' % call_id.encode())
         except OSError as exc:
+            # Recovery would find the record's id in the ledger, unless a rotation removed
+            # it first: a new segment without this hold settles it for good.
             log.warning("hold journal %s: settlement not written (%s)", self.current, exc)
+            self._fresh_segment()
+            return
         if self._size >= self._compact_bytes and self._size >= 2 * self._open_bytes:
             self.compact()
 
@@ -316,6 +320,13 @@ class HoldJournal:
         self._start_segment(self._segment + 1, b"".join(self._open.values()), durable=False)
         previous.unlink(missing_ok=True)
         self.compactions += 1
+
+    def _fresh_segment(self) -> None:
+        """After a failed write: the calls in flight in a new segment, if it can be made."""
+        try:
+            self.compact()
+        except OSError as exc:
+            log.warning("hold journal: no new segment either (%s)", exc)
 
     def _start_segment(self, number: int, content: bytes, *, durable: bool) -> None:
         path = self.path.with_name(f"{self.path.name}.{number}")

@@ -329,3 +329,22 @@ def test_a_call_whose_hold_cannot_be_written_is_refused_and_not_sent(
     assert response.json()["error"]["code"] == "ledger_full"
     assert fake.calls == []  # never forwarded: nobody could have charged it
     wait_for(lambda: gateway.gateway.reservations.in_flight == 0, what="hold released")
+
+
+def test_a_settlement_that_cannot_be_written_still_settles_the_hold(tmp_path: Path) -> None:
+    """The settlement line fails (the volume hiccups): the hold must not come back as an
+    interruption later, even once its record has been rotated out of the ledger."""
+    import os
+
+    ledger = tmp_path / "ledger.jsonl"
+    j = started(ledger)
+    done, open_ = held_call(), held_call()
+    assert j.hold(done, ROUTES)
+    assert j.hold(open_, ROUTES)
+    broken = j._fd
+    j._fd = os.open(tmp_path, os.O_RDONLY)  # the next write fails (EBADF)
+    os.close(broken)  # type: ignore[arg-type]
+
+    j.settled(done.id)  # not written: a new segment holds only what is still in flight
+
+    assert [r.id for r in journal(ledger).recover(MemorySink(), ledger)] == [open_.id]
