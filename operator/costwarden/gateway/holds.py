@@ -13,8 +13,9 @@ killed process loses none; fsync'd within :data:`FLUSH_SECONDS` with
   is the call's usage record *as if it were interrupted*: charged at its reservation (see
   :func:`charge_at_reservation`), outcome ``UpstreamError``, reason
   :data:`INTERRUPTED_REASON`, HTTP status 0 (the client got no answer).
-- ``{"kind":"Settled","id":…}`` once the call settled and its own usage record went to the
-  sink (the ledger line is written first, in the same synchronous step).
+- ``{"kind":"Settled","id":…}`` once the call settled and its own usage record is in the
+  ledger file (written first, in the same synchronous step; while the sink keeps lines in
+  memory because the volume refuses them, the settlement waits until they are written).
 
 On start, before the gateway serves, :meth:`HoldJournal.recover` reads every segment and
 charges each hold without a settlement whose id is not in the ledger either: its record
@@ -46,7 +47,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,6 +166,10 @@ class HoldJournal:
         self._size = 0
         self._open: dict[str, bytes] = {}  # record id -> its Hold line
         self._open_bytes = 0
+        self._deferred: list[str] = []
+        """Calls settled while the sink held ledger lines in memory (its volume refused
+        them): their holds stay open until those lines are in the file."""
+        self._unwritten: Callable[[], int] = lambda: 0
         self._dirty = False
         self._dir_dirty = False  # a segment was created: the directory needs an fsync too
         self._task: asyncio.Task[None] | None = None
@@ -180,12 +185,13 @@ class HoldJournal:
         """Charge the holds a previous run left unsettled, once; then start an empty
         journal. Returns the records charged (already emitted through ``sink``)."""
         assert self._fd is None, "recover() runs once, before the journal is used"
+        self._unwritten = lambda: int(getattr(sink, "unwritten", 0) or 0)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         old = segments(self.path)
         pending = _unsettled(old)
         if pending:
             in_ledger = _ids_in(ledger, set(pending))
-            charged = [r for i, r in pending.items() if i not in in_ledger]
+            charged = [r for i, (r, _) in pending.items() if i not in in_ledger]
         else:
             in_ledger, charged = set(), []
         for record in charged:
@@ -199,8 +205,19 @@ class HoldJournal:
         elif in_ledger:
             log.info("hold journal: %d calls in flight at the previous stop had reached the "
                      "ledger; nothing to charge", len(in_ledger))  # fmt: skip
+        carried = b""
+        if charged and self._unwritten():
+            # The ledger's volume refused the charges (kept in the sink's memory): their
+            # holds stay open, settled once the lines are in the file; a kill before that
+            # charges them again, once, since the ledger does not have them.
+            for record in charged:
+                line = pending[record.id][1]
+                self._open[record.id] = line
+                self._open_bytes += len(line)
+                self._deferred.append(record.id)
+            carried = b"".join(self._open.values())
         number = int(old[-1].name.rsplit(".", 1)[1]) + 1 if old else 1
-        self._start_segment(number, b"", durable=True)
+        self._start_segment(number, carried, durable=True)
         for path in old:
             path.unlink(missing_ok=True)  # a kill before this: the union is read again
         return charged
@@ -225,7 +242,26 @@ class HoldJournal:
         return True
 
     def settled(self, call_id: str) -> None:
-        """The call settled and its record went to the sink: its hold is done."""
+        """The call settled and its record went to the sink: its hold is done once the
+        record is in the ledger file (at once, unless the sink keeps lines in memory
+        because the volume refused them: then when they are written)."""
+        if call_id not in self._open:
+            return
+        if self._unwritten():
+            # The record may not be in the file: a kill now must still charge the call.
+            self._deferred.append(call_id)
+            self._ensure_task()
+            return
+        if self._deferred:
+            self._settle_deferred()  # their lines are in the file too (written in order)
+        self._settle(call_id)
+
+    def _settle_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for call_id in deferred:
+            self._settle(call_id)
+
+    def _settle(self, call_id: str) -> None:
         line = self._open.pop(call_id, None)
         if line is None:
             return
@@ -240,6 +276,11 @@ class HoldJournal:
             return
         if self._size >= self._compact_bytes and self._size >= 2 * self._open_bytes:
             self.compact()
+
+    @property
+    def deferred(self) -> int:
+        """Settled calls whose records wait in the sink's memory for the ledger's volume."""
+        return len(self._deferred)
 
     @property
     def in_flight(self) -> int:
@@ -351,7 +392,7 @@ class HoldJournal:
             self._ensure_task()
 
     def _ensure_task(self) -> None:
-        if self._task is None and self._fsync is FsyncPolicy.BATCH:
+        if self._task is None and (self._fsync is FsyncPolicy.BATCH or self._deferred):
             with contextlib.suppress(RuntimeError):  # no running loop: close() syncs
                 if self.supervisor is not None:
                     self._task = self.supervisor.start("hold-journal-fsync", self._flusher)
@@ -361,6 +402,10 @@ class HoldJournal:
     async def _flusher(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
+            if self._deferred and not self._unwritten():
+                self._settle_deferred()  # on the loop: the sink's lines are in the file now
+            if self._fsync is not FsyncPolicy.BATCH:
+                continue
             if self._dirty and self._fd is not None:
                 self._dirty = False
                 await asyncio.to_thread(os.fsync, self._fd)
@@ -391,12 +436,12 @@ def _lines(path: Path) -> Iterator[bytes]:
         return
 
 
-def _unsettled(paths: Iterable[Path]) -> dict[str, UsageRecord]:
+def _unsettled(paths: Iterable[Path]) -> dict[str, tuple[UsageRecord, bytes]]:
     """Holds of the journal's segments without a settlement line (in any segment), by
     record id, oldest first. A line that does not parse (torn) or a hold that is not a
     valid record is skipped: a hold's line is written whole with one write(2), so only a
     node crash tears one."""
-    holds: dict[str, UsageRecord] = {}
+    holds: dict[str, tuple[UsageRecord, bytes]] = {}
     settled: set[str] = set()
     for line in (line for path in paths for line in _lines(path)):
         try:
@@ -406,7 +451,7 @@ def _unsettled(paths: Iterable[Path]) -> dict[str, UsageRecord]:
                 settled.add(str(entry["id"]))
             elif kind == "Hold":
                 record = UsageRecord.model_validate(entry["record"])
-                holds[record.id] = record
+                holds[record.id] = (record, line)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValidationError):
             log.warning("hold journal: an unreadable line skipped (torn by a node crash?)")
     return {i: r for i, r in holds.items() if i not in settled}

@@ -348,3 +348,100 @@ def test_a_settlement_that_cannot_be_written_still_settles_the_hold(tmp_path: Pa
     j.settled(done.id)  # not written: a new segment holds only what is still in flight
 
     assert [r.id for r in journal(ledger).recover(MemorySink(), ledger)] == [open_.id]
+
+
+class RefusingVolumeSink(MemorySink):
+    """A ledger sink whose volume refuses writes: lines kept in its memory (``unwritten``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unwritten = 0
+        self.refusing = False
+
+    def emit(self, record: UsageRecord) -> None:
+        super().emit(record)
+        if self.refusing or self.unwritten:
+            self.unwritten += 1  # in order: once one line waits, every later one does
+
+
+def test_a_call_settled_while_its_record_waits_in_memory_stays_held(tmp_path: Path) -> None:
+    """The ledger's volume refuses writes and the sink keeps the record in memory: a kill
+    then loses that memory, so the hold must stay open until the record is in the file."""
+    ledger = tmp_path / "ledger.jsonl"
+    sink = RefusingVolumeSink()
+    j = journal(ledger)
+    j.recover(sink, ledger)
+    waiting, later = held_call(), held_call()
+    assert j.hold(waiting, ROUTES)
+    assert j.hold(later, ROUTES)
+    sink.unwritten = 1  # the record of `waiting` is only in the sink's memory
+
+    j.settled(waiting.id)
+
+    assert j.deferred == 1
+    assert [r.id for r in journal(ledger).recover(MemorySink(), ledger)] == [waiting.id, later.id]
+
+
+def test_deferred_settlements_complete_once_the_sink_has_written_its_lines(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    sink = RefusingVolumeSink()
+    j = journal(ledger)
+    j.recover(sink, ledger)
+    first, second = held_call(), held_call()
+    assert j.hold(first, ROUTES)
+    assert j.hold(second, ROUTES)
+    sink.unwritten = 1
+    j.settled(first.id)
+    sink.unwritten = 0  # the volume took the lines again
+
+    j.settled(second.id)
+
+    assert j.deferred == 0
+    assert j.in_flight == 0
+    assert journal(ledger).recover(MemorySink(), ledger) == []
+
+
+def test_charges_the_ledger_cannot_take_at_recovery_stay_held(tmp_path: Path) -> None:
+    """Recovery's own charges kept in the sink's memory (volume refusing): the holds are
+    carried into the new segment, so a kill before the volume recovers charges them then
+    (the ledger never got them), and a later settlement drops them."""
+    ledger = tmp_path / "ledger.jsonl"
+    first = started(ledger)
+    call = held_call()
+    assert first.hold(call, ROUTES)
+    sink = RefusingVolumeSink()
+    sink.refusing = True
+
+    second = journal(ledger)
+    charged = second.recover(sink, ledger)
+
+    assert [r.id for r in charged] == [call.id]
+    assert second.deferred == 1
+    assert [r.id for r in journal(ledger).recover(MemorySink(), ledger)] == [call.id]
+
+
+def test_recovered_charges_are_settled_when_the_sink_drains(tmp_path: Path) -> None:
+    import asyncio
+
+    ledger = tmp_path / "ledger.jsonl"
+    first = started(ledger)
+    assert first.hold(held_call(), ROUTES)
+    sink = RefusingVolumeSink()
+    sink.refusing = True
+    second = journal(ledger)
+    second.recover(sink, ledger)
+
+    async def drain() -> None:
+        sink.unwritten = 0
+        second._ensure_task()
+        for _ in range(200):
+            if not second.deferred:
+                break
+            await asyncio.sleep(0.02)
+        await second.close()
+
+    asyncio.run(drain())
+    assert second.deferred == 0
+    assert journal(ledger).recover(MemorySink(), ledger) == []
