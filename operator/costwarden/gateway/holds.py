@@ -64,6 +64,8 @@ from costwarden.api.usage import (
     UsageSink,
     format_exact_usd,
 )
+from costwarden.gateway.call import MAX_ROUTE_REASON, MAX_SENSITIVITY, MAX_TASK
+from costwarden.gateway.call import _tags as call_tags  # the ledger's own record's tags
 from costwarden.gateway.sinks import FsyncPolicy
 from costwarden.policy.reservation import WorstCase, worst_cost
 from costwarden.supervision import Supervisor
@@ -333,6 +335,10 @@ class HoldJournal:
             "streaming": call.streaming,
             "configRevision": call.revision,
             "gatewayReplica": self.replica_id,
+            "labels": call_tags(caller),
+            "task": call.task[:MAX_TASK],
+            "sensitivity": call.sensitivity[:MAX_SENSITIVITY],
+            "routeReason": call.reason[:MAX_ROUTE_REASON],
         }
         return orjson.dumps({"kind": "Hold", "reservedUSD": cost, "record": record}) + b"\n"
 

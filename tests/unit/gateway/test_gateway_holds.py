@@ -57,6 +57,7 @@ def held_call(
     call.requested_model = "gpt-4o"
     call.rule = "code-review"
     call.revision = "rev-1"
+    call.task, call.sensitivity, call.reason = "code-review", "Internal", "rule code-review"
     worst = reserve.worst_case(prompt, ceiling, routes)
     call.reservation = Reservations().hold(TEAM, "agent-1", worst, routes)
     return call
@@ -109,6 +110,9 @@ def test_an_unsettled_hold_is_charged_at_its_reservation_on_recovery(tmp_path: P
     assert record.reason == INTERRUPTED_REASON
     assert record.reason.endswith("charged_reservation")
     assert record.http_status == 0
+    assert (record.task, record.sensitivity, record.route_reason) == (
+        "code-review", "Internal", "rule code-review",
+    )  # fmt: skip
     assert record.gateway_replica == "gw-1"
     assert metrics.interrupted_calls.labels(TEAM_ID)._value.get() == 1
     # The journal starts empty: a second restart charges nothing more.
