@@ -100,6 +100,9 @@ class Supervisor:
         """Run ``work()`` under supervision on the running loop; returns the supervising
         task (cancel it to stop the work). ``forever``: a return is a failure too;
         otherwise supervision ends when ``work()`` completes."""
+        # No running loop (RuntimeError) must leave nothing registered: a later start()
+        # of the same task, on the loop, would be refused as a duplicate.
+        loop = asyncio.get_running_loop()
         with self._lock:
             if name in self.tasks:
                 raise ValueError(f"a task named {name!r} is already supervised")
@@ -108,9 +111,7 @@ class Supervisor:
             self._failing.labels(task=name).set(0)
         if self._restarts is not None:
             self._restarts.labels(task=name)  # the series exists at 0 from the start
-        return asyncio.get_running_loop().create_task(
-            self._supervise(name, work, forever), name=f"supervised:{name}"
-        )
+        return loop.create_task(self._supervise(name, work, forever), name=f"supervised:{name}")
 
     async def _supervise(self, name: str, work: Work, forever: bool) -> None:
         backoff = self.backoff_initial

@@ -26,8 +26,9 @@ from tests.support.stack import Stack
 
 
 def _kill_gateway_between_calls(stack: Stack, agents: list[Agent]) -> None:
-    """A call in flight when a process dies is answered by nobody: the upstream may bill it
-    and no gateway can meter it (docs/accounting.md). So the gateway dies between calls."""
+    """A call in flight when the gateway dies is charged its reservation after the restart,
+    not what the upstream billed (docs/ledger.md; tests/faults/test_kill_in_flight.py), so
+    for spend to equal the bill exactly the gateway dies between calls here."""
     for agent in agents:
         agent.hold.set()
     for agent in agents:

@@ -173,3 +173,24 @@ def test_the_operator_liveness_probe_fails_past_the_bound():
         task.cancel()
 
     asyncio.run(main())
+
+
+def test_a_start_without_a_running_loop_registers_nothing() -> None:
+    """A sink emitting before the loop runs (the hold journal's recovery at start) tries to
+    start its task; the later start on the loop must not be refused as a duplicate."""
+    supervisor, _, _ = _supervisor(Clock())
+
+    async def work() -> None:
+        await asyncio.Event().wait()
+
+    with pytest.raises(RuntimeError):
+        supervisor.start("ledger-flush", work)
+    assert "ledger-flush" not in supervisor.tasks
+
+    async def on_the_loop() -> None:
+        task = supervisor.start("ledger-flush", work)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(on_the_loop())

@@ -22,6 +22,7 @@ from costwarden.api.usage import UsageSink
 from costwarden.gateway.config import ConfigStore
 from costwarden.gateway.credentials import SHARED_HINT, SIDECAR_HINT, Credentials
 from costwarden.gateway.egress import CA_FILE_ENV, Egress
+from costwarden.gateway.holds import HoldJournal, journal_path
 from costwarden.gateway.identity import Identifier, SharedIdentifier, SidecarIdentifier
 from costwarden.gateway.leases import Leases
 from costwarden.gateway.metrics import rejected_reason
@@ -240,6 +241,18 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         replica_id=args.replica_id,
         reserving=not args.no_reservation,
     )
+    if args.ledger is not None:
+        # Before serving (and before the sink's tasks are supervised: no loop runs yet),
+        # calls a killed predecessor left in flight are charged at their reservation, once
+        # (docs/ledger.md, "Calls in flight at a kill").
+        journal = HoldJournal(
+            journal_path(args.ledger),
+            replica_id=args.replica_id,
+            fsync=FsyncPolicy(args.ledger_fsync),
+        )
+        journal.recover(gateway.sink, args.ledger, gateway.metrics)
+        journal.supervisor = gateway.supervisor
+        gateway.holds = journal
     gateway.supervisor.unhealthy_after = args.liveness_task_failure_seconds
     if hasattr(gateway.sink, "supervisor"):
         gateway.sink.supervisor = gateway.supervisor
@@ -336,6 +349,8 @@ async def _serve_until_signalled(gateway: Gateway, args: argparse.Namespace) -> 
         gateway, args.host, args.port, stop,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port,
     )  # fmt: skip
+    if gateway.holds is not None:
+        await gateway.holds.close()  # every call settled: the journal holds nothing open
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,6 +224,14 @@ class GatewayMetrics:
             ["team"],
             registry=r,
         )
+        self.interrupted_calls = Counter(
+            "costwarden_gateway_interrupted_calls_total",
+            "Calls in flight when a previous run of this gateway stopped without settling "
+            "them (kill -9, OOM, node crash), charged at their reservation from the hold "
+            "journal when it started again (docs/ledger.md).",
+            ["team"],
+            registry=r,
+        )
         self.config_info = Gauge(
             "costwarden_gateway_config_info",
             "1 for the configuration revision in force.",

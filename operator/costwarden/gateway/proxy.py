@@ -35,6 +35,7 @@ from costwarden.gateway.call import Call, log_decision
 from costwarden.gateway.config import CompiledConfig, ConfigStore
 from costwarden.gateway.credentials import Credentials
 from costwarden.gateway.forward import forward, forward_count
+from costwarden.gateway.holds import HoldJournal
 from costwarden.gateway.identity import (
     Identifier,
     IdentityUnavailableError,
@@ -173,6 +174,9 @@ class Gateway:
         """With the operator behind it: the budget this replica may reserve against, per
         team whose hard cap blocks (gateway/leases.py). None: a standalone gateway, which
         reserves against the configuration's spend snapshot alone."""
+        self.holds: HoldJournal | None = None
+        """With a ledger: each reservation written down before forwarding, so a call in
+        flight at a kill is charged at its reservation after the restart (gateway/holds.py)."""
 
     async def handle(
         self, request: web.BaseRequest, fmt: WireFormat, endpoint: Endpoint
@@ -436,6 +440,9 @@ class Gateway:
         call.reservation = self.reservations.hold(
             team, caller.unit, worst, tuple(routes), defaulted=defaulted
         )
+        if self.holds is not None and not self.holds.hold(call, tuple(routes)):
+            return self.refuse(call, 503, "ledger_full", "the gateway cannot write its usage "
+                               "ledger; retry later")  # fmt: skip
         if len(routes) == len(candidates):
             return decision
         dropped = ", ".join(r.name for r in candidates if r not in routes)
@@ -674,6 +681,8 @@ class Gateway:
             # Its seq, just given by the sink: the lease is net of it once it is applied.
             self.leases.note(record.team, getattr(self.sink, "seq", 0), record.cost_usd,
                              record.time)  # fmt: skip
+        if self.holds is not None and call.reservation is not None:
+            self.holds.settled(call.id)  # after its record: a kill in between charges once
         added = time.perf_counter() - call.started - call.upstream_seconds
         self.metrics.observe(record, added_seconds=added)
         log_decision(call, record)

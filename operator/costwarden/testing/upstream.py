@@ -139,6 +139,8 @@ class FakeUpstream:
     latency: float = 0.0
     """Seconds every POST waits before it is answered (a slow provider, for tests that
     need many calls in flight at once)."""
+    waiting: int = 0
+    """POSTs received (body read) and still in their ``latency`` wait."""
 
     def script(self, model: str, *faults: str) -> None:
         """Queue faults for the next requests naming ``model`` (upstream id)."""
@@ -194,7 +196,14 @@ class FakeUpstream:
     @web.middleware
     async def _slow(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self.latency and request.method == "POST" and not request.path.startswith("/_fake"):
-            await asyncio.sleep(self.latency)
+            # The request is received (and billed, once answered) before the model works on
+            # it, as at a provider: a caller that goes away meanwhile is still billed.
+            await request.read()
+            self.waiting += 1
+            try:
+                await asyncio.sleep(self.latency)
+            finally:
+                self.waiting -= 1
         response: web.StreamResponse = await handler(request)
         return response
 
