@@ -54,12 +54,16 @@ LOCAL_PRICING = ModelPricing(
 )
 
 
-def _pricing(upstream_model: str, declared: ModelPricing | None = None) -> ResolvedPricing:
+def _pricing(
+    upstream_model: str,
+    declared: ModelPricing | None = None,
+    provider: Provider = Provider.OPENAI,
+) -> ResolvedPricing:
     from costwarden.api.routingpolicy import ModelBackend
 
     backend = ModelBackend(
         name="x",
-        provider=Provider.OPENAI,
+        provider=provider,
         endpoint="https://api.example.com/v1",
         upstream_model=upstream_model,
         pricing=declared,
@@ -87,7 +91,7 @@ def model(
         upstream_model=upstream,
         locality=locality,
         credentials=CredentialRef(namespace=NAMESPACE, name="llm-keys", key="api-key"),
-        pricing=_pricing(upstream, pricing),
+        pricing=_pricing(upstream, pricing, provider),
     )
 
 
