@@ -105,13 +105,12 @@ def test_openai_chat_is_charged_at_the_tier_the_answer_reports(
     )
     assert answer.service_tier == tier
     usage = answer.usage
-    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage is not None
+    assert usage.prompt_tokens_details is not None
     cached = usage.prompt_tokens_details.cached_tokens or 0
     record = only_record(gateway)
     assert record.service_tier == tier
-    assert record.cost_usd == tier_cost(
-        tier, usage.prompt_tokens, cached, usage.completion_tokens
-    )
+    assert record.cost_usd == tier_cost(tier, usage.prompt_tokens, cached, usage.completion_tokens)
 
 
 def test_openai_stream_is_charged_at_its_tier(gateway: GatewayThread, oai: openai.OpenAI) -> None:
@@ -125,7 +124,8 @@ def test_openai_stream_is_charged_at_its_tier(gateway: GatewayThread, oai: opena
     usage = None
     for chunk in stream:
         usage = chunk.usage or usage
-    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage is not None
+    assert usage.prompt_tokens_details is not None
     record = only_record(gateway)
     assert record.service_tier == "priority"
     cached = usage.prompt_tokens_details.cached_tokens or 0
