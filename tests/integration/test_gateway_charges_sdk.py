@@ -18,11 +18,16 @@ import anthropic
 import openai
 import pytest
 
-from costwarden.api.gatewayconfig import GatewayConfig, PolicyConfig
+from costwarden.api.gatewayconfig import GatewayConfig
 from costwarden.api.routingpolicy import ModelPricing, TierPricing
 from costwarden.api.usage import Outcome, UsageRecord
 from costwarden.gateway.sinks import MemorySink
-from costwarden.testing.gateway import GatewayThread, model, sample_config, write_credentials
+from costwarden.testing.gateway import (
+    GatewayThread,
+    sample_config,
+    with_pricing,
+    write_credentials,
+)
 from costwarden.testing.upstream import FakeUpstream, ServerThread
 
 M = Decimal(1_000_000)
@@ -49,14 +54,7 @@ LONG_SYSTEM = "You answer questions about the weather in European capitals. " * 
 
 
 def tiered_config(upstream: str) -> GatewayConfig:
-    config = sample_config(upstream)
-    policy = config.policies[0]
-    models = [
-        model("gpt-4o-mini", upstream, pricing=MINI_PRICING) if m.name == "gpt-4o-mini" else m
-        for m in policy.models
-    ]
-    tiered = PolicyConfig.model_validate(policy.model_copy(update={"models": models}).model_dump())
-    return config.model_copy(update={"policies": [tiered]})
+    return with_pricing(sample_config(upstream), "gpt-4o-mini", MINI_PRICING)
 
 
 @pytest.fixture

@@ -167,6 +167,20 @@ def sample_config(upstream: str, **team_overrides: Any) -> GatewayConfig:
     return GatewayConfig(teams=[TeamConfig(**team)], policies=[policy], revision="rev-1")
 
 
+def with_pricing(config: GatewayConfig, name: str, pricing: ModelPricing) -> GatewayConfig:
+    """``config`` with model ``name`` of its first policy priced at ``pricing``."""
+    policy = config.policies[0]
+    models = [
+        model(m.name, m.endpoint.removesuffix("/v1"), provider=m.provider,
+              upstream_model=m.upstream_model, locality=m.locality, pricing=pricing)
+        if m.name == name else m
+        for m in policy.models
+    ]  # fmt: skip
+    return config.model_copy(
+        update={"policies": [policy.model_copy(update={"models": models}), *config.policies[1:]]}
+    )
+
+
 class GatewayThread(ServerThread):
     """A gateway on 127.0.0.1 in a thread, identified as a sidecar of pod ``agent-1-x``."""
 

@@ -257,3 +257,39 @@ def test_the_store_keeps_1h_writes_and_the_tier_and_leaves_no_phantom_tool_cost(
     assert row["cache_write_1h_price_per_m_usd"] == Decimal("6.00")
     assert row["service_tier"] == "standard"
     assert row["tool_cost_usd"] == 0
+
+
+# --- a call whose usage never came, through a gateway -----------------------------------
+
+
+@pytest.mark.parametrize(("asked", "charged_at"),
+                         [("priority", "priority"), (None, "priority"), ("flex", "")])  # fmt: skip
+def test_a_stream_without_usage_is_charged_its_reservation_at_the_dearest_tier(
+    start_gateway: Any, upstream: Any, fake: Any, asked: str | None, charged_at: str
+):
+    """The reservation's tokens at the dearest tier the call may be served at, recorded
+    with that tier, so the operator's recomputation gives the same amount."""
+    import httpx
+    import orjson
+
+    from costwarden.api.usage import Outcome
+    from costwarden.testing.gateway import sample_config, with_pricing
+
+    from .conftest import CHAT, records, wait_for
+
+    gateway = start_gateway(with_pricing(sample_config(upstream.url), "gpt-4o-mini",
+                                         TIERED_PRICING))  # fmt: skip
+    fake.script("gpt-4o-mini", "no-usage")
+    body = {**CHAT, "stream": True, "max_tokens": 300}
+    if asked is not None:
+        body["service_tier"] = asked
+    with httpx.Client(timeout=10) as client:
+        client.post(gateway.url + "/v1/chat/completions", content=orjson.dumps(body),
+                    headers={"Content-Type": "application/json"}).read()  # fmt: skip
+    record = wait_for(lambda: records(gateway).records[-1:], what="the record")[0]
+    assert record.outcome is Outcome.UPSTREAM_MALFORMED
+    assert TIERED is not None
+    prompt = reserve.prompt_token_bound(orjson.dumps(body))
+    assert record.service_tier == charged_at
+    assert record.cost_usd == reserve.worst_cost(prompt, 300, TIERED, asked)
+    assert record.cost_usd == call_cost(record.tokens, TIERED, service_tier=record.service_tier)
