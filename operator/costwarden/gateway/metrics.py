@@ -76,7 +76,8 @@ class GatewayMetrics:
         )
         self.tokens = Counter(
             "costwarden_gateway_tokens_total",
-            "Tokens metered from the providers' usage fields, by kind.",
+            "Tokens metered from the providers' usage fields, by kind (input, output, "
+            "cached_input, cache_creation, cache_creation_1h).",
             ["team", "model", "kind"],
             registry=r,
         )
