@@ -28,15 +28,22 @@ def call_cost(
     (``serviceTiers``), else at its standard prices. A tool call type the pricing has no
     per-call price for costs nothing (the record still counts it).
     """
-    rates = pricing.rates(service_tier)
+    # Attributes read directly (both models name them alike): this runs on every call, and
+    # building pricing.rates() would double its cost.
+    rates: ResolvedPricing | ResolvedTierPricing = pricing
+    if service_tier and service_tier in pricing.service_tiers:
+        rates = pricing.service_tiers[service_tier]
     total = (
-        tokens.input * rates.input
-        + tokens.output * rates.output
-        + tokens.cached_input * rates.cached_input
-        + tokens.cache_creation * rates.cache_write
+        tokens.input * rates.input_per_m_tok_usd
+        + tokens.output * rates.output_per_m_tok_usd
+        + tokens.cached_input * rates.cached_input_per_m_tok_usd
+        + tokens.cache_creation * rates.cache_write_per_m_tok_usd
     )
     if tokens.cache_creation_1h:  # most calls write none: skip the multiplication
-        total += tokens.cache_creation_1h * rates.cache_write_1h
+        one_hour = rates.cache_write_1h_per_m_tok_usd
+        if one_hour is None:  # a configuration rendered before 1-hour writes were priced
+            one_hour = rates.cache_write_per_m_tok_usd
+        total += tokens.cache_creation_1h * one_hour
     cost = total / PER_MILLION
     if tool_calls:
         prices = pricing.tool_call_usd

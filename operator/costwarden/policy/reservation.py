@@ -141,9 +141,16 @@ def worst_cost(
 ) -> Decimal:
     """The most ``input_tokens`` + ``output_tokens`` can cost at ``pricing`` (exact), at
     the dearest tier a call asking for ``tier`` may be served at."""
-    if not pricing.service_tiers:  # the common case: one set of prices
-        rates = pricing.rates()
-        return (input_tokens * rates.dearest_input() + output_tokens * rates.output) / PER_MILLION
+    if not pricing.service_tiers:  # the common case, on every call: attributes read directly
+        p = pricing
+        one_hour = p.cache_write_1h_per_m_tok_usd
+        if one_hour is None:  # a configuration rendered before 1-hour writes were priced
+            one_hour = p.cache_write_per_m_tok_usd
+        dearest = max(
+            p.input_per_m_tok_usd, p.cached_input_per_m_tok_usd, p.cache_write_per_m_tok_usd,
+            one_hour,
+        )  # fmt: skip
+        return (input_tokens * dearest + output_tokens * p.output_per_m_tok_usd) / PER_MILLION
     return max(
         (input_tokens * r.dearest_input() + output_tokens * r.output) / PER_MILLION
         for r in (pricing.rates(t) for t in _tiers(pricing, tier))
