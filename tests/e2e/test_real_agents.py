@@ -169,6 +169,7 @@ def assert_metered(team: AgentTeam, calls: int) -> None:
         "output": tokens.output,
         "cachedInput": tokens.cached_input,
         "cacheCreation": tokens.cache_creation,
+        "cacheCreation1h": tokens.cache_creation_1h,
     }
     jobs = status["byJob"]["jobs"]
     assert [(j["namespace"], j["name"]) for j in jobs] == [(team.namespace, team.job)]

@@ -277,7 +277,10 @@ def check_record(seq: int, record: UsageRecord, check: Check) -> Checked:
             f"seq {seq}: model {record.served_model!r} is not in the routing policy "
             f"of TeamBudget {team.id} ({team.routing_policy or 'none'})",
         )
-    costs = [call_cost(record.tokens, pricing, record.tool_calls) for pricing in pricings]
+    costs = [
+        call_cost(record.tokens, pricing, record.tool_calls, record.service_tier)
+        for pricing in pricings
+    ]
     cost = next((c for c in costs if c == record.cost_usd), None)
     if cost is None:
         return refuse(

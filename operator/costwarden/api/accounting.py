@@ -81,11 +81,30 @@ class TokenUsage(WireModel):
     output: int = Field(default=0, ge=0, description="Output tokens.")
     cached_input: int = Field(default=0, ge=0, description="Input tokens read from a prompt cache.")
     cache_creation: int = Field(
-        default=0, ge=0, description="Input tokens written to a prompt cache."
+        default=0,
+        ge=0,
+        description="Input tokens written to a prompt cache (Anthropic: 5-minute entries).",
+    )
+    cache_creation_1h: int = Field(
+        default=0,
+        ge=0,
+        alias="cacheCreation1h",
+        description="Input tokens written to Anthropic's 1-hour prompt cache (billed at "
+        "their own rate; not counted in cacheCreation).",
     )
 
     def total(self) -> int:
-        return self.input + self.output + self.cached_input + self.cache_creation
+        return (
+            self.input
+            + self.output
+            + self.cached_input
+            + self.cache_creation
+            + self.cache_creation_1h
+        )
+
+    def prompt(self) -> int:
+        """Every input token, whatever it was billed as."""
+        return self.input + self.cached_input + self.cache_creation + self.cache_creation_1h
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         return TokenUsage(
@@ -93,6 +112,7 @@ class TokenUsage(WireModel):
             output=self.output + other.output,
             cached_input=self.cached_input + other.cached_input,
             cache_creation=self.cache_creation + other.cache_creation,
+            cache_creation_1h=self.cache_creation_1h + other.cache_creation_1h,
         )
 
 

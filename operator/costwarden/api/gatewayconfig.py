@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from pydantic import Field
 
@@ -40,6 +41,38 @@ CONFIG_MAP_NAME = "costwarden-gateway-config"
 CONFIG_MAP_KEY = "gateway-config.json"
 
 
+class TokenRates(NamedTuple):
+    """USD per 1M tokens of each kind a TokenUsage counts, in one tier."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal
+    cache_write: Decimal
+    cache_write_1h: Decimal
+
+    def dearest_input(self) -> Decimal:
+        return max(self.input, self.cached_input, self.cache_write, self.cache_write_1h)
+
+
+class ResolvedTierPricing(WireModel):
+    """One service tier's prices in USD per 1M tokens, every default filled in."""
+
+    input_per_m_tok_usd: Money = Field(alias="inputPerMTokUSD")
+    output_per_m_tok_usd: Money = Field(alias="outputPerMTokUSD")
+    cached_input_per_m_tok_usd: Money = Field(alias="cachedInputPerMTokUSD")
+    cache_write_per_m_tok_usd: Money = Field(alias="cacheWritePerMTokUSD")
+    cache_write_1h_per_m_tok_usd: Money = Field(alias="cacheWrite1hPerMTokUSD")
+
+    def rates(self) -> TokenRates:
+        return TokenRates(
+            self.input_per_m_tok_usd,
+            self.output_per_m_tok_usd,
+            self.cached_input_per_m_tok_usd,
+            self.cache_write_per_m_tok_usd,
+            self.cache_write_1h_per_m_tok_usd,
+        )
+
+
 class ResolvedPricing(WireModel):
     """Prices in USD per 1M tokens with every default filled in."""
 
@@ -47,12 +80,36 @@ class ResolvedPricing(WireModel):
     output_per_m_tok_usd: Money = Field(alias="outputPerMTokUSD")
     cached_input_per_m_tok_usd: Money = Field(alias="cachedInputPerMTokUSD")
     cache_write_per_m_tok_usd: Money = Field(alias="cacheWritePerMTokUSD")
+    cache_write_1h_per_m_tok_usd: Money | None = Field(
+        default=None,
+        alias="cacheWrite1hPerMTokUSD",
+        description="Unset only in a configuration rendered before 1-hour writes were "
+        "priced: then the cache-write price.",
+    )
+    service_tiers: dict[str, ResolvedTierPricing] = Field(
+        default_factory=dict, alias="serviceTiers"
+    )
     tool_call_usd: dict[str, PlainMoney] = Field(default_factory=dict, alias="toolCallUSD")
     discount_percent: Money | None = Field(
         default=None,
         alias="discountPercent",
         description="The model's contract discount (percent), for the usage store.",
     )
+
+    def rates(self, tier: str = "") -> TokenRates:
+        """The prices of the tier an answer reported; the standard prices for a tier this
+        model has no entry for (``default``, ``standard``) or none reported."""
+        if tier and (priced := self.service_tiers.get(tier)) is not None:
+            return priced.rates()
+        return TokenRates(
+            self.input_per_m_tok_usd,
+            self.output_per_m_tok_usd,
+            self.cached_input_per_m_tok_usd,
+            self.cache_write_per_m_tok_usd,
+            self.cache_write_1h_per_m_tok_usd
+            if self.cache_write_1h_per_m_tok_usd is not None
+            else self.cache_write_per_m_tok_usd,
+        )
 
 
 class CredentialRef(WireModel):

@@ -10,6 +10,7 @@ otherwise, and the gateway refuses a call it cannot keep inside the cluster.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -87,6 +88,41 @@ class Sensitivity(StrEnum):
     CONFIDENTIAL = "Confidential"
 
 
+MAX_SERVICE_TIERS = 8
+TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+"""A service tier's name as the providers report it (``flex``, ``priority``)."""
+
+
+class TierPricing(WireModel):
+    """Prices in USD per one million tokens of one service tier (OpenAI's ``flex`` or
+    ``priority``, ...), as the provider publishes them for this model."""
+
+    input_per_m_tok_usd: Money = Field(
+        alias="inputPerMTokUSD", description="USD per 1M input tokens not read from a cache."
+    )
+    output_per_m_tok_usd: Money = Field(
+        alias="outputPerMTokUSD", description="USD per 1M output tokens."
+    )
+    cached_input_per_m_tok_usd: Money | None = Field(
+        default=None,
+        alias="cachedInputPerMTokUSD",
+        description="USD per 1M cached input tokens at this tier; default: this tier's input "
+        "price.",
+    )
+    cache_write_per_m_tok_usd: Money | None = Field(
+        default=None,
+        alias="cacheWritePerMTokUSD",
+        description="USD per 1M input tokens written to a prompt cache at this tier; "
+        "default: this tier's input price.",
+    )
+    cache_write_1h_per_m_tok_usd: Money | None = Field(
+        default=None,
+        alias="cacheWrite1hPerMTokUSD",
+        description="USD per 1M input tokens written to a 1-hour prompt cache at this tier; "
+        "default: as for the model's own prices.",
+    )
+
+
 class ModelPricing(WireModel):
     """Prices in USD per one million tokens, as the provider bills them."""
 
@@ -104,8 +140,39 @@ class ModelPricing(WireModel):
     cache_write_per_m_tok_usd: Money | None = Field(
         default=None,
         alias="cacheWritePerMTokUSD",
-        description="USD per 1M input tokens written to a prompt cache; default: input price.",
+        description="USD per 1M input tokens written to a prompt cache (Anthropic: the "
+        "5-minute cache, 1.25x input); default: input price.",
     )
+    cache_write_1h_per_m_tok_usd: Money | None = Field(
+        default=None,
+        alias="cacheWrite1hPerMTokUSD",
+        description="USD per 1M input tokens written to Anthropic's 1-hour prompt cache "
+        "(usage.cache_creation.ephemeral_1h_input_tokens); default: twice the input "
+        "price for an Anthropic model, as Anthropic bills them (other providers write no "
+        "1-hour entries: the cache-write price).",
+    )
+    service_tiers: dict[str, TierPricing] | None = Field(
+        default=None,
+        alias="serviceTiers",
+        max_length=MAX_SERVICE_TIERS,
+        json_schema_extra={"maxProperties": MAX_SERVICE_TIERS},
+        description="Prices of the service tiers the provider bills differently, by the "
+        "name its answers report in service_tier (OpenAI: flex, priority). A call is "
+        "priced at the tier its answer reports; a tier not listed here (default, "
+        "standard, ...) at the prices above. Tool calls cost the same at every tier.",
+    )
+
+    @field_validator("service_tiers")
+    @classmethod
+    def _tier_names(cls, tiers: dict[str, TierPricing] | None) -> dict[str, TierPricing] | None:
+        for name in tiers or {}:
+            if not TIER_NAME.match(name) or name == "auto":
+                raise ValueError(
+                    f"service tier {name[:40]!r} must be a tier an answer reports "
+                    "(lowercase letters, digits, - and _, at most 32; never auto)"
+                )
+        return tiers
+
     tool_call_usd: dict[str, PlainMoney] | None = Field(
         default=None,
         alias="toolCallUSD",

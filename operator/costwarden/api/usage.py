@@ -154,6 +154,12 @@ class UsageRecord(WireModel):
         description="Provider-run tool calls billed per call (Responses API output items: "
         "web_search_call, file_search_call, code_interpreter_call), by item type.",
     )
+    service_tier: Annotated[str, Field(max_length=32)] = Field(
+        default="",
+        description="The service tier the answer reports it was served at (OpenAI: default, "
+        "flex, priority; Anthropic: standard, priority); empty when it reports none. The "
+        "call is priced at this tier's prices when the model has them (serviceTiers).",
+    )
     cost_usd: ExactUSD = Field(
         default=Decimal(0), alias="costUSD", description="Exact; a decimal string on the wire."
     )

@@ -18,7 +18,6 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from decimal import Decimal
 
 from costwarden.accounting.batch import UsageBatch
 from costwarden.accounting.trust import (
@@ -84,16 +83,13 @@ class PodView:
         return facts
 
 
-PriceKey = tuple[Decimal, Decimal, Decimal, Decimal]
+PriceKey = str
 
 
 def _price_key(pricing: ResolvedPricing) -> PriceKey:
-    return (
-        pricing.input_per_m_tok_usd,
-        pricing.output_per_m_tok_usd,
-        pricing.cached_input_per_m_tok_usd,
-        pricing.cache_write_per_m_tok_usd,
-    )
+    """Every price a record's cost depends on (token kinds, service tiers, tool calls):
+    two pricings with the same key price every record the same."""
+    return pricing.model_dump_json(by_alias=True, exclude={"discount_percent"})
 
 
 class PriceMemory:

@@ -57,22 +57,27 @@ def _entry(
     pricing: ResolvedPricing | None = None
     if record.usage_reported:
         candidates = prices.prices(team, record.served_model)
+        tier = record.service_tier
         pricing = next(
-            (p for p in candidates if call_cost(record.tokens, p, record.tool_calls)
-             == record.cost_usd),
+            (p for p in candidates
+             if call_cost(record.tokens, p, record.tool_calls, tier) == record.cost_usd),
             None,
         )  # fmt: skip
     elif route is not None:
         pricing = route.pricing
-    return StoreEntry(seq, record, _pricing(pricing) if pricing else None, locality)
+    priced = _pricing(pricing, record.service_tier) if pricing else None
+    return StoreEntry(seq, record, priced, locality)
 
 
-def _pricing(pricing: ResolvedPricing) -> Pricing:
+def _pricing(pricing: ResolvedPricing, tier: str = "") -> Pricing:
+    """The prices the record was charged at: its service tier's, when the model has them."""
     discount = getattr(pricing, "discount_percent", None)
+    rates = pricing.rates(tier)
     return Pricing(
-        input=pricing.input_per_m_tok_usd,
-        output=pricing.output_per_m_tok_usd,
-        cached_input=pricing.cached_input_per_m_tok_usd,
-        cache_write=pricing.cache_write_per_m_tok_usd,
+        input=rates.input,
+        output=rates.output,
+        cached_input=rates.cached_input,
+        cache_write=rates.cache_write,
         discount_percent=Decimal(discount) if discount is not None else Decimal(0),
+        cache_write_1h=rates.cache_write_1h,
     )

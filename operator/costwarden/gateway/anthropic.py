@@ -1,7 +1,12 @@
 """The Anthropic wire format: messages (plain and the streaming SSE event sequence), errors.
 
 Usage: ``input_tokens`` (uncached), ``cache_read_input_tokens``,
-``cache_creation_input_tokens`` and ``output_tokens``. In a stream, ``message_start``
+``cache_creation_input_tokens`` and ``output_tokens``. Cache writes are split by lifetime in
+``cache_creation`` (``ephemeral_5m_input_tokens``, ``ephemeral_1h_input_tokens``; their sum
+is ``cache_creation_input_tokens``): 1-hour writes are billed at their own rate (2x input
+against 1.25x), so they are metered apart (``cache_creation_1h``) and ``cache_creation``
+keeps the rest. ``usage.service_tier`` (standard, priority, batch) is kept for the record
+and for ``serviceTiers`` prices. In a stream, ``message_start``
 carries the input side and a provisional output count, and ``message_delta`` the final
 (cumulative) output count; a field repeated in ``message_delta`` replaces the earlier one.
 Server tools billed per use (web search) are counted from ``usage.server_tool_use`` and
@@ -26,6 +31,7 @@ from costwarden.gateway.wire import (
     MalformedUsageError,
     SseSplitter,
     error_type,
+    service_tier,
     sse_json_object,
     tokens,
     usage_int,
@@ -38,6 +44,7 @@ _FIELDS = {
     "cache_creation": "cache_creation_input_tokens",
     "output": "output_tokens",
 }
+_ONE_HOUR = "_1h_written"
 _LOOK = re.compile(rb"message_start|message_delta|message_stop|\"error\"")
 # Server tools Anthropic runs and bills per use, from ``usage.server_tool_use``, by the
 # name costwarden prices them under (the Responses API item type of the same tool).
@@ -58,19 +65,61 @@ def server_tool_calls(usage: Any) -> dict[str, int]:
 
 
 def parse_usage(usage: Any, *, required: tuple[str, ...] = ("input", "output")) -> dict[str, int]:
+    """The counts ``usage`` carries, by TokenUsage field; ``_1h_written`` is the 1-hour part
+    of the cache writes when reported (split off by :func:`usage_tokens`)."""
     if not isinstance(usage, dict):
         raise MalformedUsageError("the answer has no usage object")
-    return {
+    parts = {
         kind: usage_int(usage, key, required=kind in required)
         for kind, key in _FIELDS.items()
         if key in usage or kind in required
     }
+    creation = usage.get("cache_creation")
+    if isinstance(creation, dict):
+        one_hour = usage_int(creation, "ephemeral_1h_input_tokens")
+        if "cache_creation" not in parts:  # the breakdown alone: its sum is the total
+            parts["cache_creation"] = usage_int(creation, "ephemeral_5m_input_tokens") + one_hour
+        parts[_ONE_HOUR] = one_hour
+    elif creation is not None:
+        raise MalformedUsageError("usage.cache_creation is not an object")
+    return parts
+
+
+def usage_tokens(parts: dict[str, int]) -> TokenUsage:
+    """TokenUsage of parsed counts, 1-hour cache writes apart from the 5-minute ones."""
+    one_hour = parts.get(_ONE_HOUR, 0)
+    written = parts.get("cache_creation", 0)
+    if one_hour > written:
+        raise MalformedUsageError(
+            f"cache_creation.ephemeral_1h_input_tokens {one_hour} exceed "
+            f"cache_creation_input_tokens {written}"
+        )
+    return tokens(
+        parts["input"],
+        parts["output"],
+        parts.get("cached_input", 0),
+        written - one_hour,
+        one_hour,
+    )
+
+
+def usage_service_tier(usage: Any) -> str:
+    return service_tier(usage.get("service_tier")) if isinstance(usage, dict) else ""
 
 
 class AnthropicStreamMeter:
     """Collects usage from ``message_start`` and ``message_delta``; forwards every event."""
 
-    __slots__ = ("_delta_seen", "_parts", "_splitter", "error", "finished", "tool_calls", "usage")
+    __slots__ = (
+        "_delta_seen",
+        "_parts",
+        "_splitter",
+        "error",
+        "finished",
+        "service_tier",
+        "tool_calls",
+        "usage",
+    )
 
     def __init__(self) -> None:
         self._splitter = SseSplitter()
@@ -78,6 +127,7 @@ class AnthropicStreamMeter:
         self._delta_seen = False
         self.usage: TokenUsage | None = None
         self.tool_calls: dict[str, int] = {}
+        self.service_tier = ""
         self.finished = False
         self.error = ""
 
@@ -101,10 +151,12 @@ class AnthropicStreamMeter:
                 usage = message.get("usage")
                 self._parts = parse_usage(usage)
                 self.tool_calls = server_tool_calls(usage) or self.tool_calls
+                self.service_tier = usage_service_tier(usage)
             elif kind == "message_delta":
                 usage = data.get("usage")
                 self._parts.update(parse_usage(usage, required=("output",)))
                 self.tool_calls = server_tool_calls(usage) or self.tool_calls  # cumulative
+                self.service_tier = usage_service_tier(usage) or self.service_tier
                 self._delta_seen = True
             elif kind == "message_stop":
                 self.finished = True
@@ -117,7 +169,10 @@ class AnthropicStreamMeter:
         if self._splitter.overflowed and self.usage is None:
             self.error = self.error or OVERFLOW_ERROR
         if self._delta_seen and "input" in self._parts and not self.error:
-            self.usage = tokens(**self._parts)
+            try:
+                self.usage = usage_tokens(self._parts)
+            except MalformedUsageError as exc:
+                self.error = str(exc)
         elif not self.error:
             self.error = "the stream ended without usage in message_start and message_delta"
         return b""  # feed() already passed every byte on
@@ -131,7 +186,10 @@ class AnthropicFormat:
         return orjson.dumps({"type": "error", "error": error})
 
     def usage(self, answer: dict[str, Any], endpoint: Endpoint) -> TokenUsage:
-        return tokens(**parse_usage(answer.get("usage")))
+        return usage_tokens(parse_usage(answer.get("usage")))
+
+    def service_tier(self, answer: dict[str, Any]) -> str:
+        return usage_service_tier(answer.get("usage"))
 
     def tool_calls(self, answer: dict[str, Any]) -> dict[str, int]:
         return server_tool_calls(answer.get("usage"))

@@ -64,6 +64,8 @@ class Call:
     upstream_seconds: float = 0.0
     tokens: TokenUsage | None = None
     tool_calls: dict[str, int] = field(default_factory=dict)
+    service_tier: str = ""
+    """The service tier the answer reported (what its tokens are priced at)."""
     response_id: str = ""
     """The Responses API id of the answer (what a later ``previous_response_id`` names)."""
     cost: Decimal = Decimal(0)
@@ -101,6 +103,7 @@ class Call:
             tokens=self.tokens or _NO_TOKENS,
             usage_reported=self.tokens is not None,
             tool_calls=self.tool_calls,
+            service_tier=self.service_tier,
             cost_usd=self.cost,
             outcome=self.outcome,
             reason=self.refusal or self.error,
@@ -180,7 +183,9 @@ def log_decision(call: Call, record: UsageRecord) -> None:
         "error": call.error,
         "status": record.http_status,
         "tokens": [tokens.input, tokens.cached_input, tokens.cache_creation, tokens.output],
+        "cacheCreation1h": tokens.cache_creation_1h,
         "toolCalls": record.tool_calls,
+        "serviceTier": record.service_tier,
         "costUSD": format_exact_usd(record.cost_usd),
         "latencyMs": record.latency_ms,
         "attempts": record.attempts,

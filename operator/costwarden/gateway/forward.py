@@ -352,9 +352,10 @@ async def _relay_plain(
         problem = "not JSON" if isinstance(exc, orjson.JSONDecodeError) else str(exc)
         return _error(call, 502, "upstream_malformed", _malformed(gw, call, route, problem))
     call.tool_calls = call.fmt.tool_calls(answer)
+    call.service_tier = call.fmt.service_tier(answer)
     call.response_id = str(answer.get("id") or "") if call.endpoint is Endpoint.RESPONSES else ""
     call.tokens = tokens
-    call.cost = call_cost(tokens, route.pricing, call.tool_calls)
+    call.cost = call_cost(tokens, route.pricing, call.tool_calls, call.service_tier)
     call.outcome, call.status = Outcome.OK, response.status
     headers = route_headers(call, response.content_type)
     return web.Response(status=response.status, body=data, headers=headers)
@@ -430,7 +431,8 @@ async def _finish_stream(
     call.response_id = getattr(meter, "response_id", "")
     if meter.usage is not None:
         call.tokens = meter.usage
-        call.cost = call_cost(meter.usage, route.pricing, call.tool_calls)
+        call.service_tier = meter.service_tier
+        call.cost = call_cost(meter.usage, route.pricing, call.tool_calls, call.service_tier)
         call.outcome = Outcome.CLIENT_DISCONNECTED if gone_at else Outcome.OK
     elif getattr(meter, "failed", False):
         # The provider ended the stream with its own failure event (Responses API

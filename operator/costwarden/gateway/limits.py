@@ -102,6 +102,7 @@ class Limits:
             output=a.output + b.output,
             cached_input=a.cached_input + b.cached_input,
             cache_creation=a.cache_creation + b.cache_creation,
+            cache_creation_1h=a.cache_creation_1h + b.cache_creation_1h,
         )
         return spend.spent_usd + seen.cost, tokens
 
@@ -179,7 +180,7 @@ class Limits:
         if tokens is None:
             return
         job.cost += cost
-        job.tokens += tokens.input + tokens.cached_input + tokens.cache_creation + tokens.output
+        job.tokens += tokens.prompt() + tokens.output
         seen = self._team(team, revision)
         seen.cost += cost
         seen.tokens = TokenUsage.model_construct(  # sums of checked counts: no re-validation
@@ -187,6 +188,7 @@ class Limits:
             output=seen.tokens.output + tokens.output,
             cached_input=seen.tokens.cached_input + tokens.cached_input,
             cache_creation=seen.tokens.cache_creation + tokens.cache_creation,
+            cache_creation_1h=seen.tokens.cache_creation_1h + tokens.cache_creation_1h,
         )
         if model:
             cost_m, tokens_m = seen.models.get(model, (Decimal(0), 0))

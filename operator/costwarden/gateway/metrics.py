@@ -18,7 +18,7 @@ from costwarden.api.usage import UsageRecord
 # Gateway overhead lives well under a millisecond; upstream calls take seconds.
 _ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-TOKEN_KINDS = ("input", "output", "cached_input", "cache_creation")
+TOKEN_KINDS = ("input", "output", "cached_input", "cache_creation", "cache_creation_1h")
 MAX_UNKNOWN_PATHS = 64
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 # Path segments of the OpenAI and Anthropic APIs kept as they are in the unknown-route
@@ -76,7 +76,8 @@ class GatewayMetrics:
         )
         self.tokens = Counter(
             "costwarden_gateway_tokens_total",
-            "Tokens metered from the providers' usage fields, by kind.",
+            "Tokens metered from the providers' usage fields, by kind (input, output, "
+            "cached_input, cache_creation, cache_creation_1h).",
             ["team", "model", "kind"],
             registry=r,
         )
@@ -252,7 +253,13 @@ class GatewayMetrics:
             self.refused.labels(record.team, record.reason).inc()
         if record.usage_reported:
             usage = record.tokens
-            counts = (usage.input, usage.output, usage.cached_input, usage.cache_creation)
+            counts = (
+                usage.input,
+                usage.output,
+                usage.cached_input,
+                usage.cache_creation,
+                usage.cache_creation_1h,
+            )
             for counter, value in zip(tokens, counts, strict=True):
                 if value:
                     counter.inc(value)

@@ -25,6 +25,7 @@ from costwarden.gateway.wire import (
     MalformedUsageError,
     SseSplitter,
     error_type,
+    service_tier,
     sse_json_object,
     tokens,
     usage_int,
@@ -51,12 +52,13 @@ def parse_usage(usage: Any, endpoint: Endpoint) -> TokenUsage:
 class OpenAIStreamMeter:
     """Finds the usage chunk of a chat stream; hides it if the client did not ask for it."""
 
-    __slots__ = ("_show_usage", "_splitter", "error", "finished", "usage")
+    __slots__ = ("_show_usage", "_splitter", "error", "finished", "service_tier", "usage")
 
     def __init__(self, client_wants_usage: bool) -> None:
         self._show_usage = client_wants_usage
         self._splitter = SseSplitter()
         self.usage: TokenUsage | None = None
+        self.service_tier = ""
         self.finished = False
         self.error = ""
 
@@ -80,6 +82,8 @@ class OpenAIStreamMeter:
                 self.error = "the upstream reported an error mid-stream"
                 return True  # the upstream's own error goes on (sanitised) to the client
             self.usage = parse_usage(data.get("usage"), Endpoint.CHAT_COMPLETIONS)
+            # Every chunk repeats the tier; the usage chunk's is the one the call is billed at.
+            self.service_tier = service_tier(data.get("service_tier"))
         except MalformedUsageError as exc:
             self.error = str(exc)
             return False  # broken bytes are not passed on: the gateway's error event follows
@@ -105,6 +109,9 @@ class OpenAIFormat:
 
     def usage(self, answer: dict[str, Any], endpoint: Endpoint) -> TokenUsage:
         return parse_usage(answer.get("usage"), endpoint)
+
+    def service_tier(self, answer: dict[str, Any]) -> str:
+        return service_tier(answer.get("service_tier"))
 
     def tool_calls(self, answer: dict[str, Any]) -> dict[str, int]:
         return {}

@@ -385,7 +385,8 @@ class Gateway:
         prompt = reserve.prompt_token_bound(raw)
         revision = compiled.revision
         candidates = decision.candidates
-        worst = reserve.worst_case(prompt, ceiling, candidates)
+        tier = reserve.requested_tier(body)
+        worst = reserve.worst_case(prompt, ceiling, candidates, tier)
         routes = list(candidates)
         if team.model_caps:
             capped = {c.model for c in team.model_caps}
@@ -402,7 +403,7 @@ class Gateway:
                     return self._refuse_reservation(call, short)
                 routes.remove(route)
             if len(routes) < len(candidates):
-                worst = reserve.worst_case(prompt, ceiling, routes)
+                worst = reserve.worst_case(prompt, ceiling, routes, tier)
         spent, tokens_used = self.limits.team_spend(team, revision)
         held = self.reservations.team(team.id)
         leased = self.leases is not None and team.on_hard_cap.requests is RequestAction.BLOCK
@@ -422,14 +423,14 @@ class Gateway:
             standing = reserve.Standing(job.cost, held.cost, job.tokens, held.tokens)
             short = reserve.job_shortfall(team, caller.unit, worst, standing, defaulted)
             if short is not None and short.final:
-                self._job_cap_reached(call, job, prompt, ceiling, default, routes)
+                self._job_cap_reached(call, job, prompt, ceiling, default, routes, tier)
         if short is not None:
             return self._refuse_reservation(call, short)
         if leased:
             assert self.leases is not None
             if worst.cost > self.leases.available(team.id):
                 floor = reserve.worst_case(
-                    prompt, min(ceiling, default or reserve.DEFAULT_MAX_OUTPUT_TOKENS), routes
+                    prompt, min(ceiling, default or reserve.DEFAULT_MAX_OUTPUT_TOKENS), routes, tier
                 )
                 return LeaseNeeded(worst.cost, floor.cost)
         field = reserve.DEFAULT_CEILING_FIELD.get(call.endpoint)
@@ -462,6 +463,7 @@ class Gateway:
         ceiling: int,
         default: int | None,
         routes: list[ModelRoute],
+        tier: str | None,
     ) -> None:
         """A job's call does not fit its per-job cap even with nothing else in flight: if
         it would not fit at the default output ceiling either, the job's cap is reached,
@@ -470,7 +472,7 @@ class Gateway:
         assert team is not None
         assert caller is not None
         floor = reserve.worst_case(
-            prompt, min(ceiling, default or reserve.DEFAULT_MAX_OUTPUT_TOKENS), routes
+            prompt, min(ceiling, default or reserve.DEFAULT_MAX_OUTPUT_TOKENS), routes, tier
         )
         standing = reserve.Standing(job.cost, Decimal(0), job.tokens, 0)
         if job.cap_signalled or not caller.job:
@@ -695,7 +697,9 @@ class Gateway:
         if held is None or not call.unmetered or call.tokens is not None or call.served is None:
             return
         call.tokens = reserve.charged_tokens(held.worst)
-        call.cost = call_cost(call.tokens, call.served.pricing)
+        pricing = call.served.pricing
+        call.service_tier = reserve.dearest_tier(call.tokens, pricing, held.worst.tier)
+        call.cost = call_cost(call.tokens, pricing, service_tier=call.service_tier)
         call.error = f"{call.error or 'usage_unknown'}; charged_reservation"
 
     def _settle(self, call: Call) -> None:

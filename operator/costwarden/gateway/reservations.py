@@ -90,7 +90,8 @@ class Reservations:
         """Hold ``worst`` against the team and the job, and each candidate's own worst cost
         against that model (a fallback may serve the call; each is held until settled)."""
         models = tuple(
-            (r.name, worst_cost(worst.input_tokens, worst.output_tokens, r.pricing)) for r in routes
+            (r.name, worst_cost(worst.input_tokens, worst.output_tokens, r.pricing, worst.tier))
+            for r in routes
         )
         reservation = Reservation(team.id, unit, worst, models, defaulted)
         _add(self._teams, team.id, worst.cost, worst, 1)

@@ -31,6 +31,7 @@ from costwarden.gateway.wire import (
     OVERFLOW_ERROR,
     MalformedUsageError,
     SseSplitter,
+    service_tier,
     sse_json_object,
     tokens,
     usage_int,
@@ -84,6 +85,7 @@ class ResponsesStreamMeter:
         "failed",
         "finished",
         "response_id",
+        "service_tier",
         "status",
         "tool_calls",
         "usage",
@@ -92,6 +94,7 @@ class ResponsesStreamMeter:
     def __init__(self) -> None:
         self._splitter = SseSplitter()
         self.usage: TokenUsage | None = None
+        self.service_tier = ""
         self.tool_calls: dict[str, int] = {}
         self.response_id = ""
         self.status = ""
@@ -129,6 +132,7 @@ class ResponsesStreamMeter:
         self.response_id = str(response.get("id") or "")
         self.status = str(response.get("status") or "")
         self.tool_calls = billed_tool_calls(response)
+        self.service_tier = service_tier(response.get("service_tier"))
         if kind == "response.failed" and response.get("usage") is None:
             self.failed = True
             self.error = "the upstream reported response.failed"
@@ -159,6 +163,9 @@ class ResponsesFormat:
 
     def usage(self, answer: dict[str, Any], endpoint: Endpoint) -> TokenUsage:
         return parse_usage(answer.get("usage"))
+
+    def service_tier(self, answer: dict[str, Any]) -> str:
+        return service_tier(answer.get("service_tier"))
 
     def tool_calls(self, answer: dict[str, Any]) -> dict[str, int]:
         return billed_tool_calls(answer)

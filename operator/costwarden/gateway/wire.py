@@ -7,6 +7,7 @@ speaks to them through :class:`WireFormat` only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -66,12 +67,31 @@ def take_hints(headers: Mapping[str, str], body: dict[str, Any]) -> Hints:
     return Hints(task.strip(), sensitivity, headers.get(SESSION_HEADER, ""))
 
 
-def tokens(input: int, output: int, cached_input: int = 0, cache_creation: int = 0) -> TokenUsage:
+def tokens(
+    input: int,
+    output: int,
+    cached_input: int = 0,
+    cache_creation: int = 0,
+    cache_creation_1h: int = 0,
+) -> TokenUsage:
     """A TokenUsage from counts already checked by :func:`usage_int` (no re-validation:
     pydantic's validators cost ~40 us a call, on every metered call)."""
     return TokenUsage.model_construct(
-        input=input, output=output, cached_input=cached_input, cache_creation=cache_creation
+        input=input,
+        output=output,
+        cached_input=cached_input,
+        cache_creation=cache_creation,
+        cache_creation_1h=cache_creation_1h,
     )
+
+
+_TIER = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def service_tier(value: Any) -> str:
+    """The ``service_tier`` an answer reports, or "" if it reports none (or something that
+    is no tier name: priced at the standard prices, never trusted as a label)."""
+    return value if isinstance(value, str) and _TIER.match(value) else ""
 
 
 def estimate_prompt_tokens(body_size: int) -> int:
@@ -115,6 +135,8 @@ class StreamMeter(Protocol):
     """Reads a server-sent event stream as it passes, and keeps what it reports."""
 
     usage: TokenUsage | None
+    service_tier: str
+    """The service tier the stream reported (see :func:`service_tier`), or ""."""
     finished: bool
     error: str
 
@@ -185,6 +207,10 @@ class WireFormat(Protocol):
 
     def tool_calls(self, answer: dict[str, Any]) -> dict[str, int]:
         """Provider-run tool calls billed per call in a complete answer, by kind."""
+        ...
+
+    def service_tier(self, answer: dict[str, Any]) -> str:
+        """The service tier a complete answer reports it was served at, or ""."""
         ...
 
     def prepare(self, body: dict[str, Any], endpoint: Endpoint) -> bool:

@@ -12,11 +12,13 @@ from costwarden.gitops.classes import changed_classes, domains
 from costwarden.gitops.words import Change, percent_change, show, usd
 
 PRICE_FIELDS = (
-    ("input", "input_per_m_tok_usd"),
-    ("output", "output_per_m_tok_usd"),
-    ("cached input", "cached_input_per_m_tok_usd"),
-    ("cache write", "cache_write_per_m_tok_usd"),
+    ("input", "input"),
+    ("output", "output"),
+    ("cached input", "cached_input"),
+    ("cache write", "cache_write"),
+    ("1-hour cache write", "cache_write_1h"),
 )
+"""(label, TokenRates field) of every token price, compared at every service tier."""
 
 
 def describe_policy(policy: PolicyConfig) -> str:
@@ -122,14 +124,19 @@ def _price_changes(
     ref: str, model: str, old: ResolvedPricing, new: ResolvedPricing
 ) -> list[Change]:
     changes = []
-    for label, attr in PRICE_FIELDS:
-        was, now = getattr(old, attr), getattr(new, attr)
-        if was != now:
+    tiers = sorted(set(old.service_tiers) | set(new.service_tiers))
+    for tier in ["", *tiers]:
+        was_rates, now_rates = old.rates(tier), new.rates(tier)
+        for label, attr in PRICE_FIELDS:
+            was, now = getattr(was_rates, attr), getattr(now_rates, attr)
+            if was == now:
+                continue
+            kind = f"{label}, {tier} tier" if tier else label
             changes.append(
                 Change(
                     ref,
                     "price",
-                    f"price of {model} ({label}) {usd(was)} → {usd(now)} per "
+                    f"price of {model} ({kind}) {usd(was)} → {usd(now)} per "
                     f"1M tokens ({percent_change(was, now)})",
                     was,
                     now,

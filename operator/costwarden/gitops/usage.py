@@ -66,7 +66,7 @@ class UsedCall:
 
     @property
     def prompt_tokens(self) -> int:
-        return self.tokens.input + self.tokens.cached_input + self.tokens.cache_creation
+        return self.tokens.prompt()
 
 
 @dataclass

@@ -89,7 +89,7 @@ def tripped_token_cap(tokens: TokenUsage, caps: TokenCaps | None) -> str | None:
     if caps is None:
         return None
     # Cached and cache-write tokens are input tokens too: a cap on input counts them all.
-    all_input = tokens.input + tokens.cached_input + tokens.cache_creation
+    all_input = tokens.prompt()
     checks = (
         ("input", all_input, caps.input),
         ("output", tokens.output, caps.output),

@@ -38,6 +38,7 @@ def team_verdict(team: TeamConfig, extra_cost: Decimal, extra_tokens: TokenUsage
         output=spend.tokens.output + extra_tokens.output,
         cached_input=spend.tokens.cached_input + extra_tokens.cached_input,
         cache_creation=spend.tokens.cache_creation + extra_tokens.cache_creation,
+        cache_creation_1h=spend.tokens.cache_creation_1h + extra_tokens.cache_creation_1h,
     )
     verdict = evaluate_caps(
         spent_usd=spend.spent_usd + extra_cost,

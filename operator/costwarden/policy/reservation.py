@@ -17,7 +17,11 @@ invariant 4b), as a card payment is authorised before it is captured:
   (:data:`DEFAULT_MAX_OUTPUT_TOKENS` unset), which the gateway then sends upstream so the
   answer cannot outgrow what was reserved. Embeddings have no output.
 - **prices**: the most expensive of the call's candidate models (a fallback may serve it).
-  Input is priced at the dearest of the input, cached-input and cache-write rates.
+  Input is priced at the dearest of the input, cached-input and (5-minute and 1-hour)
+  cache-write rates. A model with ``serviceTiers`` prices is priced at the dearest tier the
+  call may be served at: the standard prices or the tier the request names in
+  ``service_tier`` (a priority request may be served at the standard tier), and any tier
+  when it names none or ``auto`` (the project's default tier may be priority).
 
 The worst case must fit, with the reservations already in flight, under every limit the
 call counts against: the team's hard cap, its token caps, the job's per-job caps and the
@@ -35,7 +39,7 @@ from typing import Any
 from costwarden.api.gatewayconfig import ModelRoute, ResolvedPricing, TeamConfig
 from costwarden.api.teambudget import TokenUsage
 from costwarden.api.usage import Endpoint, format_exact_usd
-from costwarden.policy.pricing import PER_MILLION
+from costwarden.policy.pricing import PER_MILLION, call_cost
 
 DEFAULT_MAX_OUTPUT_TOKENS = 8192
 """The output ceiling of a call that sets none when its policy sets no
@@ -91,6 +95,32 @@ def output_ceiling(
     return (default or DEFAULT_MAX_OUTPUT_TOKENS) * choices, True
 
 
+def requested_tier(body: Mapping[str, Any]) -> str | None:
+    """The service tier a request asks for, or None when it may be served at any tier
+    (no ``service_tier``, or ``auto``: the project's default tier, which may be priority)."""
+    tier = body.get("service_tier")
+    if not isinstance(tier, str) or tier == "auto":
+        return None
+    return tier
+
+
+def _tiers(pricing: ResolvedPricing, tier: str | None) -> list[str]:
+    """The tiers (by name; "" the standard prices) a call asking for ``tier`` may be
+    served and billed at on a model priced at ``pricing``."""
+    if tier is None:
+        return ["", *pricing.service_tiers]
+    return ["", tier] if tier in pricing.service_tiers else [""]
+
+
+def dearest_tier(tokens: TokenUsage, pricing: ResolvedPricing, tier: str | None) -> str:
+    """The tier among those a call may be served at where ``tokens`` cost the most: what a
+    call whose answer never came is charged at (its reservation bounds that cost)."""
+    return max(
+        _tiers(pricing, tier),
+        key=lambda t: call_cost(tokens, pricing, service_tier=t),
+    )
+
+
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~1 us per call
 class WorstCase:
     """What a call can cost at most: tokens, and USD at the dearest candidate's prices."""
@@ -98,32 +128,55 @@ class WorstCase:
     input_tokens: int
     output_tokens: int
     cost: Decimal
+    tier: str | None = None
+    """The service tier the request asked for (:func:`requested_tier`)."""
 
     @property
     def tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
 
-def _input_rate(p: ResolvedPricing) -> Decimal:
-    return max(p.input_per_m_tok_usd, p.cached_input_per_m_tok_usd, p.cache_write_per_m_tok_usd)
+def worst_cost(
+    input_tokens: int, output_tokens: int, pricing: ResolvedPricing, tier: str | None = ""
+) -> Decimal:
+    """The most ``input_tokens`` + ``output_tokens`` can cost at ``pricing`` (exact), at
+    the dearest tier a call asking for ``tier`` may be served at."""
+    if not pricing.service_tiers:  # the common case, on every call: attributes read directly
+        p = pricing
+        one_hour = p.cache_write_1h_per_m_tok_usd
+        if one_hour is None:  # a configuration rendered before 1-hour writes were priced
+            one_hour = p.cache_write_per_m_tok_usd
+        dearest = max(
+            p.input_per_m_tok_usd, p.cached_input_per_m_tok_usd, p.cache_write_per_m_tok_usd,
+            one_hour,
+        )  # fmt: skip
+        return (input_tokens * dearest + output_tokens * p.output_per_m_tok_usd) / PER_MILLION
+    return max(
+        (input_tokens * r.dearest_input() + output_tokens * r.output) / PER_MILLION
+        for r in (pricing.rates(t) for t in _tiers(pricing, tier))
+    )
 
 
-def worst_cost(input_tokens: int, output_tokens: int, pricing: ResolvedPricing) -> Decimal:
-    """The most ``input_tokens`` + ``output_tokens`` can cost at ``pricing`` (exact)."""
-    return (
-        input_tokens * _input_rate(pricing) + output_tokens * pricing.output_per_m_tok_usd
-    ) / PER_MILLION
-
-
-def worst_case(input_tokens: int, output_tokens: int, routes: Iterable[ModelRoute]) -> WorstCase:
-    cost = max((worst_cost(input_tokens, output_tokens, r.pricing) for r in routes), default=None)
-    return WorstCase(input_tokens, output_tokens, cost if cost is not None else Decimal(0))
+def worst_case(
+    input_tokens: int,
+    output_tokens: int,
+    routes: Iterable[ModelRoute],
+    tier: str | None = None,
+) -> WorstCase:
+    cost = max(
+        (worst_cost(input_tokens, output_tokens, r.pricing, tier) for r in routes), default=None
+    )
+    return WorstCase(input_tokens, output_tokens, cost if cost is not None else Decimal(0), tier)
 
 
 def charged_tokens(worst: WorstCase) -> TokenUsage:
     """The tokens a call is charged when its usage never came: its reservation."""
     return TokenUsage.model_construct(
-        input=worst.input_tokens, output=worst.output_tokens, cached_input=0, cache_creation=0
+        input=worst.input_tokens,
+        output=worst.output_tokens,
+        cached_input=0,
+        cache_creation=0,
+        cache_creation_1h=0,
     )
 
 
@@ -214,7 +267,7 @@ def team_shortfall(
             return short
         caps = team.token_caps
         if caps is not None and tokens is not None:
-            used_in = tokens.input + tokens.cached_input + tokens.cache_creation
+            used_in = tokens.prompt()
             checks = (
                 ("input", caps.input, used_in, reserved_in, worst.input_tokens),
                 ("output", caps.output, tokens.output, reserved_out, worst.output_tokens),
@@ -270,7 +323,7 @@ def model_shortfall(
     hint = _hint(worst, defaulted)
     what = f"model {route.name} (modelCaps of TeamBudget {team.id})"
     if cap.max_cost_usd is not None:
-        need = worst_cost(worst.input_tokens, worst.output_tokens, route.pricing)
+        need = worst_cost(worst.input_tokens, worst.output_tokens, route.pricing, worst.tier)
         short = _money_check("model_cost", what, cap.max_cost_usd, standing, need, hint)
         if short is not None:
             return short

@@ -92,6 +92,12 @@ METERS = (
     ("Input Tokens", "input_tokens", "input_price_per_m_usd", "input"),
     ("Cached Input Tokens", "cached_input_tokens", "cached_input_price_per_m_usd", "cached-input"),
     ("Cache Write Tokens", "cache_creation_tokens", "cache_write_price_per_m_usd", "cache-write"),
+    (
+        "Cache Write 1h Tokens",
+        "cache_creation_1h_tokens",
+        "cache_write_1h_price_per_m_usd",
+        "cache-write-1h",
+    ),
     ("Output Tokens", "output_tokens", "output_price_per_m_usd", "output"),
 )
 PROVIDERS = {"OpenAI": "OpenAI", "Anthropic": "Anthropic"}
@@ -104,11 +110,12 @@ def _group_query(start: datetime, end: datetime) -> str:
         SELECT CAST(time AT TIME ZONE 'UTC' AS DATE) AS day, team, namespace, provider,
                locality, served_model, upstream_model, policy, {labels},
                input_price_per_m_usd, output_price_per_m_usd, cached_input_price_per_m_usd,
-               cache_write_price_per_m_usd, discount_percent,
+               cache_write_price_per_m_usd, cache_write_1h_price_per_m_usd, discount_percent,
                sum(input_tokens)::BIGINT AS input_tokens,
                sum(output_tokens)::BIGINT AS output_tokens,
                sum(cached_input_tokens)::BIGINT AS cached_input_tokens,
                sum(cache_creation_tokens)::BIGINT AS cache_creation_tokens,
+               sum(cache_creation_1h_tokens)::BIGINT AS cache_creation_1h_tokens,
                sum(tool_calls)::BIGINT AS tool_calls, sum(tool_cost_usd) AS tool_cost_usd,
                sum(cost_usd) AS cost_usd, count(*) AS requests
         FROM usage

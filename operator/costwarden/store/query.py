@@ -99,6 +99,15 @@ def _is_part(location: Location, path: str) -> bool:
     return len(parts) == 3 and parts[0].startswith("day=") and parts[2].startswith("part-")
 
 
+ADDED_COLUMNS = {
+    "cache_creation_1h_tokens": "BIGINT",
+    "cache_write_1h_price_per_m_usd": "DECIMAL(38, 18)",
+    "service_tier": "VARCHAR",
+}
+"""Columns added after the first release, by DuckDB type: part files written before lack
+them (``union_by_name`` fills them with NULL only if one file has them)."""
+
+
 def connect(
     root: str | Path, period: Period = Period(), outcomes: Sequence[str | Path] = ()
 ) -> duckdb.DuckDBPyConnection:
@@ -108,6 +117,10 @@ def connect(
     files = usage_files(location, period)
     if files and location.local:
         raw = con.read_parquet(files, hive_partitioning=False, union_by_name=True)
+        missing = [f"CAST(NULL AS {kind}) AS {name}" for name, kind in ADDED_COLUMNS.items()
+                   if name not in raw.columns]  # fmt: skip
+        if missing:  # every file predates these columns: the view still has them
+            raw = raw.project(", ".join(["*", *missing]))
         con.register("usage_raw", raw)
     elif files:  # a bucket: pyarrow reads it (DuckDB's httpfs is an extension to download)
         import pyarrow.dataset as ds

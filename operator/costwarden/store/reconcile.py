@@ -191,7 +191,8 @@ def metered(con: duckdb.DuckDBPyConnection, provider: str) -> dict[tuple[date, s
         SELECT CAST(time AT TIME ZONE 'UTC' AS DATE) AS day,
                coalesce(nullif(upstream_model, ''), served_model) AS model,
                sum(input_tokens)::BIGINT, sum(cached_input_tokens)::BIGINT,
-               sum(cache_creation_tokens)::BIGINT, sum(output_tokens)::BIGINT, count(*),
+               sum(cache_creation_tokens + coalesce(cache_creation_1h_tokens, 0))::BIGINT,
+               sum(output_tokens)::BIGINT, count(*),
                sum(cost_usd), coalesce(discount_percent, 0)
         FROM usage
         WHERE usage_reported AND provider = ? AND locality IS DISTINCT FROM 'InCluster'

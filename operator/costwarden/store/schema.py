@@ -68,6 +68,11 @@ SCHEMA = pa.schema(
         ("cached_input_price_per_m_usd", PRICE),
         ("cache_write_price_per_m_usd", PRICE),
         ("discount_percent", PERCENT),
+        # Added with 1-hour cache writes and service tiers: part files written before have
+        # none (read as NULL: query.connect adds them).
+        ("cache_creation_1h_tokens", pa.int64()),
+        ("cache_write_1h_price_per_m_usd", PRICE),
+        ("service_tier", pa.string()),
         ("source", pa.string()),
         ("seq", pa.int64()),
     ]
@@ -84,6 +89,8 @@ class Pricing:
     cached_input: Decimal
     cache_write: Decimal
     discount_percent: Decimal = Decimal(0)
+    cache_write_1h: Decimal | None = None
+    """Absent where the pricing had no 1-hour price (such records wrote none)."""
 
 
 def team_partition(team: str) -> str:
@@ -151,6 +158,7 @@ def values_of(
     output_tokens = int(_get(tokens, "output", 0))
     cached = int(_get(tokens, "cached_input", 0))
     creation = int(_get(tokens, "cache_creation", 0))
+    creation_1h = int(_get(tokens, "cache_creation_1h", 0))
     cost = Decimal(_get(record, "cost_usd", Decimal(0)))
     labels: Mapping[str, str] = _get(record, "labels", {}) or {}
     tool_calls = _get(record, "tool_calls", {}) or {}
@@ -161,6 +169,7 @@ def values_of(
             + output_tokens * pricing.output
             + cached * pricing.cached_input
             + creation * pricing.cache_write
+            + creation_1h * (pricing.cache_write_1h or 0)
         ) / Decimal(1_000_000)
         tool_cost = cost - token_cost  # what the per-call tool prices added (exact)
     moment: datetime = _get(record, "time", None) or datetime.now(UTC)
@@ -199,6 +208,9 @@ def values_of(
         pricing.cached_input if pricing else None,
         pricing.cache_write if pricing else None,
         pricing.discount_percent if pricing else Decimal(0),
+        creation_1h,
+        pricing.cache_write_1h if pricing else None,
+        _text(_get(record, "service_tier")),
         source,
         seq,
     )

@@ -107,12 +107,23 @@ def openai_usage(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+OPENAI_TIERS = ("default", "flex", "priority")
+
+
+def served_tier(body: dict[str, Any]) -> str:
+    """The tier OpenAI reports it served a call at: the one asked for (flex, priority,
+    default), else default (``auto`` in a project whose default tier is default)."""
+    asked = body.get("service_tier")
+    return asked if asked in OPENAI_TIERS else "default"
+
+
 def chunk_base(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": body.get("model"),
+        "service_tier": served_tier(body),
         "system_fingerprint": "fp_fake",
     }
 
@@ -185,10 +196,25 @@ def anthropic_server_tool(body: dict[str, Any]) -> bool:
     return tool is not None and str(tool.get("type", "")).startswith("web_search_")
 
 
+def one_hour_cache(body: Any) -> bool:
+    """Whether a cache breakpoint of the request asks for the 1-hour lifetime."""
+    if isinstance(body, dict):
+        control = body.get("cache_control")
+        if isinstance(control, dict) and control.get("ttl") == "1h":
+            return True
+        return any(one_hour_cache(v) for v in body.values())
+    if isinstance(body, list):
+        return any(one_hour_cache(v) for v in body)
+    return False
+
+
 def anthropic_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """A quarter of the prompt is written to the cache: to the 1-hour cache when a
+    breakpoint asks for it (``cache_control.ttl: 1h``), else to the 5-minute one."""
     total = prompt_tokens(body)
     read = cached_tokens(total)
     creation = total // 4
+    one_hour = creation if one_hour_cache(body) else 0
     server = anthropic_server_tool(body)
     tool = wants_tool(body) is not None and not server
     output = TOOL_OUTPUT_TOKENS if tool else len(reply_words(body))
@@ -196,7 +222,12 @@ def anthropic_usage(body: dict[str, Any]) -> dict[str, Any]:
         "input_tokens": total - read - creation,
         "cache_creation_input_tokens": creation,
         "cache_read_input_tokens": read,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": creation - one_hour,
+            "ephemeral_1h_input_tokens": one_hour,
+        },
         "output_tokens": output,
+        "service_tier": "standard",
     }
     if server:
         usage["server_tool_use"] = {"web_search_requests": 1}
@@ -489,6 +520,7 @@ def response_object(
         "parallel_tool_calls": True,
         "previous_response_id": body.get("previous_response_id"),
         "reasoning": body.get("reasoning") or {"effort": None, "summary": None},
+        "service_tier": served_tier(body),
         "store": body.get("store", True),
         "temperature": 1.0,
         "text": {"format": {"type": "text"}},

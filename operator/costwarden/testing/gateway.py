@@ -54,12 +54,16 @@ LOCAL_PRICING = ModelPricing(
 )
 
 
-def _pricing(upstream_model: str, declared: ModelPricing | None = None) -> ResolvedPricing:
+def _pricing(
+    upstream_model: str,
+    declared: ModelPricing | None = None,
+    provider: Provider = Provider.OPENAI,
+) -> ResolvedPricing:
     from costwarden.api.routingpolicy import ModelBackend
 
     backend = ModelBackend(
         name="x",
-        provider=Provider.OPENAI,
+        provider=provider,
         endpoint="https://api.example.com/v1",
         upstream_model=upstream_model,
         pricing=declared,
@@ -87,7 +91,7 @@ def model(
         upstream_model=upstream,
         locality=locality,
         credentials=CredentialRef(namespace=NAMESPACE, name="llm-keys", key="api-key"),
-        pricing=_pricing(upstream, pricing),
+        pricing=_pricing(upstream, pricing, provider),
     )
 
 
@@ -161,6 +165,20 @@ def sample_config(upstream: str, **team_overrides: Any) -> GatewayConfig:
     }
     team.update(team_overrides)
     return GatewayConfig(teams=[TeamConfig(**team)], policies=[policy], revision="rev-1")
+
+
+def with_pricing(config: GatewayConfig, name: str, pricing: ModelPricing) -> GatewayConfig:
+    """``config`` with model ``name`` of its first policy priced at ``pricing``."""
+    policy = config.policies[0]
+    models = [
+        model(m.name, m.endpoint.removesuffix("/v1"), provider=m.provider,
+              upstream_model=m.upstream_model, locality=m.locality, pricing=pricing)
+        if m.name == name else m
+        for m in policy.models
+    ]  # fmt: skip
+    return config.model_copy(
+        update={"policies": [policy.model_copy(update={"models": models}), *config.policies[1:]]}
+    )
 
 
 class GatewayThread(ServerThread):

@@ -50,7 +50,13 @@ def test_sums_are_exact_and_spent_usd_is_rounded_down():
     fragment = books.fragment()
     assert fragment["spentExactUSD"] == "1.2345779"
     assert fragment["spentUSD"] == "1.234577"  # floor, never up
-    assert fragment["tokens"] == {"input": 30, "output": 15, "cachedInput": 6, "cacheCreation": 0}
+    assert fragment["tokens"] == {
+        "input": 30,
+        "output": 15,
+        "cachedInput": 6,
+        "cacheCreation": 0,
+        "cacheCreation1h": 0,
+    }
     TeamBudgetStatus.model_validate(fragment)  # the CRD's model accepts it
 
 

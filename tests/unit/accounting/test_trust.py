@@ -26,6 +26,7 @@ from costwarden.api.gatewayconfig import (
     ModelRoute,
     PolicyConfig,
     ResolvedPricing,
+    ResolvedTierPricing,
     SpendState,
     TeamConfig,
 )
@@ -331,3 +332,58 @@ def test_pod_facts_keep_only_costwarden_annotations():
         "annotations": {"costwarden.io/change": "5", "kubectl.kubernetes.io/last": "x" * 1000},
     }})  # fmt: skip
     assert facts.annotations == {"costwarden.io/change": "5"}
+
+
+TIERED = PRICES.model_copy(
+    update={
+        "cache_write_1h_per_m_tok_usd": Decimal("0.30"),
+        "service_tiers": {
+            "priority": ResolvedTierPricing(
+                input_per_m_tok_usd=Decimal("0.25"),
+                output_per_m_tok_usd=Decimal("1.00"),
+                cached_input_per_m_tok_usd=Decimal("0.125"),
+                cache_write_per_m_tok_usd=Decimal("0.25"),
+                cache_write_1h_per_m_tok_usd=Decimal("0.50"),
+            )
+        },
+    }
+)
+
+
+def test_the_service_tier_and_1h_cache_writes_are_priced_as_the_gateway_priced_them():
+    """The operator recomputes a priority call at the priority prices and 1-hour cache
+    writes at their own price; the same tokens claimed at the standard prices (or the
+    1-hour writes at the 5-minute price) are refused."""
+    cfg = config(TIERED)
+    tokens = TokenUsage(input=10, output=5, cached_input=2, cache_creation=4, cache_creation_1h=8)
+    # standard: 10*0.15 + 5*0.60 + 2*0.075 + 4*0.15 + 8*0.30 = 7.65 per million
+    standard = Decimal("0.00000765")
+    # priority: 10*0.25 + 5*1.00 + 2*0.125 + 4*0.25 + 8*0.50 = 12.75 per million
+    priority = Decimal("0.00001275")
+    for tier, cost in (("", standard), ("default", standard), ("priority", priority)):
+        checked = check_record(1, record(tokens=tokens, service_tier=tier, cost_usd=cost),
+                               check(cfg=cfg))  # fmt: skip
+        assert checked.refusal is None, tier
+        assert checked.record is not None
+        assert checked.record.cost_usd == cost
+    cheap = record(tokens=tokens, service_tier="priority", cost_usd=standard)
+    assert check_record(2, cheap, check(cfg=cfg)).refusal is Refusal.COST_MISMATCH
+    five_minute = Decimal("0.00000525")  # the 1-hour writes at the 5-minute price
+    assert check_record(3, record(tokens=tokens, cost_usd=five_minute),
+                        check(cfg=cfg)).refusal is Refusal.COST_MISMATCH  # fmt: skip
+
+
+def test_price_memory_remembers_a_change_of_tier_prices_alone():
+    clock = [0.0]
+    memory = PriceMemory(keep=600, clock=lambda: clock[0])
+    memory.observe(config(TIERED))
+    tier = TIERED.service_tiers["priority"]
+    dearer = TIERED.model_copy(
+        update={"service_tiers": {"priority": tier.model_copy(
+            update={"output_per_m_tok_usd": Decimal("2.00")})}}
+    )  # fmt: skip
+    clock[0] = 1.0
+    memory.observe(config(dearer).model_copy(update={"revision": "r2"}))
+    alpha = config(dearer).team("shared/alpha")
+    assert alpha is not None
+    assert memory.prices(alpha, "mini") == [dearer, TIERED]

@@ -189,3 +189,49 @@ def _parquet(store: Path, tmp_path: Path) -> Path:
 def test_a_period_is_required(store: Path) -> None:
     with pytest.raises(SystemExit, match="billing period"):
         main(["export", "focus", "--store", str(store)])
+
+
+def test_1h_cache_writes_are_their_own_meter_and_old_part_files_still_read(
+    tmp_path: Path,
+) -> None:
+    """A record with 1-hour cache writes gets a "Cache Write 1h Tokens" row at the 1-hour
+    price; a part file written before the column existed (only the old columns) still
+    reads, its rows with no 1-hour writes."""
+    from costwarden.api.accounting import TokenUsage
+    from costwarden.store import query
+    from costwarden.store.focus import focus_rows
+    from costwarden.store.schema import Pricing
+
+    priced = Pricing(Decimal(3), Decimal(15), Decimal("0.3"), Decimal("3.75"),
+                     cache_write_1h=Decimal(6))  # fmt: skip
+    when = datetime(2026, 11, 3, 9, tzinfo=UTC)
+    record = make_record(team="team-b/b", model="claude-sonnet-4", provider="Anthropic",
+                         pricing=CLAUDE, when=when, inp=100, out=50)  # fmt: skip
+    tokens = TokenUsage(input=100, output=50, cache_creation=0, cache_creation_1h=2_000)
+    cost = (100 * Decimal(3) + 50 * Decimal(15) + 2_000 * Decimal(6)) / 1_000_000
+    record = record.model_copy(update={"tokens": tokens, "cost_usd": cost,
+                                       "service_tier": "standard"})  # fmt: skip
+    root = tmp_path / "store"
+    UsageStore(root).write("gw#1", "team-b/b", [StoreEntry(1, record, priced, "External")])
+    # The same kind of file without the new columns, as an older operator wrote it.
+    old_root = tmp_path / "old"
+    UsageStore(old_root).write("gw#1", "team-b/b", [
+        StoreEntry(1, make_record(team="team-b/b", when=when), GPT, "External")])  # fmt: skip
+    for part in old_root.rglob("part-*.parquet"):
+        table = pq.read_table(part)
+        pq.write_table(table.drop_columns(list(query.ADDED_COLUMNS)), part)
+
+    november = query.Period.parse("2026-11")
+    rows = focus_rows(query.connect(root, november), november)
+    one_hour = [r for r in rows if r["SkuMeter"] == "Cache Write 1h Tokens"]
+    assert len(one_hour) == 1
+    assert one_hour[0]["ConsumedQuantity"] == 2_000
+    assert one_hour[0]["ListUnitPrice"] == Decimal("0.000006")
+    assert sum(r["ListCost"] for r in rows) == cost
+    assert query.connect(root).execute("SELECT service_tier FROM usage").fetchall() == [
+        ("standard",)
+    ]
+
+    old_rows = focus_rows(query.connect(old_root, november), november)
+    assert old_rows
+    assert all(r["SkuMeter"] != "Cache Write 1h Tokens" for r in old_rows)
