@@ -67,7 +67,7 @@ from costwarden.api.usage import (
 from costwarden.gateway.call import MAX_ROUTE_REASON, MAX_SENSITIVITY, MAX_TASK
 from costwarden.gateway.call import _tags as call_tags  # the ledger's own record's tags
 from costwarden.gateway.sinks import FsyncPolicy
-from costwarden.policy.reservation import WorstCase, worst_cost
+from costwarden.policy.reservation import WorstCase, billable_tiers, worst_cost
 from costwarden.supervision import Supervisor
 
 if TYPE_CHECKING:
@@ -111,39 +111,58 @@ def charge_at_reservation(
     """The candidate and tokens that price to exactly the reservation.
 
     The reservation is the worst case at the dearest candidate's prices, its input at that
-    model's dearest input rate (policy/reservation.py). The charge names that candidate as
-    the served model and puts the input tokens in the field priced at that rate (plain
-    input unless cached reads or cache writes cost more), so ``call_cost`` of the record,
-    which the operator recomputes from the policy's prices, is the reservation itself.
-    ``costs``: each candidate's worst cost if known (``Reservation.models``), which spares
-    computing them again on the request path."""
-    route, (fresh, cached, written) = _charge(worst, tuple(routes), tuple(costs))
-    tokens = TokenUsage.model_construct(
-        input=fresh, cached_input=cached, cache_creation=written, output=worst.output_tokens
+    model's dearest input rate, in the dearest service tier the call may be billed at
+    (policy/reservation.py). The charge names that candidate as the served model, that tier
+    as its tier (the record's serviceTier), and puts the input tokens in the field priced at
+    that rate (plain input unless cached reads or cache writes cost more), so ``call_cost``
+    of the record, which the operator recomputes from the policy's prices, is the
+    reservation itself. ``costs``: each candidate's worst cost if known
+    (``Reservation.models``), which spares computing them again on the request path."""
+    route, _tier, fields = _charge(worst, tuple(routes), tuple(costs))
+    return route, _tokens(fields, worst)
+
+
+def _tokens(fields: tuple[int, int, int, int], worst: WorstCase) -> TokenUsage:
+    fresh, cached, written, written_1h = fields
+    return TokenUsage.model_construct(
+        input=fresh,
+        cached_input=cached,
+        cache_creation=written,
+        cache_creation_1h=written_1h,
+        output=worst.output_tokens,
     )
-    return route, tokens
 
 
 def _charge(
     worst: WorstCase, routes: tuple[ModelRoute, ...], costs: tuple[tuple[str, Decimal], ...]
-) -> tuple[ModelRoute, tuple[int, int, int]]:
-    """(route, (input, cachedInput, cacheCreation)) of :func:`charge_at_reservation`."""
+) -> tuple[ModelRoute, str, tuple[int, int, int, int]]:
+    """(route, tier, (input, cachedInput, cacheCreation, cacheCreation1h))."""
     dearest = next((name for name, cost in costs if cost == worst.cost), None)
     route = next((r for r in routes if r.name == dearest), None)
     if route is None:
         route = next(
             (r for r in routes
-             if worst_cost(worst.input_tokens, worst.output_tokens, r.pricing) == worst.cost),
+             if worst_cost(worst.input_tokens, worst.output_tokens, r.pricing, worst.tier)
+             == worst.cost),
             routes[0],
         )  # fmt: skip
-    p = route.pricing
-    rate = max(p.input_per_m_tok_usd, p.cached_input_per_m_tok_usd, p.cache_write_per_m_tok_usd)
+    pricing = route.pricing
     prompt = worst.input_tokens
-    if rate == p.input_per_m_tok_usd:
-        return route, (prompt, 0, 0)
-    if rate == p.cache_write_per_m_tok_usd:
-        return route, (0, 0, prompt)
-    return route, (0, prompt, 0)
+
+    def cost_in(tier: str) -> Decimal:
+        rates = pricing.rates(tier)
+        return prompt * rates.dearest_input() + worst.output_tokens * rates.output
+
+    tier = max(billable_tiers(pricing, worst.tier), key=cost_in)
+    rates = pricing.rates(tier)
+    rate = rates.dearest_input()
+    if rate == rates.input:
+        return route, tier, (prompt, 0, 0, 0)
+    if rate == rates.cache_write:
+        return route, tier, (0, 0, prompt, 0)
+    if rate == rates.cache_write_1h:
+        return route, tier, (0, 0, 0, prompt)
+    return route, tier, (0, prompt, 0, 0)
 
 
 class HoldJournal:
@@ -299,7 +318,8 @@ class HoldJournal:
         routes: tuple[ModelRoute, ...],
         costs: tuple[tuple[str, Decimal], ...] = (),
     ) -> bytes:
-        route, (fresh, cached, written) = _charge(worst, routes, costs)
+        route, tier, fields = _charge(worst, routes, costs)
+        fresh, cached, written, written_1h = fields
         caller, team = call.caller, call.team
         assert caller is not None
         assert team is not None
@@ -326,7 +346,9 @@ class HoldJournal:
                 "output": worst.output_tokens,
                 "cachedInput": cached,
                 "cacheCreation": written,
+                "cacheCreation1h": written_1h,
             },
+            "serviceTier": tier,
             "usageReported": True,
             "costUSD": cost,
             "outcome": Outcome.UPSTREAM_ERROR.value,

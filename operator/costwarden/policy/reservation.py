@@ -104,7 +104,7 @@ def requested_tier(body: Mapping[str, Any]) -> str | None:
     return tier
 
 
-def _tiers(pricing: ResolvedPricing, tier: str | None) -> list[str]:
+def billable_tiers(pricing: ResolvedPricing, tier: str | None) -> list[str]:
     """The tiers (by name; "" the standard prices) a call asking for ``tier`` may be
     served and billed at on a model priced at ``pricing``."""
     if tier is None:
@@ -116,7 +116,7 @@ def dearest_tier(tokens: TokenUsage, pricing: ResolvedPricing, tier: str | None)
     """The tier among those a call may be served at where ``tokens`` cost the most: what a
     call whose answer never came is charged at (its reservation bounds that cost)."""
     return max(
-        _tiers(pricing, tier),
+        billable_tiers(pricing, tier),
         key=lambda t: call_cost(tokens, pricing, service_tier=t),
     )
 
@@ -153,7 +153,7 @@ def worst_cost(
         return (input_tokens * dearest + output_tokens * p.output_per_m_tok_usd) / PER_MILLION
     return max(
         (input_tokens * r.dearest_input() + output_tokens * r.output) / PER_MILLION
-        for r in (pricing.rates(t) for t in _tiers(pricing, tier))
+        for r in (pricing.rates(t) for t in billable_tiers(pricing, tier))
     )
 
 
