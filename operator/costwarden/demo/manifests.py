@@ -10,7 +10,11 @@ BUDGET = "demo-team"
 POLICY = "demo-routing"
 JOB = "demo-agent"
 HARD_CAP_USD = "0.20"
-SOFT_LIMIT_PERCENT = 50
+SOFT_LIMIT_PERCENT = 30
+# Well below the cap: a frontier code-review call reserves its worst case (the body's bytes
+# as tokens at gpt-4.1's prices, about $0.075 here, over a third of the cap) before it is
+# forwarded. The downgrade must start while a frontier worst case still fits, or the cap
+# trips on the frontier model before the downgrade is seen.
 FRONTIER, CHEAP = "gpt-4.1", "gpt-4.1-mini"
 AGENT_LABELS = {"costwarden.io/agent": "true", "app.kubernetes.io/part-of": "costwarden-demo"}
 

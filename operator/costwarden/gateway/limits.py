@@ -70,6 +70,8 @@ class Limits:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._teams: dict[str, TeamSeen] = {}
+        self._floors: dict[str, tuple[tuple[object, ...], BudgetPhase]] = {}
+        """The furthest phase seen per team, under the period and limits it was seen at."""
         self._jobs: OrderedDict[tuple[str, str], JobState] = OrderedDict()
         self.remembered = 0
         """Requests held in all jobs' loop windows (bounded by MAX_REMEMBERED_TOTAL)."""
@@ -87,6 +89,22 @@ class Limits:
             if seen is not None and phase is BudgetPhase.EXHAUSTED:
                 seen.operator_exhausted = True
                 seen.verdict = None
+
+    def _at_least_as_far(self, team: TeamConfig, verdict: CapVerdict) -> CapVerdict:
+        """A phase never goes back within a period under the same limits. A new revision
+        carries a spend snapshot that may predate what this gateway metered (the local part
+        restarts from it), which briefly read as Active again after SoftLimited, routing a
+        frontier call the soft limit should have downgraded."""
+        key = (team.spend.period_start, team.hard_cap_usd, team.soft_limit_usd, team.token_caps)
+        floor = self._floors.get(team.id)
+        if floor is not None and floor[0] == key:
+            if decide.phase_order(floor[1]) > decide.phase_order(verdict.phase):
+                return CapVerdict(floor[1], verdict.reason, f"{verdict.message} (earlier in "
+                                  f"this period: {floor[1].value})")  # fmt: skip
+            if floor[1] is verdict.phase:
+                return verdict
+        self._floors[team.id] = (key, verdict.phase)
+        return verdict
 
     def team_spend(self, team: TeamConfig, revision: str) -> tuple[Decimal, TokenUsage | None]:
         """The team's settled spend as this gateway knows it: the operator's snapshot plus
@@ -143,7 +161,8 @@ class Limits:
         """Hard cap, per-job caps, retry loop, then rate (a refused call is not counted)."""
         seen = self._team(team, revision)
         if seen.verdict is None:
-            seen.verdict = decide.team_verdict(team, seen.cost, seen.tokens)
+            verdict = decide.team_verdict(team, seen.cost, seen.tokens)
+            seen.verdict = self._at_least_as_far(team, verdict)
             if seen.operator_exhausted and not seen.verdict.over_hard_cap:
                 seen.verdict = decide.operator_exhausted_verdict()
         phase = seen.verdict.phase

@@ -52,6 +52,11 @@ def team_verdict(team: TeamConfig, extra_cost: Decimal, extra_tokens: TokenUsage
     return verdict
 
 
+def phase_order(phase: BudgetPhase) -> int:
+    """Active < SoftLimited < Exhausted."""
+    return _PHASE_ORDER.get(phase, 0)
+
+
 def operator_exhausted_verdict() -> CapVerdict:
     """The operator, which sums every replica's usage, reported the team Exhausted."""
     return CapVerdict(

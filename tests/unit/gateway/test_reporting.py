@@ -453,3 +453,31 @@ def test_a_held_team_does_not_pin_the_ledger_and_survives_rotation_and_restart(
             await runner.cleanup()
 
     asyncio.run(run())
+
+
+def test_a_phase_does_not_go_back_when_a_new_config_carries_an_older_snapshot():
+    """SoftLimited seen from this gateway's own metering stays SoftLimited under a later
+    revision whose spend snapshot predates it (soft-limit downgrades keep applying), until
+    the period or the limits change."""
+    from datetime import timedelta
+    from decimal import Decimal
+
+    from costwarden.api.teambudget import BudgetPhase
+    from costwarden.gateway.limits import Limits
+    from costwarden.testing.gateway import TEAM_ID, sample_config
+
+    team = sample_config("http://upstream").team(TEAM_ID)
+    assert team is not None
+    limits = Limits()
+    limits.record(team, "rev-1", "job", None, Decimal(0), upstream_error=False)
+    from costwarden.api.teambudget import TokenUsage
+
+    limits.record(team, "rev-1", "job", TokenUsage(input=1), Decimal(85), upstream_error=False)
+    assert limits.admit(team, "rev-1", "job", "fp-1").phase is BudgetPhase.SOFT_LIMITED
+    # rev-2's snapshot was rendered before the 85 USD were applied: spend 0 in it.
+    assert limits.admit(team, "rev-2", "job", "fp-2").phase is BudgetPhase.SOFT_LIMITED
+    raised = team.model_copy(update={"soft_limit_usd": Decimal(90)})
+    assert limits.admit(raised, "rev-3", "job", "fp-3").phase is BudgetPhase.ACTIVE
+    spend = team.spend.model_copy(update={"period_start": team.spend.period_start + timedelta(1)})
+    rolled = team.model_copy(update={"spend": spend})
+    assert limits.admit(rolled, "rev-4", "job", "fp-4").phase is BudgetPhase.ACTIVE
