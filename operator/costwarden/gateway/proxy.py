@@ -185,6 +185,9 @@ class Gateway:
         self, request: web.BaseRequest, fmt: WireFormat, endpoint: Endpoint
     ) -> web.StreamResponse:
         call = Call(endpoint, fmt)
+        if self.telemetry is not None and "traceparent" in request.headers:
+            headers = request.headers
+            call.trace_context = (headers["traceparent"], headers.get("tracestate", ""))
         try:
             return await self._serve(request, call)
         except asyncio.CancelledError:

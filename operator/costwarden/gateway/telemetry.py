@@ -31,6 +31,8 @@ SCOPE = "costwarden.gateway"
 SERVICE_NAME = "costwarden-gateway"
 TRACES_PATH = "/v1/traces"
 METRICS_PATH = "/v1/metrics"
+MAX_TRACE_HEADER = 512
+"""W3C Trace Context bounds tracestate at 32 entries; a caller's longer header is cut."""
 
 # gen_ai.operation.name: the conventions' well-known values. The Responses API and
 # Anthropic's Messages API are chat calls as the conventions define them.
@@ -187,6 +189,7 @@ class OtelTelemetry:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         # Resource.create merges OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES over this.
         res = Resource.create({"service.name": SERVICE_NAME, **(resource or {})})
@@ -212,6 +215,7 @@ class OtelTelemetry:
                 explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
             )
         self._client = SpanKind.CLIENT
+        self._propagator = TraceContextTextMapPropagator()
         self._error = Status(StatusCode.ERROR)
 
     @classmethod
@@ -242,8 +246,17 @@ class OtelTelemetry:
         attributes = span_attributes(call, record)
         now = time.time_ns()
         seconds = time.perf_counter() - call.started
+        parent = None
+        if call.trace_context is not None:
+            # A malformed or oversized header extracts to nothing: the span is then a root.
+            traceparent, tracestate = call.trace_context
+            carrier = {"traceparent": traceparent[:MAX_TRACE_HEADER]}
+            if tracestate:
+                carrier["tracestate"] = tracestate[:MAX_TRACE_HEADER]
+            parent = self._propagator.extract(carrier)
         span = self.tracer.start_span(
             span_name(call),
+            context=parent,
             kind=self._client,
             attributes=attributes,
             start_time=now - int(seconds * 1e9),

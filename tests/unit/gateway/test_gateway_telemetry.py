@@ -250,3 +250,25 @@ def test_otel_endpoint_builds_the_otlp_exporters(tmp_path: Path, upstream: Any) 
     finally:
         assert gateway.telemetry is not None
         gateway.telemetry.shutdown()
+
+
+def test_the_callers_trace_context_makes_the_span_its_child(
+    gateway: GatewayThread, recorded: Recorded
+) -> None:
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+    response = chat(gateway, CHAT, headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+
+    assert response.status_code == 200
+    span = recorded.one_span()
+    assert span.parent is not None
+    assert (span.context.trace_id, span.parent.span_id) == (int(trace_id, 16), int(parent_id, 16))
+
+
+def test_a_malformed_trace_context_gives_a_root_span(
+    gateway: GatewayThread, recorded: Recorded
+) -> None:
+    response = chat(gateway, CHAT, headers={"traceparent": "00-not-a-trace" + "x" * 5000})
+
+    assert response.status_code == 200
+    assert recorded.one_span().parent is None
