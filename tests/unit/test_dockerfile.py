@@ -97,7 +97,7 @@ def test_multi_stage_on_python_slim(stages: list[Stage]) -> None:
     assert build.base == runtime.base == "${PYTHON_IMAGE}"
     assert build.name == "build"
     # the project with its usage store extra (pyarrow, duckdb): `--store-dir` works in the image
-    assert any("pip install" in run and '".[store]"' in run.split() for run in build.args_of("RUN"))
+    assert any("pip install" in run and '".[store,otel]"' in run.split() for run in build.args_of("RUN"))
 
 
 def test_final_stage_runs_as_the_charts_non_root_user(stages: list[Stage]) -> None:

@@ -162,6 +162,16 @@ def span_attributes(call: Call, record: UsageRecord) -> dict[str, Any]:
     return attributes
 
 
+def check_endpoint(endpoint: str) -> None:
+    """An OTLP/HTTP base URL: http(s)://host[:port][/prefix], or a clear error at start."""
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError(
+            f"--otel-endpoint {endpoint!r}: expected the collector's OTLP/HTTP base URL, "
+            "e.g. http://otel-collector:4318"
+        )
+
+
 def traces_url(endpoint: str) -> str:
     """``--otel-endpoint`` is the collector's base URL, as ``OTEL_EXPORTER_OTLP_ENDPOINT``."""
     return endpoint.rstrip("/") + TRACES_PATH
@@ -222,6 +232,8 @@ class OtelTelemetry:
     def otlp(cls, endpoint: str | None, *, metrics: bool = True) -> OtelTelemetry:
         """Export over OTLP/HTTP (protobuf) to ``endpoint`` (a base URL), or where the
         standard ``OTEL_EXPORTER_OTLP_*`` variables say when it is None."""
+        if endpoint is not None:
+            check_endpoint(endpoint)
         try:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter,

@@ -272,3 +272,11 @@ def test_a_malformed_trace_context_gives_a_root_span(
 
     assert response.status_code == 200
     assert recorded.one_span().parent is None
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["otel-collector:4318", "grpc://c:4317", "http://", "http://c/?x=1"]
+)
+def test_a_bad_endpoint_is_refused_at_start(endpoint: str) -> None:
+    with pytest.raises(ValueError, match="--otel-endpoint"):
+        OtelTelemetry.otlp(endpoint)
