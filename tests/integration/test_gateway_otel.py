@@ -183,7 +183,7 @@ def test_the_gateway_exports_the_genai_span_of_an_sdk_call_over_otlp(
     received, server = collector
     gateway = start_gateway(
         upstream.url,
-        "--otel-endpoint", server.url,
+        "--otel-endpoint", server.url, "--otel-metrics",
         # Export within 100 ms, not the SDK's default 5 s: the standard variables apply.
         env={"OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "200",
              "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=test"},
@@ -267,7 +267,7 @@ def test_otel_flag_uses_the_standard_endpoint_variable_and_flushes_at_shutdown(
 ) -> None:
     received, server = collector
     gateway = start_gateway(
-        upstream.url, "--otel", "--no-otel-metrics",
+        upstream.url, "--otel",
         # The default 5 s delay: only the flush at SIGTERM can deliver the span in time.
         env={"OTEL_EXPORTER_OTLP_ENDPOINT": server.url},
     )  # fmt: skip

@@ -918,13 +918,12 @@ def test_gateway_otel_is_off_by_default_and_an_endpoint_reaches_the_flag(helm: A
     endpoint = "http://otel-collector.observability:4318"
     args = container_args(template(helm, "--set", f"gateway.otel.endpoint={endpoint}"), "gateway")
     assert flag(args, "--otel-endpoint") == endpoint
-    assert "--no-otel-metrics" not in args
     parsed = parse_cli(args)
-    assert (parsed.otel_endpoint, parsed.otel_metrics) == (endpoint, True)
+    assert (parsed.otel_endpoint, parsed.otel_metrics) == (endpoint, False)
     objects = template(
-        helm, "--set", f"gateway.otel.endpoint={endpoint}", "--set", "gateway.otel.metrics=false"
+        helm, "--set", f"gateway.otel.endpoint={endpoint}", "--set", "gateway.otel.metrics=true"
     )
-    assert parse_cli(container_args(objects, "gateway")).otel_metrics is False
+    assert parse_cli(container_args(objects, "gateway")).otel_metrics is True
     result = helm("template", RELEASE, str(CHART), "--set", "gateway.otel.endpoint=collector:4318")
     assert result.returncode != 0
     assert "/gateway/otel/endpoint" in result.stderr, result.stderr

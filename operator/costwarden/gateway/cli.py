@@ -189,9 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--otel-metrics",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="with --otel: also export the gen_ai.client.token.usage and "
-        "gen_ai.client.operation.duration histograms (default on)",
+        "gen_ai.client.operation.duration histograms (default off: ~40 us more per call)",
     )
     parser.add_argument(
         "--log-level",

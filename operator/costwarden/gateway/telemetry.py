@@ -229,7 +229,7 @@ class OtelTelemetry:
         self._error = Status(StatusCode.ERROR)
 
     @classmethod
-    def otlp(cls, endpoint: str | None, *, metrics: bool = True) -> OtelTelemetry:
+    def otlp(cls, endpoint: str | None, *, metrics: bool = False) -> OtelTelemetry:
         """Export over OTLP/HTTP (protobuf) to ``endpoint`` (a base URL), or where the
         standard ``OTEL_EXPORTER_OTLP_*`` variables say when it is None."""
         if endpoint is not None:

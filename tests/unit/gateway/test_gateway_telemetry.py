@@ -233,9 +233,7 @@ def test_otel_endpoint_builds_the_otlp_exporters(tmp_path: Path, upstream: Any) 
     config.write_text(sample_config(upstream.url).model_dump_json(by_alias=True))
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    args = parser.parse_args(
-        ["--config", str(config), "--otel-endpoint", "http://collector:4318/", "--no-otel-metrics"]
-    )
+    args = parser.parse_args(["--config", str(config), "--otel-endpoint", "http://collector:4318/"])
     gateway = cli.build_gateway(args)
     try:
         telemetry = gateway.telemetry
