@@ -17,7 +17,7 @@ RUN python -m venv /opt/costwarden
 # Build context: pyproject.toml, README.md (if present) and operator/ (see .dockerignore).
 COPY pyproject.toml README.md* ./
 COPY operator/ operator/
-RUN /opt/costwarden/bin/pip install --no-compile ".[store]" \
+RUN /opt/costwarden/bin/pip install --no-compile ".[store,otel]" \
     && /opt/costwarden/bin/python -m compileall -q /opt/costwarden/lib \
     && /opt/costwarden/bin/pip uninstall -y pip setuptools wheel
 

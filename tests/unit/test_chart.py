@@ -912,6 +912,23 @@ def test_schema_bounds_the_liveness_and_ledger_values(
     assert message in result.stderr, result.stderr
 
 
+def test_gateway_otel_is_off_by_default_and_an_endpoint_reaches_the_flag(helm: Any) -> None:
+    args = container_args(template(helm), "gateway")
+    assert not any(a.startswith("--otel") for a in args)
+    endpoint = "http://otel-collector.observability:4318"
+    args = container_args(template(helm, "--set", f"gateway.otel.endpoint={endpoint}"), "gateway")
+    assert flag(args, "--otel-endpoint") == endpoint
+    parsed = parse_cli(args)
+    assert (parsed.otel_endpoint, parsed.otel_metrics) == (endpoint, False)
+    objects = template(
+        helm, "--set", f"gateway.otel.endpoint={endpoint}", "--set", "gateway.otel.metrics=true"
+    )
+    assert parse_cli(container_args(objects, "gateway")).otel_metrics is True
+    result = helm("template", RELEASE, str(CHART), "--set", "gateway.otel.endpoint=collector:4318")
+    assert result.returncode != 0
+    assert "/gateway/otel/endpoint" in result.stderr, result.stderr
+
+
 def test_usage_store_is_off_by_default_and_mounts_a_claim_when_named(helm: Any) -> None:
     args = container_args(template(helm), "operator")
     assert not any(a.startswith("--store-dir") for a in args)

@@ -96,8 +96,10 @@ def test_multi_stage_on_python_slim(stages: list[Stage]) -> None:
     assert arg.group(1) == "python:3.11-slim"
     assert build.base == runtime.base == "${PYTHON_IMAGE}"
     assert build.name == "build"
-    # the project with its usage store extra (pyarrow, duckdb): `--store-dir` works in the image
-    assert any("pip install" in run and '".[store]"' in run.split() for run in build.args_of("RUN"))
+    # the project with its usage store extra (pyarrow, duckdb): `--store-dir` works in the image;
+    # and the otel extra: the chart's gateway.otel.endpoint works in it
+    runs = build.args_of("RUN")
+    assert any("pip install" in run and '".[store,otel]"' in run.split() for run in runs)
 
 
 def test_final_stage_runs_as_the_charts_non_root_user(stages: list[Stage]) -> None:

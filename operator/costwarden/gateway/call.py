@@ -75,6 +75,9 @@ class Call:
     error: str = ""
     reservation: Reservation | None = None
     """The worst case held for this call before it was forwarded (gateway/reservations.py)."""
+    trace_context: tuple[str, str] | None = None
+    """The caller's W3C ``traceparent`` and ``tracestate`` headers, kept only when the gateway
+    exports spans (gateway/telemetry.py): its span for this call is then their child."""
     unmetered: bool = False
     """The call was sent upstream and no usage came back where the provider bills (a stream
     cut before its usage, a cancelled call): it is charged its reservation."""

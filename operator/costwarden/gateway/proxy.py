@@ -46,6 +46,7 @@ from costwarden.gateway.leases import LeaseAnswer, Leases
 from costwarden.gateway.limits import Admission, JobState, Limits
 from costwarden.gateway.metrics import GatewayMetrics
 from costwarden.gateway.reservations import Reservations
+from costwarden.gateway.telemetry import CallTelemetry
 from costwarden.gateway.upstream import UpstreamClient
 from costwarden.gateway.wire import (
     BadRequestError,
@@ -177,11 +178,16 @@ class Gateway:
         self.holds: HoldJournal | None = None
         """With a ledger: each reservation written down before forwarding, so a call in
         flight at a kill is charged at its reservation after the restart (gateway/holds.py)."""
+        self.telemetry: CallTelemetry | None = None
+        """With ``--otel``: a GenAI span per call, over OTLP (gateway/telemetry.py)."""
 
     async def handle(
         self, request: web.BaseRequest, fmt: WireFormat, endpoint: Endpoint
     ) -> web.StreamResponse:
         call = Call(endpoint, fmt)
+        if self.telemetry is not None and "traceparent" in request.headers:
+            headers = request.headers
+            call.trace_context = (headers["traceparent"], headers.get("tracestate", ""))
         try:
             return await self._serve(request, call)
         except asyncio.CancelledError:
@@ -688,6 +694,11 @@ class Gateway:
         added = time.perf_counter() - call.started - call.upstream_seconds
         self.metrics.observe(record, added_seconds=added)
         log_decision(call, record)
+        if self.telemetry is not None:
+            try:
+                self.telemetry.observe(call, record)
+            except Exception:  # the call is accounted already; telemetry must not fail it
+                log.exception("call %s: OpenTelemetry span not recorded", call.id)
 
     def _charge_unmetered(self, call: Call) -> None:
         """A call sent upstream whose usage never came back, where the provider bills, is
