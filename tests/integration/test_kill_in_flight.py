@@ -214,7 +214,8 @@ def _run(gateway: GatewayProcess, fake: FakeUpstream) -> None:
         wanted.setdefault(by_kind[kind], []).append(expected[label])
     assert {k: sorted(v) for k, v in charged.items()} == {k: sorted(v) for k, v in wanted.items()}
     claude_record = next(r for r in interrupted if r["servedModel"] == claude.name)
-    assert claude_record["tokens"]["cacheCreation"] > 0  # input at the cache-write rate
+    # Input at the dearest input rate, the 1-hour cache write (2x input for Claude).
+    assert claude_record["tokens"]["cacheCreation1h"] > 0
     delivered = sum((Decimal(r["costUSD"]) for r in records), Decimal(0))
     assert sum((Decimal(r["costUSD"]) for r in ok), Decimal(0)) == settled_bill
     assert delivered == settled_bill + sum(expected.values(), Decimal(0))
