@@ -108,6 +108,11 @@ def test_three_replicas_never_spend_past_the_cap(stack: Stack, namespace: str) -
     leases = stack.status(namespace, "budget")["leases"]
     assert len(leases["holders"]) >= 2, leases  # the replicas each held a share
     assert billed + Decimal(leases["leasedUSD"]) <= CAP
+    print(
+        f"3 replicas: {len(outcomes)} calls, {outcomes.count('ok')} admitted, billed "
+        f"{billed} of the {CAP} USD cap, {len(leases['holders'])} leases outstanding "
+        f"({leases['leasedUSD']} USD)"
+    )
 
 
 def test_a_killed_replicas_lease_is_reclaimed_after_it_lapses(stack: Stack, namespace: str) -> None:
