@@ -45,6 +45,7 @@ from costwarden.api.teambudget import BudgetPhase
 from costwarden.controllers import accounting_metrics as metrics
 from costwarden.controllers import clock
 from costwarden.controllers.accountant import Accountant, BudgetGoneError, Commit
+from costwarden.controllers.answers import error_response
 from costwarden.controllers.events import event_body, post_event
 from costwarden.controllers.ingest_auth import IngestAuth
 from costwarden.controllers.ingest_trust import PodView, PriceMemory, TransientError, check_batch
@@ -112,20 +113,22 @@ class Ingestion:
         verdict = await self.auth.check(request.headers.get("Authorization", ""))
         if not verdict.allowed:
             metrics.BATCHES.labels(result="unauthorized").inc()
-            return _error(verdict.status, "unauthorized", verdict.message)
+            return error_response(verdict.status, "unauthorized", verdict.message)
         if not await self.leadership.is_leader():
             metrics.BATCHES.labels(result="not_leader").inc()
-            return _error(503, "not_leader", "this operator replica is not the leader")
+            return error_response(503, "not_leader", "this operator replica is not the leader")
         try:
             batch = UsageBatch.model_validate(orjson.loads(await request.read()))
         except (ValidationError, orjson.JSONDecodeError) as exc:
             metrics.BATCHES.labels(result="invalid").inc()
             metrics.REFUSED.labels(reason=Refusal.INVALID_BATCH.value).inc()
-            return _error(400, Refusal.INVALID_BATCH.value, str(exc)[:2000])
+            return error_response(400, Refusal.INVALID_BATCH.value, str(exc)[:2000])
         config = self.config()
         if config is None:
             metrics.BATCHES.labels(result="not_ready").inc()
-            return _error(503, "not_ready", "no gateway configuration rendered yet; re-send")
+            return error_response(
+                503, "not_ready", "no gateway configuration rendered yet; re-send"
+            )
         reporter = verdict.reporter
         try:
             checked = await check_batch(batch, reporter, config, self.pods, self.prices,
@@ -135,7 +138,7 @@ class Ingestion:
             log.warning(
                 "batch from %s not checked (the gateway re-sends it): %s", reporter.identity, exc
             )
-            return _error(503, "not_applied", "the batch could not be checked; re-send it")
+            return error_response(503, "not_applied", "the batch could not be checked; re-send it")
         refused = [c for c in checked if c.refusal is not None]
         if refused:
             return self._refuse(reporter.identity, batch.source, refused)
@@ -150,7 +153,7 @@ class Ingestion:
             log.warning(
                 "batch from %s not applied (the gateway re-sends it): %s", batch.source, exc
             )
-            return _error(503, "not_applied", "the batch could not be applied; re-send it")
+            return error_response(503, "not_applied", "the batch could not be applied; re-send it")
         metrics.BATCHES.labels(result="applied").inc()
         log.debug("batch of %d from %s applied in %.3fs", len(batch.items), batch.source,
                   time.monotonic() - started)  # fmt: skip
@@ -341,11 +344,6 @@ def _observe(commit: Commit, applied: Applied) -> None:
 
 async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    body = orjson.dumps({"error": {"code": code, "message": message}})
-    return web.Response(status=status, body=body, content_type="application/json")
 
 
 async def serve(

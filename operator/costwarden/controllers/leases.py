@@ -32,6 +32,7 @@ from costwarden.api.teambudget import RequestAction
 from costwarden.api.usage import format_exact_usd
 from costwarden.controllers import accounting_metrics as metrics
 from costwarden.controllers.accountant import Accountant, BudgetGoneError
+from costwarden.controllers.answers import error_response
 from costwarden.controllers.ingest_auth import IngestAuth
 from costwarden.controllers.ingest_trust import PodView, TransientError
 from costwarden.controllers.leadership import Leadership
@@ -74,29 +75,31 @@ class Leasing:
     async def handle(self, request: web.Request) -> web.Response:
         verdict = await self.auth.check(request.headers.get("Authorization", ""))
         if not verdict.allowed:
-            return _error(verdict.status, "unauthorized", verdict.message)
+            return error_response(verdict.status, "unauthorized", verdict.message)
         if not await self.leadership.is_leader():
             self._unhealthy()
             metrics.LEASE_REQUESTS.labels(result="unavailable").inc()
-            return _error(503, "not_leader", "this operator replica is not the leader")
+            return error_response(503, "not_leader", "this operator replica is not the leader")
         try:
             source, asks = parse_request(await request.read())
         except (BadLeaseRequestError, orjson.JSONDecodeError) as exc:
-            return _error(400, "invalid_lease_request", str(exc)[:1000])
+            return error_response(400, "invalid_lease_request", str(exc)[:1000])
         config = self.config()
         if config is None:
-            return _error(503, "not_ready", "no gateway configuration rendered yet; ask again")
+            return error_response(
+                503, "not_ready", "no gateway configuration rendered yet; ask again"
+            )
         reporter = verdict.reporter
         try:
             allowed = await self._teams_of(reporter, config)
         except TransientError as exc:
-            return _error(503, "not_ready", f"the reporter's pod could not be read: {exc}")
+            return error_response(503, "not_ready", f"the reporter's pod could not be read: {exc}")
         answers = []
         for team_id, ask in asks:
             team = config.team(team_id)
             if team is None or (allowed is not None and team_id not in allowed):
                 metrics.LEASE_REQUESTS.labels(result="refused").inc()
-                return _error(
+                return error_response(
                     403, "not_your_team", f"{reporter.identity} may not lease for {team_id}"
                 )
             if team.on_hard_cap.requests is RequestAction.ALLOW:
@@ -105,12 +108,14 @@ class Leasing:
             try:
                 answers.append(await self._grant(team_id, reporter.cursor_key(source), ask))
             except BudgetGoneError:
-                return _error(404, "no_team_budget", f"TeamBudget {team_id} is gone")
+                return error_response(404, "no_team_budget", f"TeamBudget {team_id} is gone")
             except Exception as exc:
                 self._unhealthy()
                 metrics.LEASE_REQUESTS.labels(result="unavailable").inc()
                 log.warning("lease for %s not granted (written state unknown): %s", team_id, exc)
-                return _error(503, "not_applied", "the lease could not be written; ask again")
+                return error_response(
+                    503, "not_applied", "the lease could not be written; ask again"
+                )
         return web.Response(body=orjson.dumps({"teams": answers}), content_type="application/json")
 
     async def _teams_of(self, reporter: Reporter, config: GatewayConfig) -> set[str] | None:
@@ -230,8 +235,3 @@ def _unlimited(team_id: str, ask: LeaseAsk) -> dict[str, Any]:
         "final": False,
         "message": "",
     }
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    body = orjson.dumps({"error": {"code": code, "message": message}})
-    return web.Response(status=status, body=body, content_type="application/json")

@@ -50,6 +50,7 @@ from costwarden.api.results import RESULTS_AUDIENCE, ChangeOutcome, ResultReport
 from costwarden.controllers import accounting_metrics as metrics
 from costwarden.controllers import clock
 from costwarden.controllers.accountant import Accountant, BudgetGoneError
+from costwarden.controllers.answers import error_response
 from costwarden.controllers.budgets import Budget, BudgetIndex
 from costwarden.controllers.leadership import Leadership
 from costwarden.controllers.rest import ApiError, Rest
@@ -104,22 +105,22 @@ class Results:
         reporter = await self.authenticate(request.headers.get("Authorization", ""))
         if reporter.status != 200:
             metrics.RESULTS.labels(result="unauthorized").inc()
-            return _error(reporter.status, "unauthorized", reporter.message)
+            return error_response(reporter.status, "unauthorized", reporter.message)
         if not await self.leadership.is_leader():
-            return _error(503, "not_leader", "this operator replica is not the leader")
+            return error_response(503, "not_leader", "this operator replica is not the leader")
         body = await request.content.read(MAX_RESULT_BODY + 1)
         if len(body) > MAX_RESULT_BODY:
-            return _error(413, "too_large", f"a report is at most {MAX_RESULT_BODY} bytes")
+            return error_response(413, "too_large", f"a report is at most {MAX_RESULT_BODY} bytes")
         try:
             report = ResultReport.model_validate(orjson.loads(body))
         except (ValidationError, orjson.JSONDecodeError) as exc:
             metrics.RESULTS.labels(result="invalid").inc()
-            return _error(400, "invalid_report", str(exc)[:2000])
+            return error_response(400, "invalid_report", str(exc)[:2000])
         teams = self.teams_for(reporter)
         if reporter.service_account is not None and not teams:
             metrics.RESULTS.labels(result="unauthorized").inc()
             namespace, name = reporter.service_account
-            return _error(
+            return error_response(
                 403,
                 "not_a_result_reporter",
                 f"no TeamBudget lists service account {namespace}/{name} in "
@@ -131,7 +132,9 @@ class Results:
         except Exception as exc:
             metrics.RESULTS.labels(result="failed").inc()
             log.warning("outcome %s not applied (the sender retries): %s", outcome, exc)
-            return _error(503, "not_applied", "the outcome could not be applied; re-send it")
+            return error_response(
+                503, "not_applied", "the outcome could not be applied; re-send it"
+            )
         metrics.RESULTS.labels(result="applied").inc()
         return _json({"outcome": outcome.to_wire(), "teams": changed})
 
@@ -140,23 +143,23 @@ class Results:
     async def handle_github(self, request: web.Request) -> web.Response:
         secrets = self._lines(self.github_secret_file)
         if not secrets:
-            return _error(404, "not_configured", "no GitHub webhook secret is configured")
+            return error_response(404, "not_configured", "no GitHub webhook secret is configured")
         body = await request.content.read(MAX_WEBHOOK_BODY + 1)
         if len(body) > MAX_WEBHOOK_BODY:
-            return _error(413, "too_large", "the delivery is larger than GitHub sends")
+            return error_response(413, "too_large", "the delivery is larger than GitHub sends")
         signature = request.headers.get(GITHUB_SIGNATURE_HEADER, "")
         if not verify_github_signature(secrets, body, signature):
             metrics.RESULTS.labels(result="unauthorized").inc()
-            return _error(401, "bad_signature", f"{GITHUB_SIGNATURE_HEADER} does not match")
+            return error_response(401, "bad_signature", f"{GITHUB_SIGNATURE_HEADER} does not match")
         if not await self.leadership.is_leader():
-            return _error(503, "not_leader", "this operator replica is not the leader")
+            return error_response(503, "not_leader", "this operator replica is not the leader")
         event = request.headers.get(GITHUB_EVENT_HEADER, "")
         try:
             payload = orjson.loads(body)
             reports = github_outcomes(event, payload if isinstance(payload, dict) else {})
         except (orjson.JSONDecodeError, PayloadError) as exc:
             metrics.RESULTS.labels(result="invalid").inc()
-            return _error(400, "invalid_payload", str(exc)[:2000])
+            return error_response(400, "invalid_payload", str(exc)[:2000])
         if not reports:
             return _json({"ignored": f"event {event[:40]!r} reports no outcome"}, status=202)
         now = clock.now()
@@ -169,7 +172,7 @@ class Results:
         except Exception as exc:
             metrics.RESULTS.labels(result="failed").inc()
             log.warning("GitHub delivery not applied (GitHub redelivers on error): %s", exc)
-            return _error(503, "not_applied", "the delivery could not be applied")
+            return error_response(503, "not_applied", "the delivery could not be applied")
         metrics.RESULTS.labels(result="applied").inc(len(reports))
         return _json({"applied": done})
 
@@ -291,10 +294,6 @@ def _carries(status: Mapping[str, Any], outcome: ChangeOutcome) -> bool:
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json({"error": {"code": code, "message": message}}, status=status)
 
 
 __all__ = ["Reporter", "Results"]

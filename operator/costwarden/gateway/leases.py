@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from costwarden.api.usage import format_exact_usd
 from costwarden.policy.leases import LEASE_SECONDS, RENEW_SECONDS, wanted_lease
 
 log = logging.getLogger("costwarden.gateway.leases")
@@ -198,11 +199,11 @@ class Leases:
                 "teams": [
                     {
                         "team": team,
-                        "want": _text(want),
-                        "need": _text(need),
-                        "floor": _text(floor),
-                        "inUse": _text(in_use),
-                        "unapplied": _text(lease.pending_cost),
+                        "want": format_exact_usd(want),
+                        "need": format_exact_usd(need),
+                        "floor": format_exact_usd(floor),
+                        "inUse": format_exact_usd(in_use),
+                        "unapplied": format_exact_usd(lease.pending_cost),
                     }
                 ],
             }
@@ -250,10 +251,6 @@ class Leases:
         self.failures += 1
         log.warning("lease: %s", message)
         return LeaseAnswer(False, False, message)
-
-
-def _text(value: Decimal) -> str:
-    return format(value.normalize(), "f") if value else "0"
 
 
 def _team_answer(body: Any, team: str) -> dict[str, Any]:

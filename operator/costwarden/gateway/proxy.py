@@ -435,9 +435,7 @@ class Gateway:
         if leased:
             assert self.leases is not None
             if worst.cost > self.leases.available(team.id):
-                floor = reserve.worst_case(
-                    prompt, min(ceiling, default or reserve.DEFAULT_MAX_OUTPUT_TOKENS), routes, tier
-                )
+                floor = reserve.floor_case(prompt, ceiling, default, routes, tier)
                 return LeaseNeeded(worst.cost, floor.cost)
         field = reserve.DEFAULT_CEILING_FIELD.get(call.endpoint)
         if defaulted and field and call.endpoint is not Endpoint.MESSAGES:
@@ -477,9 +475,7 @@ class Gateway:
         team, caller = call.team, call.caller
         assert team is not None
         assert caller is not None
-        floor = reserve.worst_case(
-            prompt, min(ceiling, default or reserve.DEFAULT_MAX_OUTPUT_TOKENS), routes, tier
-        )
+        floor = reserve.floor_case(prompt, ceiling, default, routes, tier)
         standing = reserve.Standing(job.cost, Decimal(0), job.tokens, 0)
         if job.cap_signalled or not caller.job:
             return

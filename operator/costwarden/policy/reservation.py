@@ -169,6 +169,15 @@ def worst_case(
     return WorstCase(input_tokens, output_tokens, cost if cost is not None else Decimal(0), tier)
 
 
+def floor_case(
+    prompt: int, ceiling: int, default: int | None, routes: Iterable[ModelRoute], tier: str | None
+) -> WorstCase:
+    """The call's worst case at no more than the policy's default output ceiling: the
+    smallest call that could do the same work. When even that does not fit, a cap is
+    reached (policy/leases.py), not merely asked too much of."""
+    return worst_case(prompt, min(ceiling, default or DEFAULT_MAX_OUTPUT_TOKENS), routes, tier)
+
+
 def charged_tokens(worst: WorstCase) -> TokenUsage:
     """The tokens a call is charged when its usage never came: its reservation."""
     return TokenUsage.model_construct(
